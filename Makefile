@@ -1,0 +1,50 @@
+# Two commands do all set-up on a fresh machine: `make bench` and `make test`.
+# Both create .venv on first use and install the pinned requirements; later runs are quick.
+# On a machine whose python already has the right torch (the GPU image), pass
+# PYTHON=python3: that interpreter is used as it is and nothing is installed.
+
+SHELL := /bin/bash
+PYTHON ?=
+VENV := .venv
+BENCH_ARGS ?=
+
+ifeq ($(PYTHON),)
+PY := $(VENV)/bin/python
+ENV_BENCH := $(VENV)/.stamp-bench
+ENV_TEST := $(VENV)/.stamp-test
+else
+PY := $(PYTHON)
+ENV_BENCH :=
+ENV_TEST :=
+endif
+RUN := PYTHONPATH=$(CURDIR) $(PY)
+
+.PHONY: test bench bench-hf env clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+
+$(VENV)/.stamp-bench: requirements.txt setup.py pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+$(VENV)/.stamp-test: requirements-test.txt $(VENV)/.stamp-bench
+	$(VENV)/bin/pip install --quiet -r requirements-test.txt
+	touch $@
+
+env: $(ENV_TEST)
+
+test: $(ENV_TEST)
+	$(RUN) -m pytest -q tests
+
+bench: $(ENV_BENCH)
+	$(RUN) -m benchmarks.main $(BENCH_ARGS)
+
+# X-CLIP-B/32 against Hugging Face XCLIPModel on the same weights (needs transformers).
+bench-hf: $(ENV_TEST)
+	$(RUN) -m benchmarks.vs_hf $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,410 @@
+"""Checkpoints: official ``.pth``, Hugging Face XCLIP directories, and our own safetensors file.
+
+Nothing here executes code from a checkpoint: torch files load with ``weights_only=True``
+(the training metadata official checkpoints carry, such as a ``yacs`` config, is replaced by
+inert placeholders; any other global is refused), everything else is safetensors or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import struct
+import zipfile
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .config import XCLIPConfig
+from .model import XCLIP
+
+OUR_FORMAT = "xclip-kernels/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says what is wrong with it."""
+
+
+# -- reading files ------------------------------------------------------------------------------
+
+# Training metadata that official checkpoints pickle beside the weights ("config" is a yacs
+# CfgNode). These classes are never imported or run: placeholders stand in for them.
+_METADATA_MODULES = ("yacs.", "argparse.", "numpy.", "omegaconf.", "easydict.")
+
+
+class _InertMetadata(dict):
+    """Stands in for a pickled metadata object; accepts and drops whatever it is given."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> "_InertMetadata":
+        return dict.__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def append(self, item: object) -> None:
+        pass
+
+    def extend(self, items: object) -> None:
+        pass
+
+
+def _torch_load(path: str) -> object:
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
+    except Exception as exc:
+        raise CheckpointError(f"path: {path} is a truncated or corrupt torch checkpoint ({exc})") from exc
+    refused = [name for name in unsafe if not name.startswith(_METADATA_MODULES)]
+    if refused:
+        raise CheckpointError(
+            f"path: {path} refers to {', '.join(refused)}, which could run code when unpickled; "
+            "refusing to load it (only tensors and plain containers are accepted)"
+        )
+    try:
+        with torch.serialization.safe_globals([(_InertMetadata, name) for name in unsafe]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"path: {path} holds objects that are not weights, refusing to unpickle them ({exc})") from exc
+    except Exception as exc:
+        raise CheckpointError(f"path: {path} is a truncated or corrupt torch checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except Exception as exc:
+        raise CheckpointError(f"path: {path} is a truncated or corrupt safetensors file ({exc})") from exc
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and header_len <= size - 8
+
+
+def detect_format(path: str) -> str:
+    """"hf" (a Hugging Face directory), "safetensors" or "torch", from the content; else raises."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CheckpointError(f"path: {path} is a directory without config.json, not a Hugging Face checkpoint")
+        return "hf"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: no checkpoint file or directory at {path}")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive, or legacy pickle
+        return "torch"
+    if _is_safetensors(head, size):
+        return "safetensors"
+    raise CheckpointError(
+        f"path: {path} is not a recognised checkpoint (expected an official .pth, a safetensors file "
+        f"or a Hugging Face XCLIP directory); it starts with {head[:8]!r}"
+    )
+
+
+# -- the Hugging Face layout --------------------------------------------------------------------
+
+_HF_RENAMES = [
+    (r"^vision_model\.embeddings\.class_embedding$", "visual.class_embedding"),
+    (r"^vision_model\.embeddings\.patch_embedding\.weight$", "visual.conv1.weight"),
+    (r"^vision_model\.embeddings\.position_embedding\.weight$", "visual.positional_embedding"),
+    (r"^vision_model\.pre_layernorm\.", "visual.ln_pre."),
+    (r"^vision_model\.post_layernorm\.", "visual.ln_post."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.", r"visual.transformer.resblocks.\1."),
+    (r"^mit\.position_embedding$", "mit.positional_embedding"),
+    (r"^mit\.encoder\.layers\.(\d+)\.", r"mit.resblocks.\1."),
+    (r"^prompts_visual_layernorm\.", "prompts_visual_ln."),
+    (r"^prompts_visual_projection$", "prompts_visual_proj"),
+    (r"^prompts_generator\.layernorm\.", "prompts_generator.norm."),
+    (r"^text_model\.embeddings\.token_embedding\.", "token_embedding."),
+    (r"^text_model\.embeddings\.position_embedding\.weight$", "positional_embedding"),
+    (r"^text_model\.encoder\.layers\.(\d+)\.", r"transformer.resblocks.\1."),
+    (r"^text_model\.final_layer_norm\.", "ln_final."),
+]
+# Inside a transformer layer (vision, MIT, text): CLIP's HF names -> official names.
+_HF_LAYER_RENAMES = [
+    (r"\.self_attn\.out_proj\.", ".attn.out_proj."),
+    (r"\.layer_norm1\.", ".ln_1."),
+    (r"\.layer_norm2\.", ".ln_2."),
+    (r"\.mlp\.fc1\.", ".mlp.c_fc."),
+    (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+]
+_HF_IGNORED = re.compile(r"(^|\.)position_ids$")
+
+
+def hf_to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face ``XCLIPModel`` state dict to the official keys.
+
+    Separate q/k/v projections are packed into ``in_proj_weight``/``in_proj_bias`` (q, k, v
+    order) and ``visual_projection``/``text_projection`` are transposed. Keys that match no
+    rule keep their name, so the strict load reports them as unexpected.
+    """
+    out: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if _HF_IGNORED.search(key):
+            continue
+        if key == "visual_projection.weight":
+            out["visual.proj"] = value.t().contiguous()
+            continue
+        if key == "text_projection.weight":
+            out["text_projection"] = value.t().contiguous()
+            continue
+        new = key
+        for pattern, repl in _HF_RENAMES:
+            new, n = re.subn(pattern, repl, new)
+            if n:
+                break
+        if not new.startswith("prompts_generator."):
+            for pattern, repl in _HF_LAYER_RENAMES:
+                new = re.sub(pattern, repl, new)
+        m = re.match(r"^(.*\.(?:self_attn|message_attn))\.([qkv])_proj\.(weight|bias)$", new)
+        if m and not new.startswith("prompts_generator."):
+            base = m.group(1).replace(".self_attn", ".attn")
+            packed.setdefault(f"{base}.in_proj_{m.group(3)}", {})[m.group(2)] = value
+            continue
+        out[new] = value
+    for key, parts in packed.items():
+        if set(parts) != {"q", "k", "v"}:
+            missing = sorted({"q", "k", "v"} - set(parts))
+            raise CheckpointError(f"checkpoint: {key} lacks the {', '.join(missing)} projection(s)")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def config_from_hf(hf: Mapping[str, object]) -> XCLIPConfig:
+    """Our config from a Hugging Face ``XCLIPConfig`` ``config.json`` (HF defaults where absent)."""
+    vision = dict(hf.get("vision_config") or {})
+    text = dict(hf.get("text_config") or {})
+    for where, cfg in (("vision_config", vision), ("text_config", text)):
+        act = cfg.get("hidden_act", "quick_gelu")
+        if act != "quick_gelu":
+            raise CheckpointError(f"config.json: {where}.hidden_act: expected quick_gelu, got {act!r}")
+    if hf.get("prompt_hidden_act", "quick_gelu") != "quick_gelu":
+        raise CheckpointError(f"config.json: prompt_hidden_act: expected quick_gelu, got {hf['prompt_hidden_act']!r}")
+    projection = int(hf.get("projection_dim", 512))
+    mit_width = int(vision.get("mit_hidden_size", 512))
+    if mit_width != projection:
+        raise CheckpointError(
+            f"config.json: vision_config.mit_hidden_size: expected projection_dim={projection}, got {mit_width}"
+        )
+    eps = float(vision.get("layer_norm_eps", 1e-5))
+    if float(text.get("layer_norm_eps", 1e-5)) != eps:
+        raise CheckpointError("config.json: vision and text layer_norm_eps differ; one value is supported")
+    return XCLIPConfig(
+        image_size=int(vision.get("image_size", 224)),
+        patch_size=int(vision.get("patch_size", 32)),
+        vision_width=int(vision.get("hidden_size", 768)),
+        vision_layers=int(vision.get("num_hidden_layers", 12)),
+        vision_heads=int(vision.get("num_attention_heads", 12)),
+        vision_mlp_dim=int(vision.get("intermediate_size", 3072)),
+        embed_dim=projection,
+        context_length=int(text.get("max_position_embeddings", 77)),
+        vocab_size=int(text.get("vocab_size", 49408)),
+        text_width=int(text.get("hidden_size", 512)),
+        text_layers=int(text.get("num_hidden_layers", 12)),
+        text_heads=int(text.get("num_attention_heads", 8)),
+        text_mlp_dim=int(text.get("intermediate_size", 2048)),
+        num_frames=int(vision.get("num_frames", 8)),
+        mit_layers=int(vision.get("mit_num_hidden_layers", 1)),
+        mit_heads=int(vision.get("mit_num_attention_heads", 8)),
+        mit_mlp_dim=int(vision.get("mit_intermediate_size", 2048)),
+        prompt_layers=int(hf.get("prompt_layers", 2)),
+        prompt_heads=int(hf.get("prompt_num_attention_heads", 8)),
+        prompt_alpha=float(hf.get("prompt_alpha", 0.1)),
+        layer_norm_eps=eps,
+    )
+
+
+# -- the official layout ------------------------------------------------------------------------
+
+
+def _count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    indices = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return len(indices)
+
+
+def config_from_official(state: Mapping[str, torch.Tensor]) -> XCLIPConfig:
+    """Sizes of an official state dict, read off its tensors (heads are width / 64, as there)."""
+    needed = [
+        "visual.conv1.weight", "visual.positional_embedding", "text_projection", "positional_embedding",
+        "token_embedding.weight", "ln_final.weight", "mit.positional_embedding",
+    ]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint: not an X-CLIP state dict, missing {', '.join(missing)}")
+    conv = state["visual.conv1.weight"]
+    width, patch = conv.shape[0], conv.shape[-1]
+    grid = math.isqrt(state["visual.positional_embedding"].shape[0] - 1)
+    embed = state["text_projection"].shape[1]
+    text_width = state["ln_final.weight"].shape[0]
+
+    def mlp_dim(key: str, default: int) -> int:
+        return state[key].shape[0] if key in state else default
+
+    return XCLIPConfig(
+        image_size=patch * grid,
+        patch_size=patch,
+        vision_width=width,
+        vision_layers=_count(state, "visual.transformer.resblocks."),
+        vision_heads=max(width // 64, 1),
+        vision_mlp_dim=mlp_dim("visual.transformer.resblocks.0.mlp.c_fc.weight", 4 * width),
+        embed_dim=embed,
+        context_length=state["positional_embedding"].shape[0],
+        vocab_size=state["token_embedding.weight"].shape[0],
+        text_width=text_width,
+        text_layers=_count(state, "transformer.resblocks."),
+        text_heads=max(text_width // 64, 1),
+        text_mlp_dim=mlp_dim("transformer.resblocks.0.mlp.c_fc.weight", 4 * text_width),
+        num_frames=state["mit.positional_embedding"].shape[1],
+        mit_layers=_count(state, "mit.resblocks."),
+        mit_heads=max(embed // 64, 1),
+        mit_mlp_dim=mlp_dim("mit.resblocks.0.mlp.c_fc.weight", 4 * embed),
+        prompt_layers=_count(state, "prompts_generator.decoder."),
+        prompt_heads=max(embed // 64, 1),
+    )
+
+
+def _official_state(raw: object, path: str) -> dict[str, torch.Tensor]:
+    state = raw.get("model", raw) if isinstance(raw, dict) else raw
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"path: {path} holds no state dict (expected a dict of tensors, or one under 'model')")
+    keys = list(state)
+    if keys and all(k.startswith("module.") for k in keys):  # saved from a DDP wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def _set_frames(
+    config: XCLIPConfig, state: dict[str, torch.Tensor], num_frames: int | None, interpolate_frames: bool
+) -> XCLIPConfig:
+    if num_frames is None or num_frames == config.num_frames:
+        return config
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames: expected an int >= 1 or None, got {num_frames!r}")
+    pos = state.get("mit.positional_embedding")
+    if not interpolate_frames:
+        raise CheckpointError(
+            f"num_frames: the checkpoint was trained for T={config.num_frames} frames "
+            f"(mit.positional_embedding {tuple(pos.shape) if pos is not None else '?'}), got num_frames={num_frames}; "
+            "pass interpolate_frames=True to interpolate the temporal position embedding"
+        )
+    if pos is not None:
+        # (1, T, E) -> (1, E, T), linear along time, back: a smooth resampling of the T slots.
+        resized = F.interpolate(pos.float().transpose(1, 2), size=num_frames, mode="linear", align_corners=False)
+        state["mit.positional_embedding"] = resized.transpose(1, 2).to(pos.dtype).contiguous()
+    return config.replace(num_frames=num_frames)
+
+
+def _strict_load(model: XCLIP, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k])
+    ]
+    if missing or unexpected or misshaped:
+        lines = [f"{source}: the checkpoint does not match the model"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if misshaped:
+            lines.append(f"  wrong shapes ({len(misshaped)}): " + "; ".join(misshaped))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+def _build(config: XCLIPConfig, state: dict[str, torch.Tensor], source: str, backend: str | None) -> XCLIP:
+    model = XCLIP(config)
+    _strict_load(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, source)
+    model.set_attention_backend(backend)
+    return model.eval()
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    backend: str | None = None,
+    num_frames: int | None = None,
+    map_location: str | torch.device = "cpu",
+    interpolate_frames: bool = False,
+) -> XCLIP:
+    """Load an X-CLIP checkpoint of any supported format, detected from its content.
+
+    Args:
+        path: an official ``.pth``/``.pt`` (a dict with ``"model"``, or a bare state dict;
+            sizes are inferred from the tensors), a Hugging Face XCLIP directory
+            (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``), or a
+            safetensors file written by :meth:`XCLIP.save` (or holding official or HF keys).
+        backend: attention backend of the cross-frame blocks (``None``: automatic).
+        num_frames: T to run at; ``None`` keeps the checkpoint's. A different T raises
+            unless ``interpolate_frames=True``, which resamples ``mit.positional_embedding``
+            linearly along time.
+        map_location: device of the returned model.
+
+    Returns:
+        The model in eval mode, float32, on ``map_location``. Any missing, unexpected or
+        mis-shaped key raises one :class:`CheckpointError` listing all of them.
+    """
+    kind = detect_format(path)
+    path = os.fspath(path)
+    if kind == "hf":
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            try:
+                hf_config = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"path: {path}/config.json is not valid JSON ({exc})") from exc
+        config = config_from_hf(hf_config)
+        weights = os.path.join(path, "model.safetensors")
+        if os.path.isfile(weights):
+            state, _ = _read_safetensors(weights)
+        elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+            state = _official_state(_torch_load(os.path.join(path, "pytorch_model.bin")), path)
+        else:
+            raise CheckpointError(f"path: {path} has config.json but neither model.safetensors nor pytorch_model.bin")
+        state = hf_to_official(state)
+    elif kind == "safetensors":
+        state, metadata = _read_safetensors(path)
+        if metadata.get("format") == OUR_FORMAT:
+            config = XCLIPConfig.from_dict(json.loads(metadata["config"]))
+        else:
+            if any(k.startswith("vision_model.") for k in state):
+                state = hf_to_official(state)
+            config = config_from_official(state)
+    else:
+        state = _official_state(_torch_load(path), path)
+        if any(k.startswith("vision_model.") for k in state):
+            state = hf_to_official(state)
+        config = config_from_official(state)
+    config = _set_frames(config, state, num_frames, interpolate_frames)
+    return _build(config, state, path, backend).to(map_location)
+
+
+def save_model(model: XCLIP, path: str | os.PathLike) -> None:
+    """Write ``model``'s weights and config to one safetensors file (our format)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": OUR_FORMAT, "config": json.dumps(model.config.to_dict())}
+    save_file(state, os.fspath(path), metadata=metadata)

@@ -1,0 +1,86 @@
+"""Fused epilogues around attention: projection + bias + residual, and the QuickGELU MLP.
+
+On the CPU, X-CLIP's time outside the matmuls goes to elementwise passes over fresh
+activation buffers: QuickGELU alone (``x * sigmoid(1.702 x)``, three passes and three
+allocations over the ``(F*L, 4W)`` hidden) cost more than all the attention. These ops fold
+that work into the matmuls' epilogues:
+
+* ``QuickGELU(h) = silu(1.702 h) / 1.702``: the first GEMM writes ``1.702 h`` directly
+  (``addmm`` with ``alpha = beta = 1.702``), one in-place ``silu`` follows, and the
+  ``1 / 1.702`` rides on the second GEMM's ``alpha``.
+* bias and residual are accumulated by the GEMM itself (``beta = 1`` onto the residual).
+
+With ``inplace=True`` (inference: the caller owns ``residual`` and needs no gradient) the
+result is accumulated into ``residual`` and no activation-sized buffer is allocated for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+QUICK_GELU_SLOPE = 1.702
+
+
+def _inplace_allowed(inplace: bool, *tensors: torch.Tensor) -> bool:
+    if not inplace:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("inplace=True: in-place accumulation cannot be used on tensors that require grad")
+    return True
+
+
+def linear_residual(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``residual + x @ weight.T + bias``.
+
+    x: ``(..., K)``; residual: ``(..., M)`` with the same leading dims; weight ``(M, K)``;
+    bias ``(M,)``. With ``inplace=True`` the sum is written into ``residual`` (contiguous),
+    which is returned.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    if _inplace_allowed(inplace, x, residual, weight, bias):
+        out = residual.view(-1, residual.shape[-1])
+        out.add_(bias).addmm_(rows, weight.t())
+        return residual
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]) + bias, rows, weight.t())
+    return out.view(residual.shape)
+
+
+def mlp_residual(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``residual + c_proj(QuickGELU(c_fc(x)))``, CLIP's MLP with its residual.
+
+    x, residual: ``(..., W)``; fc_weight ``(4W, W)``, fc_bias ``(4W,)``; proj_weight
+    ``(W, 4W)``, proj_bias ``(W,)`` (any hidden size works). With ``inplace=True`` the sum is
+    written into ``residual`` (contiguous), which is returned.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    accumulate = _inplace_allowed(inplace, x, residual, fc_weight, fc_bias, proj_weight, proj_bias)
+    scaled = torch.addmm(fc_bias, rows, fc_weight.t(), beta=QUICK_GELU_SLOPE, alpha=QUICK_GELU_SLOPE)
+    if accumulate or not torch.is_grad_enabled():
+        hidden = F.silu(scaled, inplace=True)
+    else:
+        hidden = F.silu(scaled)
+    if accumulate:
+        out = residual.view(-1, residual.shape[-1])
+        out.add_(proj_bias).addmm_(hidden, proj_weight.t(), alpha=1.0 / QUICK_GELU_SLOPE)
+        return residual
+    out = torch.addmm(
+        residual.reshape(-1, residual.shape[-1]) + proj_bias, hidden, proj_weight.t(), alpha=1.0 / QUICK_GELU_SLOPE
+    )
+    return out.view(residual.shape)

@@ -1,0 +1,275 @@
+"""The backend registry: what each backend supports, declared as data, and how one is chosen.
+
+Every op call describes itself as an :class:`OpInputs`; each :class:`Backend` answers
+:meth:`Backend.not_supported_reasons` for it. ``backend=None`` walks :data:`PRIORITY` for the
+tensors' device and takes the first backend with no reasons; when none fits, one
+:class:`BackendNotSupportedError` lists every backend's reasons. A backend named by the
+caller that cannot run raises that same report for it alone: nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import _env
+
+OPS: tuple[str, ...] = ("frame_attention", "message_attention")
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BackendNotSupportedError(RuntimeError):
+    """No backend (or not the one asked for) can run this call; the message says why."""
+
+
+@dataclass(frozen=True)
+class OpInputs:
+    """What a backend needs to know about a call to say whether it can run it."""
+
+    op: str
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    requires_grad: bool
+
+    @staticmethod
+    def of(op: str, *tensors: torch.Tensor, head_dim: int) -> "OpInputs":
+        """Describe a call of ``op`` on ``tensors`` (the first one gives device and dtype)."""
+        first = tensors[0]
+        requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        return OpInputs(op, first.device.type, first.dtype, head_dim, requires_grad)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend's capabilities, as data.
+
+    ``module`` holds one function per supported op, named after the op; it is imported on
+    first use, so declaring a backend costs nothing. ``availability`` returns the reasons the
+    backend cannot run on this machine at all (missing package, extension not built), and is
+    asked once per process.
+    """
+
+    name: str
+    description: str
+    module: str
+    ops: tuple[str, ...]
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    supports_backward: bool
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    availability: Callable[[], list[str]] = field(default=lambda: [], compare=False)
+    device_reasons: Callable[[str], list[str]] = field(default=lambda device: [], compare=False)
+
+    def unavailable_reasons(self) -> list[str]:
+        """Why this backend cannot run on this machine at all; empty when it can."""
+        return _cached_availability(self.name)
+
+    def not_supported_reasons(self, inputs: OpInputs) -> list[str]:
+        """Every reason this backend cannot run ``inputs``; empty when it can."""
+        reasons = list(self.unavailable_reasons())
+        if inputs.op not in self.ops:
+            reasons.append(f"does not implement {inputs.op}")
+        if inputs.device_type not in self.devices:
+            reasons.append(
+                f"device {inputs.device_type!r} not supported (supports {', '.join(self.devices)})"
+            )
+        else:
+            reasons.extend(self.device_reasons(inputs.device_type))
+        if inputs.dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            reasons.append(f"dtype {str(inputs.dtype).removeprefix('torch.')} not supported (supports {names})")
+        if self.max_head_dim is not None and inputs.head_dim > self.max_head_dim:
+            reasons.append(f"head dim {inputs.head_dim} > {self.max_head_dim}")
+        if inputs.head_dim % self.head_dim_multiple:
+            reasons.append(f"head dim {inputs.head_dim} is not a multiple of {self.head_dim_multiple}")
+        if inputs.requires_grad and not self.supports_backward:
+            reasons.append("backward not supported (inputs require grad)")
+        return reasons
+
+    def implementation(self, op: str) -> Callable:
+        """The function implementing ``op`` on this backend."""
+        return getattr(importlib.import_module(self.module), op)
+
+
+def _torch_cuda_reasons(device: str) -> list[str]:
+    if device == "cuda" and not torch.cuda.is_available():
+        return ["torch.cuda.is_available() is False"]
+    return []
+
+
+def _xformers_availability() -> list[str]:
+    try:
+        importlib.import_module("xformers.ops")
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return [f"xformers is not importable ({type(exc).__name__}: {exc})"]
+    return []
+
+
+def _not_built(what: str, issue: str) -> Callable[[], list[str]]:
+    def reasons() -> list[str]:
+        return [f"{what} are not part of this version yet (planned in {issue})"]
+
+    return reasons
+
+
+def _triton_device_reasons(device: str) -> list[str]:
+    if device == "cpu" and not _env.triton_interpreter_enabled():
+        return ["CPU tensors need TRITON_INTERPRET=1 set before triton is imported"]
+    return _torch_cuda_reasons(device)
+
+
+_ALL = (
+    Backend(
+        name="reference",
+        description="naive literal port of the official math (cat of the message token)",
+        module="xclip_kernels.reference",
+        ops=OPS,
+        devices=("cpu", "cuda"),
+        dtypes=_FLOAT_DTYPES,
+        supports_backward=True,
+        device_reasons=_torch_cuda_reasons,
+    ),
+    Backend(
+        name="sdpa",
+        description="torch scaled_dot_product_attention on the frame-batched layout",
+        module="xclip_kernels.sdpa",
+        ops=OPS,
+        devices=("cpu", "cuda"),
+        dtypes=_FLOAT_DTYPES,
+        supports_backward=True,
+        device_reasons=_torch_cuda_reasons,
+    ),
+    Backend(
+        name="xformers",
+        description="xformers memory_efficient_attention with Nq != Nkv",
+        module="xclip_kernels.xformers_backend",
+        ops=("frame_attention",),
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        supports_backward=True,
+        max_head_dim=128,
+        availability=_xformers_availability,
+        device_reasons=_torch_cuda_reasons,
+    ),
+    Backend(
+        name="triton",
+        description="fused Triton kernels (no cat, no message query row)",
+        module="xclip_kernels.triton_attention",
+        ops=OPS,
+        devices=("cuda", "cpu"),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        supports_backward=True,
+        max_head_dim=128,
+        availability=_not_built("the Triton kernels", "issue #3"),
+        device_reasons=_triton_device_reasons,
+    ),
+    Backend(
+        name="cuda",
+        description="CUDA kernels from csrc/",
+        module="xclip_kernels.compiled",
+        ops=OPS,
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        supports_backward=True,
+        max_head_dim=128,
+        availability=_not_built("the CUDA kernels", "issue #4"),
+        device_reasons=_torch_cuda_reasons,
+    ),
+    Backend(
+        name="cpp",
+        description="C++ CPU kernels from csrc/",
+        module="xclip_kernels.compiled",
+        ops=OPS,
+        devices=("cpu",),
+        dtypes=(torch.float32, torch.float64),
+        supports_backward=True,
+        availability=_not_built("the C++ CPU kernels", "issue #4"),
+    ),
+)
+
+_BY_NAME: dict[str, Backend] = {b.name: b for b in _ALL}
+
+BACKENDS: tuple[str, ...] = tuple(_BY_NAME)
+"""Names of every backend, available here or not."""
+
+PRIORITY: dict[str, tuple[str, ...]] = {
+    # The Triton interpreter is far too slow to be chosen automatically on the CPU.
+    "cuda": ("triton", "cuda", "xformers", "sdpa", "reference"),
+    "cpu": ("cpp", "sdpa", "reference"),
+}
+"""Automatic choice: the first backend in the device's list that supports the call."""
+
+
+@functools.cache
+def _cached_availability(name: str) -> list[str]:
+    return list(_BY_NAME[name].availability())
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; ``ValueError`` listing the known names otherwise."""
+    if not isinstance(name, str) or name not in _BY_NAME:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} or None, got {name!r}")
+    return _BY_NAME[name]
+
+
+def _report(inputs: OpInputs, reasons: dict[str, list[str]]) -> str:
+    head = (
+        f"no backend can run {inputs.op} on {inputs.device_type} "
+        f"{str(inputs.dtype).removeprefix('torch.')}, head dim {inputs.head_dim}"
+        f"{', with grad' if inputs.requires_grad else ''}:"
+    )
+    lines = [f"  {name}: {'; '.join(why)}" for name, why in reasons.items()]
+    return "\n".join([head, *lines])
+
+
+def select_backend(inputs: OpInputs, backend: str | None = None) -> Backend:
+    """The backend that runs ``inputs``.
+
+    ``backend`` names one (it must support the call, or this raises); ``None`` takes the
+    ``XCLIP_KERNELS_BACKEND`` environment variable if set, else the first supporting
+    backend in :data:`PRIORITY` for the device.
+    """
+    if backend is None:
+        backend = _env.forced_backend()
+    if backend is not None:
+        chosen = get_backend(backend)
+        reasons = chosen.not_supported_reasons(inputs)
+        if reasons:
+            raise BackendNotSupportedError(_report(inputs, {chosen.name: reasons}))
+        return chosen
+    candidates = PRIORITY.get(inputs.device_type, ("reference",))
+    all_reasons: dict[str, list[str]] = {}
+    for name in candidates:
+        reasons = _BY_NAME[name].not_supported_reasons(inputs)
+        if not reasons:
+            return _BY_NAME[name]
+        all_reasons[name] = reasons
+    raise BackendNotSupportedError(_report(inputs, all_reasons))
+
+
+def backend_table() -> list[dict[str, object]]:
+    """One row per backend: name, availability on this machine and the reasons, capabilities."""
+    rows = []
+    for b in _ALL:
+        reasons = b.unavailable_reasons()
+        rows.append(
+            {
+                "name": b.name,
+                "available": not reasons,
+                "reasons": reasons,
+                "devices": b.devices,
+                "dtypes": tuple(str(d).removeprefix("torch.") for d in b.dtypes),
+                "ops": b.ops,
+                "backward": b.supports_backward,
+                "max_head_dim": b.max_head_dim,
+                "description": b.description,
+            }
+        )
+    return rows
