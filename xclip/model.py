@@ -171,7 +171,10 @@ class CrossFrameTransformer(nn.Module):
 
     def __init__(self, config: XCLIPConfig) -> None:
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.vision_layers).tolist()
+        # Linear stochastic-depth schedule over depth, as the official code (plain Python, so the
+        # model can be built on the meta device).
+        steps = max(config.vision_layers - 1, 1)
+        rates = [config.drop_path_rate * i / steps for i in range(config.vision_layers)]
         self.resblocks = nn.Sequential(
             *[
                 CrossFrameBlock(

@@ -22,11 +22,15 @@ import torch.nn.functional as F
 QUICK_GELU_SLOPE = 1.702
 
 
-def _inplace_allowed(inplace: bool, *tensors: torch.Tensor) -> bool:
+def _inplace_allowed(inplace: bool, x: torch.Tensor, residual: torch.Tensor, *weights: torch.Tensor) -> bool:
     if not inplace:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, *weights)):
         raise RuntimeError("inplace=True: in-place accumulation cannot be used on tensors that require grad")
+    if not residual.is_contiguous():
+        raise ValueError(f"residual: inplace=True needs a contiguous tensor, got strides {residual.stride()}")
+    if x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
+        raise ValueError("x: inplace=True needs x and residual in separate memory (x would be overwritten)")
     return True
 
 

@@ -43,8 +43,8 @@ def frame_attention(
         _checks.shape(name, t, (frames, heads, head_dim), "(F, H, D) of q")
     _checks.same_device_and_dtype("q", q, k=k, v=v, msg_k=msg_k, msg_v=msg_v)
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"scale: expected a positive float or None, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ValueError(f"scale: expected a finite positive float or None, got {scale!r}")
         scale = float(scale)
     chosen = select_backend(OpInputs.of("frame_attention", q, k, v, msg_k, msg_v, head_dim=head_dim), backend)
     return chosen.implementation("frame_attention")(q, k, v, msg_k, msg_v, scale)

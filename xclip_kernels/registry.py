@@ -9,7 +9,6 @@ caller that cannot run raises that same report for it alone: nothing falls back 
 
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +20,10 @@ from . import _env
 OPS: tuple[str, ...] = ("frame_attention", "message_attention")
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+_AVAILABILITY: dict[Callable[[], list[str]], list[str]] = {}
+"""Answers of each backend's ``availability`` check, asked once per process."""
 
 
 class BackendNotSupportedError(RuntimeError):
@@ -68,8 +71,10 @@ class Backend:
     device_reasons: Callable[[str], list[str]] = field(default=lambda device: [], compare=False)
 
     def unavailable_reasons(self) -> list[str]:
-        """Why this backend cannot run on this machine at all; empty when it can."""
-        return _cached_availability(self.name)
+        """Why this backend cannot run on this machine at all; empty when it can (asked once)."""
+        if self.availability not in _AVAILABILITY:
+            _AVAILABILITY[self.availability] = list(self.availability())
+        return _AVAILABILITY[self.availability]
 
     def not_supported_reasons(self, inputs: OpInputs) -> list[str]:
         """Every reason this backend cannot run ``inputs``; empty when it can."""
@@ -207,11 +212,6 @@ PRIORITY: dict[str, tuple[str, ...]] = {
 """Automatic choice: the first backend in the device's list that supports the call."""
 
 
-@functools.cache
-def _cached_availability(name: str) -> list[str]:
-    return list(_BY_NAME[name].availability())
-
-
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; ``ValueError`` listing the known names otherwise."""
     if not isinstance(name, str) or name not in _BY_NAME:
@@ -238,6 +238,10 @@ def select_backend(inputs: OpInputs, backend: str | None = None) -> Backend:
     """
     if backend is None:
         backend = _env.forced_backend()
+        if backend is not None and backend not in _BY_NAME:
+            raise ValueError(
+                f"XCLIP_KERNELS_BACKEND: expected one of {', '.join(BACKENDS)} or unset, got {backend!r}"
+            )
     if backend is not None:
         chosen = get_backend(backend)
         reasons = chosen.not_supported_reasons(inputs)

@@ -1,0 +1,118 @@
+"""The main job (``make bench``): X-CLIP-B/32 on every backend that runs here.
+
+Builds X-CLIP with random weights and prints, for each available backend: GMACs per clip
+(paper convention, analytic: one video and one label, text included), clips/s (median of
+interleaved rounds), achieved GFLOP/s (= 2 x GMACs x clips/s) as a fraction of a 2048³
+matmul timed in the same rounds, and max |logits - reference backend|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+import xclip
+import xclip_kernels as xk
+from xclip_kernels.registry import OpInputs
+
+from .flops import xclip_gmacs
+from .timing import environment, interleaved, matmul_candidate
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def runnable_backends(device: str, dtype: torch.dtype, head_dim: int) -> list[str]:
+    """Backends that can run both X-CLIP ops on ``device``/``dtype`` here (the Triton
+    interpreter is left out on the CPU: it is a correctness tool, far too slow to time)."""
+    names = []
+    for name in xk.BACKENDS:
+        backend = xk.get_backend(name)
+        if device == "cpu" and name == "triton":
+            continue
+        if all(not backend.not_supported_reasons(OpInputs(op, device, dtype, head_dim, False)) for op in xk.registry.OPS):
+            names.append(name)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="xclip-b32", choices=sorted(xclip.VARIANTS))
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--labels", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    dtype = _DTYPES[args.dtype]
+    model = xclip.build_model(args.variant, num_frames=args.frames).eval().to(args.device, dtype)
+    config = model.config
+    video = torch.randn(args.batch, args.frames, 3, config.image_size, config.image_size, device=args.device, dtype=dtype)
+    labels = ["archery", "bowling", "juggling balls", "playing violin", "surfing water"]
+    text = xclip.tokenize([labels[i % len(labels)] for i in range(args.labels)]).to(args.device)
+    backends = runnable_backends(args.device, dtype, config.vision_width // config.vision_heads)
+    gmacs = xclip_gmacs(config)
+
+    def run(name: str):  # noqa: ANN202 - a closure per backend
+        def call() -> torch.Tensor:
+            model.set_attention_backend(name)
+            with torch.inference_mode():
+                out = model(video, text)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        return call
+
+    env = environment()
+    print(
+        f"X-CLIP {args.variant} {args.frames}f, batch {args.batch}, {args.labels} label(s), {args.dtype}, "
+        f"{args.device} ({env['device']}, {env['threads']} threads), torch {env['torch']}, "
+        f"THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}"
+    )
+    logits = {name: run(name)() for name in backends}
+    candidates = {name: run(name) for name in backends}
+    matmul, matmul_flops = matmul_candidate()
+    if args.device == "cpu":
+        candidates["matmul"] = matmul
+    timings = interleaved(
+        candidates, args.rounds, progress=lambda r: print(f"\r  round {r}/{args.rounds}", end="", file=sys.stderr)
+    )
+    print(file=sys.stderr)
+    matmul_gflops = matmul_flops / timings.median("matmul") / 1e9 if "matmul" in candidates else None
+    reference = logits.get("reference")
+    rows = []
+    header = f"{'backend':<10} {'GMACs/clip':>10} {'clips/s':>8} {'GFLOP/s':>8} {'of matmul':>9} {'max|d logits|':>13}"
+    print(header)
+    for name in backends:
+        clips_per_s = args.batch / timings.median(name)
+        achieved = 2 * gmacs * clips_per_s
+        fraction = achieved / matmul_gflops if matmul_gflops else None
+        diff = (logits[name].float() - reference.float()).abs().max().item() if reference is not None else float("nan")
+        rows.append(
+            dict(
+                model=f"{args.variant}", attention="xclip", backend=name, frames=args.frames, batch=args.batch,
+                labels=args.labels, dtype=args.dtype, device=env["device"] if args.device == "cpu" else torch.cuda.get_device_name(),
+                gmacs=round(gmacs, 2), clips_per_s=round(clips_per_s, 4), gflops=round(achieved, 1),
+                matmul_fraction=None if fraction is None else round(fraction, 3), max_abs_logit_diff=diff,
+                torch=env["torch"], date=env["date"],
+            )
+        )
+        frac = f"{fraction:>9.2f}" if fraction is not None else f"{'-':>9}"
+        print(f"{name:<10} {gmacs:>10.2f} {clips_per_s:>8.3f} {achieved:>8.1f} {frac} {diff:>13.2e}")
+    if matmul_gflops:
+        print(f"fp32 {2048}^3 matmul in the same rounds: {matmul_gflops:.1f} GFLOP/s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Timing on a shared, noisy CPU: interleaved rounds, medians, paired ratios.
+
+Each round runs every candidate once, in an order rotated every round, so drifts in clock
+speed or neighbours' load hit all candidates alike. Ratios are taken per round and then
+their median, never from absolute times measured at different moments.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timings:
+    """Seconds per call of each candidate, one entry per round."""
+
+    seconds: dict[str, list[float]]
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.seconds[name])
+
+    def quantile(self, name: str, q: float) -> float:
+        values = sorted(self.seconds[name])
+        return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+    def speedup(self, name: str, baseline: str) -> float:
+        """Median over rounds of ``time(baseline) / time(name)``: > 1 means ``name`` is faster."""
+        return statistics.median(b / a for a, b in zip(self.seconds[name], self.seconds[baseline]))
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> Timings:
+    """Time each callable once per round for ``rounds`` rounds after ``warmup`` untimed rounds."""
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            candidates[name]()
+            seconds[name].append(time.perf_counter() - start)
+        if progress is not None:
+            progress(r + 1)
+    return Timings(seconds)
+
+
+MATMUL_SIZE = 2048
+
+
+def matmul_candidate(size: int = MATMUL_SIZE, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], object], float]:
+    """A ``size``³ matmul to time beside the models, and its FLOPs (``2 size³``)."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3
+
+
+def environment() -> dict[str, object]:
+    """What a benchmark record must say about where it ran."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "device": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        "date": time.strftime("%Y-%m-%d"),
+    }

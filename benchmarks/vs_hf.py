@@ -1,0 +1,116 @@
+"""X-CLIP against Hugging Face ``XCLIPModel`` on the same weights, in one process.
+
+A random-weight Hugging Face XCLIPModel (attention "sdpa") of the chosen size is saved with
+``save_pretrained`` and loaded by ``xclip.load_checkpoint``; both then run interleaved
+rounds beside a 2048³ fp32 matmul. Printed: clips/s of each, the speed-up (median over
+rounds of the paired ratio), achieved GFLOP/s (paper-convention MACs x 2 x clips/s) as a
+fraction of the matmul rate, and max |logits difference|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+import torch
+
+import xclip
+
+from .flops import xclip_gmacs
+from .timing import environment, interleaved, matmul_candidate
+
+
+def hf_model(variant: str, num_frames: int):  # noqa: ANN201 - transformers is optional
+    """A random-weight ``transformers.XCLIPModel`` with the sizes of ``variant``."""
+    from transformers import XCLIPConfig as HFConfig
+    from transformers import XCLIPModel
+
+    c = xclip.VARIANTS[variant].replace(num_frames=num_frames)
+    config = HFConfig(
+        projection_dim=c.embed_dim,
+        prompt_layers=c.prompt_layers,
+        prompt_num_attention_heads=c.prompt_heads,
+        vision_config=dict(
+            hidden_size=c.vision_width, intermediate_size=c.mlp_dim("vision"), num_hidden_layers=c.vision_layers,
+            num_attention_heads=c.vision_heads, image_size=c.image_size, patch_size=c.patch_size,
+            num_frames=num_frames, mit_hidden_size=c.embed_dim, mit_intermediate_size=c.mlp_dim("mit"),
+            mit_num_hidden_layers=c.mit_layers, mit_num_attention_heads=c.mit_heads,
+        ),
+        text_config=dict(
+            hidden_size=c.text_width, intermediate_size=c.mlp_dim("text"), num_hidden_layers=c.text_layers,
+            num_attention_heads=c.text_heads,
+        ),
+    )
+    config._attn_implementation = "sdpa"
+    return XCLIPModel(config).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="xclip-b32", choices=sorted(xclip.VARIANTS))
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--labels", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--backend", default=None, help="our backend (default: automatic)")
+    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    hf = hf_model(args.variant, args.frames)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = xclip.load_checkpoint(tmp, backend=args.backend)
+    config = ours.config
+    video = torch.randn(args.batch, args.frames, 3, config.image_size, config.image_size)
+    labels = ["archery", "bowling", "juggling balls", "playing violin", "surfing water"]
+    text = xclip.tokenize([labels[i % len(labels)] for i in range(args.labels)])
+
+    def run_ours() -> torch.Tensor:
+        with torch.inference_mode():
+            return ours(video, text)
+
+    def run_hf() -> torch.Tensor:
+        with torch.inference_mode():
+            return hf(input_ids=text, pixel_values=video).logits_per_video
+
+    diff = (run_ours() - run_hf()).abs().max().item()
+    matmul, matmul_flops = matmul_candidate()
+    env = environment()
+    print(
+        f"{args.variant} {args.frames}f, batch {args.batch}, {args.labels} label(s), float32, {env['device']}, "
+        f"{env['threads']} threads, torch {env['torch']}, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}"
+    )
+    timings = interleaved(
+        {"ours": run_ours, "hf": run_hf, "matmul": matmul}, args.rounds,
+        progress=lambda r: print(f"\r  round {r}/{args.rounds}", end="", file=sys.stderr),
+    )
+    print(file=sys.stderr)
+    gmacs = xclip_gmacs(config)
+    matmul_rate = matmul_flops / timings.median("matmul") / 1e9
+    result: dict[str, object] = dict(env, variant=args.variant, frames=args.frames, batch=args.batch, labels=args.labels,
+                                     backend=ours.attention_backend or "auto", gmacs=round(gmacs, 2),
+                                     matmul_gflops=round(matmul_rate, 1), max_abs_logit_diff=diff)
+    for name in ("ours", "hf"):
+        clips = args.batch / timings.median(name)
+        frac = 2 * gmacs * clips / matmul_rate
+        # Per-round fraction of the matmul rate, so that clock drift cancels out.
+        paired = sorted(2 * gmacs * args.batch / t / (matmul_flops / m / 1e9)
+                        for t, m in zip(timings.seconds[name], timings.seconds["matmul"]))
+        result[name] = dict(clips_per_s=round(clips, 3), matmul_fraction=round(frac, 3),
+                            matmul_fraction_paired_median=round(paired[len(paired) // 2], 3))
+        print(f"{name:<5} {clips:7.3f} clips/s  {2 * gmacs * clips:7.1f} GFLOP/s  "
+              f"{frac:5.2f} of matmul (paired per round: {paired[len(paired) // 2]:.2f})")
+    result["speedup"] = round(timings.speedup("ours", "hf"), 3)
+    print(f"matmul {matmul_rate:.1f} GFLOP/s; ours / hf = {result['speedup']:.3f}x (median of paired rounds); "
+          f"max |logits diff| = {diff:.2e}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
