@@ -7,6 +7,7 @@ inert placeholders; any other global is refused), everything else is safetensors
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -36,23 +37,13 @@ class CheckpointError(ValueError):
 _METADATA_MODULES = ("yacs.", "argparse.", "numpy.", "omegaconf.", "easydict.")
 
 
-class _InertMetadata(dict):
-    """Stands in for a pickled metadata object; accepts and drops whatever it is given."""
+class _InertMetadata:
+    """Stands in for a pickled metadata class: "constructing" it gives a plain ``OrderedDict``
+    (the one mapping torch's safe unpickler lets items and state be set on), so the object's
+    contents land in inert data and none of its code exists or runs."""
 
-    def __new__(cls, *args: object, **kwargs: object) -> "_InertMetadata":
-        return dict.__new__(cls)
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __setstate__(self, state: object) -> None:
-        pass
-
-    def append(self, item: object) -> None:
-        pass
-
-    def extend(self, items: object) -> None:
-        pass
+    def __new__(cls, *args: object, **kwargs: object) -> "collections.OrderedDict[object, object]":  # type: ignore[misc]
+        return collections.OrderedDict()
 
 
 def _torch_load(path: str) -> object:
@@ -296,10 +287,10 @@ def _official_state(raw: object, path: str) -> dict[str, torch.Tensor]:
 def _set_frames(
     config: XCLIPConfig, state: dict[str, torch.Tensor], num_frames: int | None, interpolate_frames: bool
 ) -> XCLIPConfig:
+    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+        raise ValueError(f"num_frames: expected an int >= 1 or None, got {num_frames!r}")
     if num_frames is None or num_frames == config.num_frames:
         return config
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames: expected an int >= 1 or None, got {num_frames!r}")
     pos = state.get("mit.positional_embedding")
     if not interpolate_frames:
         raise CheckpointError(
@@ -342,6 +333,18 @@ def _build(config: XCLIPConfig, state: dict[str, torch.Tensor], source: str, bac
     return model.eval()
 
 
+def _config_from_metadata(metadata: Mapping[str, str], path: str) -> XCLIPConfig:
+    try:
+        values = json.loads(metadata["config"])
+        if not isinstance(values, dict):
+            raise TypeError(f"expected a JSON object, got {type(values).__name__}")
+        return XCLIPConfig.from_dict(values)
+    except KeyError:
+        raise CheckpointError(f"path: {path} is marked {OUR_FORMAT} but its metadata has no 'config'") from None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"path: {path} has an invalid config in its metadata ({exc})") from exc
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -375,7 +378,14 @@ def load_checkpoint(
                 hf_config = json.load(f)
             except json.JSONDecodeError as exc:
                 raise CheckpointError(f"path: {path}/config.json is not valid JSON ({exc})") from exc
-        config = config_from_hf(hf_config)
+        if not isinstance(hf_config, dict):
+            raise CheckpointError(f"path: {path}/config.json: expected a JSON object, got {type(hf_config).__name__}")
+        try:
+            config = config_from_hf(hf_config)
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"path: {path}/config.json has invalid sizes ({exc})") from exc
         weights = os.path.join(path, "model.safetensors")
         if os.path.isfile(weights):
             state, _ = _read_safetensors(weights)
@@ -387,7 +397,7 @@ def load_checkpoint(
     elif kind == "safetensors":
         state, metadata = _read_safetensors(path)
         if metadata.get("format") == OUR_FORMAT:
-            config = XCLIPConfig.from_dict(json.loads(metadata["config"]))
+            config = _config_from_metadata(metadata, path)
         else:
             if any(k.startswith("vision_model.") for k in state):
                 state = hf_to_official(state)
