@@ -48,10 +48,23 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+# Scratch buffers shared by every block of every model in this process during inference
+# (per thread): the blocks run one after another, so one set of buffers serves them all.
+_WORKSPACE = fused.Workspace()
+
+
+def _inference_workspace() -> fused.Workspace | None:
+    """The shared workspace when running without grad and not being traced."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return _WORKSPACE
+
+
 def _mlp_residual(mlp: nn.Sequential, x: torch.Tensor, residual: torch.Tensor, inplace: bool) -> torch.Tensor:
     """``residual + mlp(x)`` for a CLIP MLP, fused (see :mod:`xclip_kernels.fused`)."""
     return fused.mlp_residual(
-        x, residual, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias, inplace=inplace
+        x, residual, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+        inplace=inplace, workspace=_inference_workspace() if inplace else None,
     )
 
 
@@ -149,7 +162,13 @@ class CrossFrameBlock(nn.Module):
 
         # IFA: queries, keys and values of the frame tokens from one fused projection; the
         # message token contributes only a key and a value, read from its own tensors.
-        qkv = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
+        normed = self.ln_1(x).view(frames * tokens, width)
+        workspace = _inference_workspace()
+        if workspace is None:
+            qkv = F.linear(normed, self.attn.in_proj_weight, self.attn.in_proj_bias)
+        else:  # the attention reads q, k, v and returns a fresh tensor: the buffer never escapes
+            qkv = workspace.buffer("qkv", (frames * tokens, 3 * width), normed.dtype, normed.device)
+            torch.addmm(self.attn.in_proj_bias, normed, self.attn.in_proj_weight.t(), out=qkv)
         q, k, v = qkv.view(frames, tokens, 3, self.heads, head_dim).unbind(dim=2)
         message_kv = F.linear(
             self.ln_1(messages), self.attn.in_proj_weight[width:], self.attn.in_proj_bias[width:]

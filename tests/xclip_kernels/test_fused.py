@@ -179,3 +179,36 @@ def test_inplace_refuses_a_non_contiguous_residual(op):
     with pytest.raises(ValueError, match=r"^residual: inplace=True needs a contiguous tensor"):
         with torch.no_grad():
             fn(*tensors, inplace=True)
+
+
+# --------------------------------------------------------------------------- workspace
+
+
+def test_workspace_reuses_grows_and_separates_threads():
+    import threading
+
+    ws = fused.Workspace()
+    a = ws.buffer("h", (4, 8), torch.float32, torch.device("cpu"))
+    b = ws.buffer("h", (2, 8), torch.float32, torch.device("cpu"))
+    assert b.data_ptr() == a.data_ptr() and b.shape == (2, 8)
+    c = ws.buffer("h", (8, 8), torch.float32, torch.device("cpu"))  # grows
+    assert c.shape == (8, 8) and c.numel() == 64
+    d = ws.buffer("h", (8, 8), torch.float64, torch.device("cpu"))  # other dtype: new memory
+    assert d.dtype == torch.float64
+    assert ws.buffer("other", (8, 8), torch.float64, torch.device("cpu")).data_ptr() != d.data_ptr()
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(ws.buffer("h", (8, 8), torch.float64, torch.device("cpu")).data_ptr()))
+    thread.start()
+    thread.join()
+    assert seen[0] != d.data_ptr()
+
+
+def test_mlp_residual_with_workspace_matches_and_returns_fresh_results():
+    tensors = _mlp_inputs((2, 50), dtype=torch.float32)
+    truth = _truth(reference.mlp_residual, tensors)
+    ws = fused.Workspace()
+    with torch.no_grad():
+        first = fused.mlp_residual(tensors[0], tensors[1].clone(), *tensors[2:], inplace=True, workspace=ws)
+        second = fused.mlp_residual(tensors[0], tensors[1].clone(), *tensors[2:], inplace=True, workspace=ws)
+    assert torch.equal(first, second)
+    assert_matches_truth(first, truth, torch.float32, "mlp_residual with a workspace")
