@@ -39,8 +39,11 @@ $(VENV)/.stamp-test: requirements-test.txt $(VENV)/.stamp-bench
 
 env: $(ENV_TEST)
 
+# Two pytest processes: Triton reads TRITON_INTERPRET when first imported, so the
+# interpreter tests (marker triton_interpreter) get a process of their own.
 test: $(ENV_TEST)
-	$(RUN) -m pytest -q tests
+	$(RUN) -m pytest -q tests -m "not triton_interpreter"
+	TRITON_INTERPRET=1 $(RUN) -m pytest -q tests -m triton_interpreter
 
 bench: $(ENV_BENCH)
 	$(BENCH_ENV) $(RUN) -m benchmarks.main $(BENCH_ARGS)

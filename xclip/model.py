@@ -21,7 +21,7 @@ from torch import nn
 
 import xclip_kernels as xk
 from xclip_kernels import fused
-from xclip_kernels.registry import get_backend
+from xclip_kernels.registry import get_backend, preload
 
 from .config import XCLIPConfig, resolve_config
 
@@ -390,6 +390,7 @@ class XCLIP(nn.Module):
         """Run every cross-frame block's attention on backend ``name`` (``None``: automatic)."""
         if name is not None:
             get_backend(name)  # unknown names fail here, not at the first forward
+            preload(name)  # imports happen now, not inside a torch.compile trace
         for block in self.visual.transformer.resblocks:
             block.attention_backend = name
 
@@ -427,9 +428,10 @@ class XCLIP(nn.Module):
             raise TypeError(f"text: expected int64 token ids (from xclip.tokenize), got dtype {text.dtype}")
         if text.dim() != 2 or text.shape[1] != c.context_length or text.shape[0] < 1:
             raise ValueError(f"text: expected shape (K, {c.context_length}) with K >= 1, got {tuple(text.shape)}")
-        low, high = int(text.min()), int(text.max())
-        if low < 0 or high >= c.vocab_size:
-            raise ValueError(f"text: expected token ids in [0, {c.vocab_size}), got values in [{low}, {high}]")
+        if not torch.compiler.is_compiling():  # a value check needs the data: not while tracing
+            low, high = int(text.min()), int(text.max())
+            if low < 0 or high >= c.vocab_size:
+                raise ValueError(f"text: expected token ids in [0, {c.vocab_size}), got values in [{low}, {high}]")
         return text
 
     # -- the model ----------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def _inplace_allowed(inplace: bool, x: torch.Tensor, residual: torch.Tensor, *we
         raise RuntimeError("inplace=True: in-place accumulation cannot be used on tensors that require grad")
     if not residual.is_contiguous():
         raise ValueError(f"residual: inplace=True needs a contiguous tensor, got strides {residual.stride()}")
-    if x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
+    # (Storage identity is not traceable; under torch.compile functionalisation makes it moot.)
+    if not torch.compiler.is_compiling() and x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
         raise ValueError("x: inplace=True needs x and residual in separate memory (x would be overwritten)")
     return True
 

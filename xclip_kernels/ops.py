@@ -108,5 +108,6 @@ def message_attention(
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps: expected a positive float, got {eps!r}")
     tensors = (messages, *(t for t, _, _ in expected.values()))
-    chosen = select_backend(OpInputs.of("message_attention", *tensors, head_dim=width // num_heads), backend)
+    inputs = OpInputs.of("message_attention", *tensors, head_dim=width // num_heads, num_frames=num_frames)
+    chosen = select_backend(inputs, backend)
     return chosen.implementation("message_attention")(*tensors, num_frames, num_heads, float(eps))

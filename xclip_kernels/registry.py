@@ -10,6 +10,7 @@ caller that cannot run raises that same report for it alone: nothing falls back 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +26,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _AVAILABILITY: dict[Callable[[], list[str]], list[str]] = {}
 """Answers of each backend's ``availability`` check, asked once per process."""
 
+_IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
+"""Functions of the backends' modules, imported on first use."""
+
 
 class BackendNotSupportedError(RuntimeError):
     """No backend (or not the one asked for) can run this call; the message says why."""
@@ -39,13 +43,14 @@ class OpInputs:
     dtype: torch.dtype
     head_dim: int
     requires_grad: bool
+    num_frames: int | None = None  # message_attention: messages per video
 
     @staticmethod
-    def of(op: str, *tensors: torch.Tensor, head_dim: int) -> "OpInputs":
+    def of(op: str, *tensors: torch.Tensor, head_dim: int, num_frames: int | None = None) -> "OpInputs":
         """Describe a call of ``op`` on ``tensors`` (the first one gives device and dtype)."""
         first = tensors[0]
         requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        return OpInputs(op, first.device.type, first.dtype, head_dim, requires_grad)
+        return OpInputs(op, first.device.type, first.dtype, head_dim, requires_grad, num_frames)
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,9 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     supports_backward: bool
     max_head_dim: int | None = None
+    min_head_dim: int = 1
     head_dim_multiple: int = 1
+    max_frames: int | None = None
     availability: Callable[[], list[str]] = field(default=lambda: [], compare=False)
     device_reasons: Callable[[str], list[str]] = field(default=lambda device: [], compare=False)
 
@@ -92,6 +99,10 @@ class Backend:
             reasons.append(f"dtype {str(inputs.dtype).removeprefix('torch.')} not supported (supports {names})")
         if self.max_head_dim is not None and inputs.head_dim > self.max_head_dim:
             reasons.append(f"head dim {inputs.head_dim} > {self.max_head_dim}")
+        if inputs.head_dim < self.min_head_dim:
+            reasons.append(f"head dim {inputs.head_dim} < {self.min_head_dim}")
+        if self.max_frames is not None and inputs.num_frames is not None and inputs.num_frames > self.max_frames:
+            reasons.append(f"{inputs.num_frames} frames per video > {self.max_frames}")
         if inputs.head_dim % self.head_dim_multiple:
             reasons.append(f"head dim {inputs.head_dim} is not a multiple of {self.head_dim_multiple}")
         if inputs.requires_grad and not self.supports_backward:
@@ -99,8 +110,16 @@ class Backend:
         return reasons
 
     def implementation(self, op: str) -> Callable:
-        """The function implementing ``op`` on this backend."""
-        return getattr(importlib.import_module(self.module), op)
+        """The function implementing ``op`` on this backend (its module is imported once).
+
+        Under ``torch.compile`` the lookup is a plain dict read; importing is not traceable,
+        so :func:`preload` a backend before compiling a model that is forced onto it.
+        """
+        function = _IMPLEMENTATIONS.get((self.name, op))
+        if function is None:
+            function = getattr(importlib.import_module(self.module), op)
+            _IMPLEMENTATIONS[(self.name, op)] = function
+        return function
 
 
 def _torch_cuda_reasons(device: str) -> list[str]:
@@ -114,6 +133,12 @@ def _xformers_availability() -> list[str]:
         importlib.import_module("xformers.ops")
     except Exception as exc:  # ImportError, or a broken install raising anything else
         return [f"xformers is not importable ({type(exc).__name__}: {exc})"]
+    return []
+
+
+def _triton_availability() -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed (pip install triton)"]
     return []
 
 
@@ -172,7 +197,9 @@ _ALL = (
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         supports_backward=True,
         max_head_dim=128,
-        availability=_not_built("the Triton kernels", "issue #3"),
+        min_head_dim=16,
+        max_frames=64,
+        availability=_triton_availability,
         device_reasons=_triton_device_reasons,
     ),
     Backend(
@@ -217,6 +244,14 @@ def get_backend(name: str) -> Backend:
     if not isinstance(name, str) or name not in _BY_NAME:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} or None, got {name!r}")
     return _BY_NAME[name]
+
+
+def preload(name: str) -> None:
+    """Import backend ``name``'s implementations now if it can run here (before tracing)."""
+    backend = get_backend(name)
+    if not backend.unavailable_reasons():
+        for op in backend.ops:
+            backend.implementation(op)
 
 
 def _report(inputs: OpInputs, reasons: dict[str, list[str]]) -> str:

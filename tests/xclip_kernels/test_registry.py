@@ -37,6 +37,8 @@ def _frame_op_inputs(dtype=torch.float32, requires_grad=False):
 def spies(monkeypatch):
     """Record which backend module's implementation ran, by wrapping reference and sdpa."""
     calls: list[str] = []
+    # The registry caches the functions it resolved: start from an empty cache so the spies are found.
+    monkeypatch.setattr(registry, "_IMPLEMENTATIONS", {})
     for name, module in (("reference", xclip_kernels.reference), ("sdpa", xclip_kernels.sdpa)):
         for op in registry.OPS:
             original = getattr(module, op)

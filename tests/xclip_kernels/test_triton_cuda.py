@@ -1,0 +1,150 @@
+"""GPU parity of the attention backends (triton, sdpa, xformers) at fp32, fp16 and bf16.
+
+Skipped on machines without CUDA, with each backend's own reason. Low precision follows
+ANCHORS §7: error against an fp32 reference (TF32 off) at most 2x that of plain PyTorch at
+the same dtype for outputs, 3x for gradients, plus a small floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xclip
+import xclip_kernels as xk
+from xclip_kernels import reference
+from xclip_kernels.registry import OpInputs, get_backend
+from xk_helpers import frame_inputs, leaves, message_inputs, output_and_grads
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
+]
+
+DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.float16, torch.bfloat16)]
+GPU_BACKENDS = ["triton", "sdpa", "xformers"]
+SHAPES = [
+    pytest.param((16, 50, 12, 64), id="b32"),
+    pytest.param((8, 197, 12, 64), id="b16"),
+    pytest.param((4, 257, 16, 64), id="l14"),
+    pytest.param((2, 577, 16, 64), id="l14-336"),
+    pytest.param((7, 17, 3, 64), id="odd-N17-F7"),
+    pytest.param((3, 1, 2, 32), id="N1"),
+    pytest.param((5, 63, 2, 128), id="N63-D128"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_references():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _skip_unless(backend: str, op: str, dtype: torch.dtype, head_dim: int, grad: bool, frames: int | None = None):
+    reasons = get_backend(backend).not_supported_reasons(OpInputs(op, "cuda", dtype, head_dim, grad, frames))
+    if reasons:
+        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+
+
+def _assert_within_rule(ours: torch.Tensor, lowp: torch.Tensor, truth: torch.Tensor, factor: float, what: str) -> None:
+    """``max|ours - truth| <= factor * max|plain PyTorch at this dtype - truth| + floor``."""
+    err = (ours.float() - truth.float()).abs().max().item()
+    base = (lowp.float() - truth.float()).abs().max().item()
+    floor = 1e-5 * max(1.0, truth.abs().max().item())
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    assert err <= factor * base + floor, f"{what}: error {err:.3g} > {factor} x {base:.3g} + {floor:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_frame_attention_parity(backend, shape, dtype):
+    _skip_unless(backend, "frame_attention", dtype, shape[-1], True)
+    base = [t.cuda() for t in frame_inputs(*shape, torch.float32)]
+    upstream = torch.randn(shape, device="cuda")
+    truth, truth_grads = output_and_grads(reference.frame_attention, leaves(base), upstream)
+    inputs = leaves(base, dtype)
+    out, grads = output_and_grads(xk.frame_attention, inputs, upstream, backend=backend)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, truth, rtol=1e-5, atol=1e-5 * max(1.0, truth.abs().max().item()))
+        for grad, expected in zip(grads, truth_grads):
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5 * max(1.0, expected.abs().max().item()))
+        return
+    lowp, lowp_grads = output_and_grads(reference.frame_attention, leaves(base, dtype), upstream)
+    _assert_within_rule(out, lowp, truth, 2.0, "output")
+    for name, grad, plain, expected in zip(("q", "k", "v", "msg_k", "msg_v"), grads, lowp_grads, truth_grads):
+        _assert_within_rule(grad, plain, expected, 3.0, f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+@pytest.mark.parametrize("videos, num_frames, width, heads", [(32, 8, 768, 12), (4, 16, 1024, 16), (3, 3, 128, 2)])
+def test_message_attention_parity(backend, videos, num_frames, width, heads, dtype):
+    _skip_unless(backend, "message_attention", dtype, width // heads, True, num_frames)
+    base = [t.cuda() for t in message_inputs(videos, num_frames, width, torch.float32)]
+    upstream = torch.randn(videos * num_frames, width, device="cuda")
+
+    def ref(*t):  # noqa: ANN002, ANN202
+        return reference.message_attention(*t, num_frames, heads)
+
+    truth, truth_grads = output_and_grads(ref, leaves(base), upstream)
+    out, grads = output_and_grads(xk.message_attention, leaves(base, dtype), upstream,
+                                  num_frames=num_frames, num_heads=heads, backend=backend)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, truth, rtol=1e-5, atol=1e-5 * max(1.0, truth.abs().max().item()))
+        for grad, expected in zip(grads, truth_grads):
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5 * max(1.0, expected.abs().max().item()))
+        return
+    lowp, lowp_grads = output_and_grads(ref, leaves(base, dtype), upstream)
+    _assert_within_rule(out, lowp, truth, 2.0, "output")
+    for index, (grad, plain, expected) in enumerate(zip(grads, lowp_grads, truth_grads)):
+        _assert_within_rule(grad, plain, expected, 3.0, f"grad of argument {index}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_reads_nothing_beyond_n_and_is_deterministic(dtype):
+    _skip_unless("triton", "frame_attention", dtype, 64, False)
+    frames, tokens, heads, head_dim, pad = 8, 197, 12, 64, 59
+    inputs = [t.cuda().to(dtype) for t in frame_inputs(frames, tokens, heads, head_dim, torch.float32)]
+    padded = []
+    for t in inputs[:3]:
+        buffer = torch.full((frames, tokens + pad, heads, head_dim), float("nan"), device="cuda", dtype=dtype)
+        buffer[:, :tokens] = t
+        padded.append(buffer[:, :tokens])
+    out = xk.frame_attention(*padded, *inputs[3:], backend="triton")
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, xk.frame_attention(*inputs, backend="triton"))
+    assert torch.equal(out, xk.frame_attention(*padded, *inputs[3:], backend="triton"))
+
+
+def test_triton_opcheck_on_cuda():
+    _skip_unless("triton", "frame_attention", torch.bfloat16, 64, True)
+    q, k, v, mk, mv = (t.cuda().to(torch.bfloat16).requires_grad_(True) for t in frame_inputs(4, 50, 2, 64, torch.float32))
+    torch.library.opcheck(torch.ops.xclip_kernels.triton_frame_attention.default, (q, k, v, mk, mv, 0.125))
+    message = [t.cuda().requires_grad_(True) for t in message_inputs(2, 8, 128, torch.float32)]
+    torch.library.opcheck(torch.ops.xclip_kernels.triton_message_attention.default, (*message, 8, 2, 1e-5))
+
+
+def test_model_compiles_fullgraph_on_triton():
+    _skip_unless("triton", "frame_attention", torch.bfloat16, 64, False)
+    torch.manual_seed(0)
+    model = xclip.build_model("xclip-b32", backend="triton").cuda().eval()
+    video = torch.randn(2, 8, 3, 224, 224, device="cuda")
+    text = xclip.tokenize(["archery", "bowling"]).cuda()
+    with torch.no_grad():
+        eager = model(video, text)
+        model.set_attention_backend("reference")
+        expected = model(video, text)
+        model.set_attention_backend("triton")
+        torch.testing.assert_close(eager, expected, rtol=1e-4, atol=1e-4)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(video, text), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_automatic_choice_on_cuda_prefers_triton():
+    _skip_unless("triton", "frame_attention", torch.bfloat16, 64, False)
+    probe = OpInputs("frame_attention", "cuda", torch.bfloat16, 64, False)
+    assert xk.select_backend(probe).name == "triton"

@@ -1,0 +1,157 @@
+"""The ``triton`` backend on the CPU under the Triton interpreter (fp32, forward and gradients).
+
+``make test`` runs this file in its own pytest process with ``TRITON_INTERPRET=1`` (Triton
+reads it when first imported), selected by the ``triton_interpreter`` marker. The same
+checks at fp16/bf16 on a GPU live in ``test_triton_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import xclip
+import xclip_kernels as xk
+from xclip_kernels import reference
+from xclip_kernels.registry import OpInputs, get_backend, select_backend
+from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs, output_and_grads
+
+_REASONS = get_backend("triton").not_supported_reasons(OpInputs("frame_attention", "cpu", torch.float32, 64, True))
+pytestmark = [
+    pytest.mark.triton_interpreter,
+    pytest.mark.skipif(bool(_REASONS), reason=f"triton on CPU: {'; '.join(_REASONS)} (make test runs this file so)"),
+]
+
+FRAME_SHAPES = [
+    pytest.param((2, 50, 12, 64), id="b32-F2-N50-H12-D64"),
+    pytest.param((3, 1, 2, 32), id="N1"),
+    pytest.param((3, 2, 2, 32), id="N2"),
+    pytest.param((5, 17, 2, 32), id="F5-N17"),
+    pytest.param((2, 63, 3, 64), id="N63"),
+    pytest.param((7, 17, 1, 16), id="F7-H1-D16"),
+    pytest.param((2, 17, 2, 80), id="D80"),
+    pytest.param((1, 33, 2, 128), id="D128"),
+]
+
+
+def _fused_qkv_views(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """q, k, v as strided views of one (F, N, 3, H, D) tensor, as the model makes them."""
+    q, k, v, msg_k, msg_v = inputs
+    packed = torch.stack([q, k, v], dim=2).detach().requires_grad_(True)
+    return [*packed.unbind(2), msg_k.detach().clone().requires_grad_(True), msg_v.detach().clone().requires_grad_(True)]
+
+
+@pytest.mark.parametrize("shape", FRAME_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "fused-qkv-view"])
+def test_frame_attention_forward_and_gradients(shape, layout):
+    inputs = leaves(frame_inputs(*shape, torch.float32))
+    if layout == "fused-qkv-view":
+        inputs = _fused_qkv_views(inputs)
+        assert not inputs[0].is_contiguous()
+    upstream = torch.randn(shape, dtype=torch.float64)
+    out, grads = output_and_grads(xk.frame_attention, inputs, upstream, backend="triton")
+    truth, truth_grads = output_and_grads(reference.frame_attention, leaves(inputs, torch.float64), upstream)
+    assert_matches_truth(out, truth, torch.float32, "output")
+    for name, grad, expected in zip(("q", "k", "v", "msg_k", "msg_v"), grads, truth_grads):
+        assert_matches_truth(grad, expected, torch.float32, f"grad of {name}")
+
+
+def test_frame_attention_custom_scale():
+    inputs = frame_inputs(2, 17, 2, 32, torch.float32, seed=3)
+    out = xk.frame_attention(*inputs, scale=0.3, backend="triton")
+    assert_matches_truth(out, reference.frame_attention(*(t.double() for t in inputs), 0.3), torch.float32, "output")
+
+
+def test_frame_attention_ignores_memory_beyond_n():
+    # Out-of-bounds reads would pull NaN from the padding into the softmax.
+    frames, tokens, heads, head_dim, pad = 3, 17, 2, 32, 15
+    inputs = frame_inputs(frames, tokens, heads, head_dim, torch.float32, seed=4)
+    padded = []
+    for t in inputs[:3]:
+        buffer = torch.full((frames, tokens + pad, heads, head_dim), float("nan"))
+        buffer[:, :tokens] = t
+        padded.append(buffer[:, :tokens])
+    out = xk.frame_attention(*padded, *inputs[3:], backend="triton")
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, xk.frame_attention(*inputs, backend="triton"))
+
+
+def test_frame_attention_repeated_forwards_are_bitwise_identical():
+    inputs = frame_inputs(2, 50, 4, 64, torch.float32, seed=5)
+    first = xk.frame_attention(*inputs, backend="triton")
+    assert torch.equal(first, xk.frame_attention(*inputs, backend="triton"))
+
+
+@pytest.mark.parametrize(
+    "videos, num_frames, width, heads",
+    [
+        pytest.param(2, 8, 768, 12, id="b32-b2-T8"),
+        pytest.param(3, 1, 128, 2, id="T1"),
+        pytest.param(3, 3, 128, 2, id="b3-T3"),
+        pytest.param(1, 32, 64, 1, id="T32-H1"),
+        pytest.param(1, 64, 64, 1, id="T64"),
+    ],
+)
+def test_message_attention_forward_and_gradients(videos, num_frames, width, heads):
+    inputs = leaves(message_inputs(videos, num_frames, width, torch.float32))
+    upstream = torch.randn(videos * num_frames, width, dtype=torch.float64)
+    kwargs = dict(num_frames=num_frames, num_heads=heads)
+    out, grads = output_and_grads(xk.message_attention, inputs, upstream, backend="triton", **kwargs)
+    truth, truth_grads = output_and_grads(
+        lambda *t: reference.message_attention(*t, num_frames, heads), leaves(inputs, torch.float64), upstream
+    )
+    assert_matches_truth(out, truth, torch.float32, "output")
+    for index, (grad, expected) in enumerate(zip(grads, truth_grads)):
+        assert_matches_truth(grad, expected, torch.float32, f"grad of argument {index}")
+
+
+def test_more_than_64_frames_is_declared_unsupported():
+    inputs = OpInputs("message_attention", "cpu", torch.float32, 64, False, num_frames=65)
+    assert "65 frames per video > 64" in get_backend("triton").not_supported_reasons(inputs)
+
+
+def test_opcheck_frame_attention():
+    q, k, v, msg_k, msg_v = frame_inputs(2, 17, 2, 32, torch.float32, seed=6)
+    for t in (q, k, v, msg_k, msg_v):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.xclip_kernels.triton_frame_attention.default, (q, k, v, msg_k, msg_v, 0.2))
+
+
+def test_opcheck_message_attention():
+    inputs = leaves(message_inputs(2, 3, 64, torch.float32))
+    torch.library.opcheck(torch.ops.xclip_kernels.triton_message_attention.default, (*inputs, 3, 1, 1e-5))
+
+
+def test_not_chosen_automatically_on_cpu_but_available_when_named():
+    probe = OpInputs("frame_attention", "cpu", torch.float32, 64, False)
+    assert not get_backend("triton").not_supported_reasons(probe)
+    assert select_backend(probe).name != "triton"
+    assert select_backend(probe, "triton").name == "triton"
+
+
+TINY = xclip.XCLIPConfig(
+    image_size=32, patch_size=8, vision_width=128, vision_layers=2, vision_heads=2, embed_dim=64,
+    text_width=64, text_layers=1, text_heads=1, num_frames=3, mit_heads=1, prompt_heads=1,
+)
+
+
+def test_model_on_triton_matches_reference_and_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    model = xclip.build_model(TINY).eval()
+    video = torch.randn(2, 3, 3, 32, 32)
+    text = xclip.tokenize(["a dog", "playing the violin"])
+    with torch.no_grad():
+        model.set_attention_backend("reference")
+        expected = model(video, text)
+        model.set_attention_backend("triton")
+        eager = model(video, text)
+        torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(video, text), eager, rtol=1e-6, atol=1e-6)
+
+
+def test_interpreter_flag_is_set_in_this_process():
+    assert os.environ.get("TRITON_INTERPRET") == "1"

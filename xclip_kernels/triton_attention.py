@@ -1,0 +1,454 @@
+"""Backend ``triton``: fused Triton kernels for X-CLIP's two attentions.
+
+Top to bottom: the kernels, their launchers, the ``torch.library`` custom ops (with fake
+implementations for tracing and registered autograd), and the two backend entry points.
+
+Intra-frame attention (IFA) reads q, k, v ``(F, N, H, D)`` through their strides (views of
+one fused QKV output cost nothing) and each frame's message key/value from their own
+``(F, H, D)`` tensors: no ``cat``, and no query row for the message token. One program per
+(query tile, frame, head) runs a flash-style online softmax in fp32 whose running max and
+sum start from the message key, and saves the log-sum-exp (base 2) for the backward pass,
+which recomputes the probabilities tile by tile. N is a runtime argument: no recompilation
+per length.
+
+Cross-frame attention (CFA) over the T <= 64 messages of a video runs as one program per
+(video, head): LayerNorm of the video's messages, that head's q/k/v projection, softmax
+attention over T, written out together with ``messages + out_proj_bias``; one GEMM then
+applies the output projection and accumulates the residual. Two launches per block.
+
+This module imports triton; it is only imported when the backend is first used. On the CPU
+it runs under ``TRITON_INTERPRET=1`` (set before triton is imported), for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products: TF32 would break the fp32 parity bar.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _tiles(head_dim: int) -> tuple[int, int]:
+    return (64, 64) if head_dim <= 64 else (64, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# IFA kernels
+
+
+@triton.jit
+def _ifa_fwd_kernel(
+    Q, K, V, MK, MV, O, LSE,
+    s_qf, s_qn, s_qh, s_kf, s_kn, s_kh, s_vf, s_vn, s_vh,
+    s_mkf, s_mkh, s_mvf, s_mvh, s_of, s_on, s_oh,
+    N, H, scale_log2e,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_fh = tl.program_id(1)
+    f = (pid_fh // H).to(tl.int64)
+    h = (pid_fh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_d = offs_d < HEAD_DIM
+
+    q = tl.load(Q + f * s_qf + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    msg_k = tl.load(MK + f * s_mkf + h * s_mkh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    msg_v = tl.load(MV + f * s_mvf + h * s_mvh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    # The message key opens the online softmax: running max = its score, running sum = 1.
+    m_i = tl.sum(q.to(tl.float32) * msg_k[None, :], axis=1) * scale_log2e
+    l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + msg_v[None, :]
+
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + f * s_kf + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + f * s_vf + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(O + f * s_of + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + (f * H + h) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _ifa_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    s_qf, s_qn, s_qh, s_kf, s_kn, s_kh, s_vf, s_vn, s_vh, s_dof, s_don, s_doh,
+    N, H, scale, scale_log2e,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_fh = tl.program_id(1)
+    f = (pid_fh // H).to(tl.int64)
+    h = (pid_fh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + f * s_kf + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + f * s_vf + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    row = (f * H + h) * N
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + f * s_qf + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + f * s_dof + h * s_doh + offs_m[:, None] * s_don + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    out_offs = f * (N * H * HEAD_DIM) + offs_n[:, None] * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _ifa_bwd_dq_kernel(
+    Q, K, V, MK, MV, DO, LSE, DELTA, DQ, DMK_PART, DMV_PART,
+    s_qf, s_qn, s_qh, s_kf, s_kn, s_kh, s_vf, s_vn, s_vh, s_mkf, s_mkh, s_mvf, s_mvh, s_dof, s_don, s_doh,
+    N, H, M_TILES, scale, scale_log2e,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_fh = tl.program_id(1)
+    f = (pid_fh // H).to(tl.int64)
+    h = (pid_fh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_d = offs_d < HEAD_DIM
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + f * s_qf + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + f * s_dof + h * s_doh + offs_m[:, None] * s_don + offs_d[None, :], mask=q_mask, other=0.0)
+    row = (f * H + h) * N
+    lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + f * s_kf + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + f * s_vf + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    # The message key/value: one more column of the softmax, handled as vectors.
+    msg_k = tl.load(MK + f * s_mkf + h * s_mkh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    msg_v = tl.load(MV + f * s_mvf + h * s_mvh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    qf = q.to(tl.float32)
+    dof = do.to(tl.float32)
+    p_msg = tl.exp2(tl.sum(qf * msg_k[None, :], axis=1) * scale_log2e - lse)
+    p_msg = tl.where(mask_m, p_msg, 0.0)
+    ds_msg = p_msg * (tl.sum(dof * msg_v[None, :], axis=1) - delta)
+    dq += ds_msg[:, None] * msg_k[None, :]
+    tl.store(DQ + f * (N * H * HEAD_DIM) + offs_m[:, None] * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    # Per-tile partial sums of d msg_k, d msg_v, reduced by the launcher (deterministic, no atomics).
+    part = ((f * H + h) * M_TILES + pid_m) * HEAD_DIM + offs_d
+    tl.store(DMK_PART + part, tl.sum(ds_msg[:, None] * qf, axis=0) * scale, mask=mask_d)
+    tl.store(DMV_PART + part, tl.sum(p_msg[:, None] * dof, axis=0), mask=mask_d)
+
+
+# ---------------------------------------------------------------------------------------------
+# IFA launchers
+
+
+def _last_dim_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def _ifa_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, msg_k: torch.Tensor, msg_v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v, msg_k, msg_v = _last_dim_contiguous(q, k, v, msg_k, msg_v)
+    frames, tokens, heads, head_dim = q.shape
+    out = torch.empty((frames, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((frames, heads, tokens), dtype=torch.float32, device=q.device)
+    block_m, block_n = _tiles(head_dim)
+    grid = (triton.cdiv(tokens, block_m), frames * heads)
+    _ifa_fwd_kernel[grid](
+        q, k, v, msg_k, msg_v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), msg_k.stride(0), msg_k.stride(1), msg_v.stride(0), msg_v.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        tokens, heads, scale * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=_precision(q.dtype), num_warps=4,
+    )
+    return out, lse
+
+
+def _ifa_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, msg_k: torch.Tensor,
+    msg_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, msg_k, msg_v, grad_out = _last_dim_contiguous(q, k, v, msg_k, msg_v, grad_out)
+    frames, tokens, heads, head_dim = q.shape
+    # delta_i = sum_d dO_id O_id, the softmax-backward correction per query row.
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (F, H, N)
+    dq = torch.empty((frames, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    block_m, block_n = _tiles(head_dim)
+    m_tiles = triton.cdiv(tokens, block_m)
+    dmk_part = torch.empty((frames, heads, m_tiles, head_dim), dtype=torch.float32, device=q.device)
+    dmv_part = torch.empty_like(dmk_part)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                  PRECISION=_precision(q.dtype), num_warps=4)
+    _ifa_bwd_dkdv_kernel[(triton.cdiv(tokens, block_n), frames * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        tokens, heads, scale, scale * _LOG2E, **common,
+    )
+    _ifa_bwd_dq_kernel[(m_tiles, frames * heads)](
+        q, k, v, msg_k, msg_v, grad_out, lse, delta, dq, dmk_part, dmv_part,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), msg_k.stride(0), msg_k.stride(1), msg_v.stride(0), msg_v.stride(1),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        tokens, heads, m_tiles, scale, scale * _LOG2E, **common,
+    )
+    return dq, dk, dv, dmk_part.sum(2).to(msg_k.dtype), dmv_part.sum(2).to(msg_v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# CFA kernel and launcher
+
+
+@triton.jit
+def _cfa_fwd_kernel(
+    M, LN_W, LN_B, W_IN, B_IN, B_OUT, O, R,
+    T, W, H, eps, scale_log2e,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    video = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_t = offs_t < T
+    mask_d = offs_d < HEAD_DIM
+    rows = (video * T + offs_t) * W  # the video's T message rows
+
+    # LayerNorm statistics over W, in fp32.
+    total = tl.zeros([BLOCK_T], tl.float32)
+    total_sq = tl.zeros([BLOCK_T], tl.float32)
+    for start in range(0, W, BLOCK_K):
+        cols = start + offs_k
+        x = tl.load(M + rows[:, None] + cols[None, :], mask=mask_t[:, None] & (cols < W)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        total += tl.sum(x, axis=1)
+        total_sq += tl.sum(x * x, axis=1)
+    mean = total / W
+    rstd = 1.0 / tl.sqrt(tl.maximum(total_sq / W - mean * mean, 0.0) + eps)
+
+    # This head's q, k, v = LN(m) @ W_in[head rows]^T + b_in, accumulated over W in chunks.
+    q = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    k = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    v = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    head_rows = h * HEAD_DIM + offs_d
+    for start in range(0, W, BLOCK_K):
+        cols = start + offs_k
+        mask_k = cols < W
+        x = tl.load(M + rows[:, None] + cols[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        gamma = tl.load(LN_W + cols, mask=mask_k, other=0.0).to(tl.float32)
+        beta = tl.load(LN_B + cols, mask=mask_k, other=0.0).to(tl.float32)
+        normed = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        normed = tl.where(mask_t[:, None], normed, 0.0).to(M.dtype.element_ty)
+        w_mask = mask_d[:, None] & mask_k[None, :]
+        wq = tl.load(W_IN + head_rows[:, None] * W + cols[None, :], mask=w_mask, other=0.0)
+        wk = tl.load(W_IN + (W + head_rows)[:, None] * W + cols[None, :], mask=w_mask, other=0.0)
+        wv = tl.load(W_IN + (2 * W + head_rows)[:, None] * W + cols[None, :], mask=w_mask, other=0.0)
+        q += tl.dot(normed, tl.trans(wq), input_precision=PRECISION)
+        k += tl.dot(normed, tl.trans(wk), input_precision=PRECISION)
+        v += tl.dot(normed, tl.trans(wv), input_precision=PRECISION)
+    q += tl.load(B_IN + head_rows, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    k += tl.load(B_IN + W + head_rows, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    v += tl.load(B_IN + 2 * W + head_rows, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+
+    # Softmax attention over the T messages (all of a video's keys fit in one tile).
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2e
+    s = tl.where(mask_t[None, :], s, float("-inf"))
+    p = tl.exp2(s - tl.max(s, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    o = tl.dot(p, v, input_precision="ieee")
+    o_cols = h * HEAD_DIM + offs_d
+    tl.store(O + rows[:, None] + o_cols[None, :], o.to(O.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+
+    # The residual plus the output bias, for the GEMM that follows (head h writes its slice).
+    x = tl.load(M + rows[:, None] + o_cols[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+    bias = tl.load(B_OUT + o_cols, mask=mask_d, other=0.0)
+    tl.store(R + rows[:, None] + o_cols[None, :], (x.to(tl.float32) + bias.to(tl.float32)[None, :]).to(R.dtype.element_ty),
+             mask=mask_t[:, None] & mask_d[None, :])
+
+
+def _cfa_forward(
+    messages: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor, out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor,
+    num_frames: int, num_heads: int, eps: float,
+) -> torch.Tensor:
+    messages, in_proj_weight = messages.contiguous(), in_proj_weight.contiguous()
+    frames, width = messages.shape
+    head_dim = width // num_heads
+    mixed = torch.empty_like(messages)
+    residual = torch.empty_like(messages)
+    _cfa_fwd_kernel[(frames // num_frames, num_heads)](
+        messages, ln_weight.contiguous(), ln_bias.contiguous(), in_proj_weight, in_proj_bias.contiguous(),
+        out_proj_bias.contiguous(), mixed, residual,
+        num_frames, width, num_heads, eps, head_dim**-0.5 * _LOG2E,
+        HEAD_DIM=head_dim, BLOCK_T=max(16, triton.next_power_of_2(num_frames)), BLOCK_K=32,
+        BLOCK_D=_block_d(head_dim), PRECISION=_precision(messages.dtype), num_warps=4,
+    )
+    # Output projection with the residual accumulated by the GEMM: the second launch.
+    return torch.addmm(residual, mixed, out_proj_weight.t())
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops
+
+
+@torch.library.custom_op("xclip_kernels::triton_frame_attention", mutates_args=())
+def _frame_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, msg_k: torch.Tensor, msg_v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ifa_forward(q, k, v, msg_k, msg_v, scale)
+
+
+@_frame_attention_op.register_fake
+def _(q, k, v, msg_k, msg_v, scale):  # noqa: ANN001, ANN202
+    frames, tokens, heads, head_dim = q.shape
+    return q.new_empty((frames, tokens, heads, head_dim)), q.new_empty((frames, heads, tokens), dtype=torch.float32)
+
+
+@torch.library.custom_op("xclip_kernels::triton_frame_attention_backward", mutates_args=())
+def _frame_attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, msg_k: torch.Tensor,
+    msg_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ifa_backward(grad_out, q, k, v, msg_k, msg_v, out, lse, scale)
+
+
+@_frame_attention_backward_op.register_fake
+def _(grad_out, q, k, v, msg_k, msg_v, out, lse, scale):  # noqa: ANN001, ANN202
+    shape = q.shape
+    return (q.new_empty(shape), q.new_empty(shape), q.new_empty(shape),
+            msg_k.new_empty(msg_k.shape), msg_v.new_empty(msg_v.shape))
+
+
+def _frame_attention_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    q, k, v, msg_k, msg_v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, msg_k, msg_v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _frame_attention_grad(ctx, grad_out, _grad_lse):  # noqa: ANN001, ANN202
+    q, k, v, msg_k, msg_v, out, lse = ctx.saved_tensors
+    grads = _frame_attention_backward_op(grad_out, q, k, v, msg_k, msg_v, out, lse, ctx.scale)
+    return (*grads, None)
+
+
+_frame_attention_op.register_autograd(_frame_attention_grad, setup_context=_frame_attention_setup)
+
+
+@torch.library.custom_op("xclip_kernels::triton_message_attention", mutates_args=())
+def _message_attention_op(
+    messages: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor, out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor,
+    num_frames: int, num_heads: int, eps: float,
+) -> torch.Tensor:
+    return _cfa_forward(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight,
+                        out_proj_bias, num_frames, num_heads, eps)
+
+
+@_message_attention_op.register_fake
+def _(messages, *args):  # noqa: ANN001, ANN002, ANN202
+    return torch.empty_like(messages)
+
+
+def _message_attention_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(*inputs[:7])
+    ctx.sizes = inputs[7:]
+
+
+def _message_attention_grad(ctx, grad_out):  # noqa: ANN001, ANN202
+    # The message path is T <= 64 tokens per video: its backward recomputes the forward with
+    # differentiable PyTorch ops (SDPA) and lets autograd take it from there.
+    from . import sdpa
+
+    tensors = [t.detach().requires_grad_(needs) for t, needs in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+    with torch.enable_grad():
+        out = sdpa.message_attention(*tensors, *ctx.sizes)
+        wanted = [t for t in tensors if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
+    return (*(next(grads) if t.requires_grad else None for t in tensors), None, None, None)
+
+
+_message_attention_op.register_autograd(_message_attention_grad, setup_context=_message_attention_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend entry points (called by xclip_kernels.ops after argument checks)
+
+
+def frame_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, msg_k: torch.Tensor, msg_v: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """IFA. q, k, v: ``(F, N, H, D)``; msg_k, msg_v: ``(F, H, D)``. Returns ``(F, N, H, D)``."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _frame_attention_op(q, k, v, msg_k, msg_v, float(scale))[0]
+
+
+def message_attention(
+    messages: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor, out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor,
+    num_frames: int, num_heads: int, eps: float = 1e-5,
+) -> torch.Tensor:
+    """CFA of one block over each video's T <= 64 messages. messages: ``(F, W)``. Returns ``(F, W)``."""
+    return _message_attention_op(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight,
+                                 out_proj_bias, num_frames, num_heads, eps)
+
