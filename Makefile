@@ -22,7 +22,7 @@ RUN := PYTHONPATH=$(CURDIR) $(PY)
 # model a benchmark compares, so ratios stay fair.
 BENCH_ENV := THP_MEM_ALLOC_ENABLE=1
 
-.PHONY: test bench bench-hf env clean
+.PHONY: test bench bench-hf bench-kernels device-wheels env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -51,6 +51,16 @@ bench: $(ENV_BENCH)
 # X-CLIP-B/32 against Hugging Face XCLIPModel on the same weights (needs transformers).
 bench-hf: $(ENV_TEST)
 	$(BENCH_ENV) $(RUN) -m benchmarks.vs_hf $(BENCH_ARGS)
+
+# Attention kernels per backend (TFLOP/s, GB/s); on a GPU use scripts/device_check.sh.
+bench-kernels: $(ENV_BENCH)
+	$(RUN) -m benchmarks.kernels $(BENCH_ARGS)
+
+# Wheels the GPU image lacks (it has no network), for scripts/device_check.sh: Python 3.12.
+device-wheels:
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl instant-clip-tokenizer==0.1.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

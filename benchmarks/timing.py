@@ -61,12 +61,20 @@ def interleaved(
 MATMUL_SIZE = 2048
 
 
-def matmul_candidate(size: int = MATMUL_SIZE, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], object], float]:
+def matmul_candidate(
+    size: int = MATMUL_SIZE, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[Callable[[], object], float]:
     """A ``size``³ matmul to time beside the models, and its FLOPs (``2 size³``)."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    out = torch.empty(size, size, dtype=dtype)
-    return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    out = torch.empty(size, size, dtype=dtype, device=device)
+
+    def call() -> None:
+        torch.mm(a, b, out=out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return call, 2.0 * size**3
 
 
 def environment() -> dict[str, object]:

@@ -55,33 +55,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--backend", default=None, help="our backend (default: automatic)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model (HF stays eager)")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
     hf = hf_model(args.variant, args.frames)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = xclip.load_checkpoint(tmp, backend=args.backend)
+        ours = xclip.load_checkpoint(tmp, backend=args.backend, map_location=args.device).to(dtype)
+    hf = hf.to(args.device, dtype)
     config = ours.config
-    video = torch.randn(args.batch, args.frames, 3, config.image_size, config.image_size)
+    video = torch.randn(args.batch, args.frames, 3, config.image_size, config.image_size, device=args.device, dtype=dtype)
     labels = ["archery", "bowling", "juggling balls", "playing violin", "surfing water"]
-    text = xclip.tokenize([labels[i % len(labels)] for i in range(args.labels)])
+    text = xclip.tokenize([labels[i % len(labels)] for i in range(args.labels)]).to(args.device)
+    model = torch.compile(ours) if args.compile else ours
+
+    def synchronized(out: torch.Tensor) -> torch.Tensor:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return out
 
     def run_ours() -> torch.Tensor:
         with torch.inference_mode():
-            return ours(video, text)
+            return synchronized(model(video, text))
 
     def run_hf() -> torch.Tensor:
         with torch.inference_mode():
-            return hf(input_ids=text, pixel_values=video).logits_per_video
+            return synchronized(hf(input_ids=text, pixel_values=video).logits_per_video)
 
-    diff = (run_ours() - run_hf()).abs().max().item()
-    matmul, matmul_flops = matmul_candidate()
+    diff = (run_ours().float() - run_hf().float()).abs().max().item()
+    matmul, matmul_flops = matmul_candidate(8192 if args.device == "cuda" else 2048, dtype, args.device)
     env = environment()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{env['device']}, {env['threads']} threads"
+    env["device"] = device_name
     print(
-        f"{args.variant} {args.frames}f, batch {args.batch}, {args.labels} label(s), float32, {env['device']}, "
-        f"{env['threads']} threads, torch {env['torch']}, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}"
+        f"{args.variant} {args.frames}f, batch {args.batch}, {args.labels} label(s), {args.dtype}, {device_name}, "
+        f"torch {env['torch']}, compile={args.compile}, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}"
     )
     timings = interleaved(
         {"ours": run_ours, "hf": run_hf, "matmul": matmul}, args.rounds,
@@ -91,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     gmacs = xclip_gmacs(config)
     matmul_rate = matmul_flops / timings.median("matmul") / 1e9
     result: dict[str, object] = dict(env, variant=args.variant, frames=args.frames, batch=args.batch, labels=args.labels,
+                                     dtype=args.dtype, compile=args.compile,
                                      backend=ours.attention_backend or "auto", gmacs=round(gmacs, 2),
                                      matmul_gflops=round(matmul_rate, 1), max_abs_logit_diff=diff)
     for name in ("ours", "hf"):
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<5} {clips:7.3f} clips/s  {2 * gmacs * clips:7.1f} GFLOP/s  "
               f"{frac:5.2f} of matmul (paired per round: {paired[len(paired) // 2]:.2f})")
     result["speedup"] = round(timings.speedup("ours", "hf"), 3)
-    print(f"matmul {matmul_rate:.1f} GFLOP/s; ours / hf = {result['speedup']:.3f}x (median of paired rounds); "
+    print(f"{args.dtype} matmul {matmul_rate:.1f} GFLOP/s; ours / hf = {result['speedup']:.3f}x (median of paired rounds); "
           f"max |logits diff| = {diff:.2e}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from .registry import PRIORITY, backend_table
+from .registry import PRIORITY, backend_table, get_backend
 
 
 def main() -> int:
@@ -20,6 +20,12 @@ def main() -> int:
         )
         for reason in row["reasons"]:
             print(f"{'':<10} why not: {reason}")
+        if not row["reasons"]:
+            backend = get_backend(row["name"])
+            for device in row["devices"]:
+                why = backend.device_reasons(device)
+                status = "runs here" if not why else "not here: " + "; ".join(why)
+                print(f"{'':<10} on {device}: {status}")
     for device, names in PRIORITY.items():
         print(f"automatic choice on {device}: {' > '.join(names)}")
     return 0

@@ -46,7 +46,9 @@ def _tiles(head_dim: int) -> tuple[int, int]:
 # IFA kernels
 
 
-@triton.jit
+# N (and T) stay runtime values: no specialisation on their value or divisibility, so one
+# compiled kernel serves every sequence length.
+@triton.jit(do_not_specialize=["N"])
 def _ifa_fwd_kernel(
     Q, K, V, MK, MV, O, LSE,
     s_qf, s_qn, s_qh, s_kf, s_kn, s_kh, s_vf, s_vn, s_vh,
@@ -95,7 +97,7 @@ def _ifa_fwd_kernel(
     tl.store(LSE + (f * H + h) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _ifa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     s_qf, s_qn, s_qh, s_kf, s_kn, s_kh, s_vf, s_vn, s_vh, s_dof, s_don, s_doh,
@@ -137,7 +139,7 @@ def _ifa_bwd_dkdv_kernel(
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "M_TILES"])
 def _ifa_bwd_dq_kernel(
     Q, K, V, MK, MV, DO, LSE, DELTA, DQ, DMK_PART, DMV_PART,
     s_qf, s_qn, s_qh, s_kf, s_kn, s_kh, s_vf, s_vn, s_vh, s_mkf, s_mkh, s_mvf, s_mvh, s_dof, s_don, s_doh,
@@ -255,7 +257,7 @@ def _ifa_backward(
 # CFA kernel and launcher
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _cfa_fwd_kernel(
     M, LN_W, LN_B, W_IN, B_IN, B_OUT, O, R,
     T, W, H, eps, scale_log2e,

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU check: one command for a CUDA machine (H100 image: torch 2.11+cu130, triton 3.6,
+# no network). Runs the CUDA parity tests (triton, sdpa, xformers; fp32/fp16/bf16; forward
+# and backward), the kernel benchmark and the end-to-end comparison with Hugging Face, and
+# writes logs and JSON into the folder named by $OUT or the first argument.
+#
+#   make device-wheels                 # here, once: wheels the GPU image lacks -> .whl/
+#   scripts/device_check.sh OUTDIR     # there (device tool: carry [".whl"]); PYTHON=python3 by default
+#
+# It fails loudly (non-zero exit, a line saying what is missing) rather than skipping:
+# no CUDA, no triton, or a missing package is an error here, and so is any failed test.
+set -euo pipefail
+
+out_dir="${1:-${OUT:-}}"
+if [ -z "$out_dir" ]; then
+    echo "device_check: give the output folder as the first argument or in \$OUT" >&2
+    exit 2
+fi
+mkdir -p "$out_dir"
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+start=$(date +%s)
+
+# Packages the GPU image does not have travel as wheels in .whl/ (see `make device-wheels`).
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xclip-site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/xclip-site"
+fi
+
+"$PY" - <<'EOF' 2>&1 | tee "$out_dir/environment.txt"
+import importlib, sys
+missing = [m for m in ("torch", "triton", "safetensors", "instant_clip_tokenizer", "transformers", "pytest")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"device_check: missing Python packages: {', '.join(missing)} (run `make device-wheels` here first)")
+import torch, triton
+if not torch.cuda.is_available():
+    sys.exit(f"device_check: torch {torch.__version__} sees no CUDA device")
+print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+      f"CUDA {torch.version.cuda}  python {sys.version.split()[0]}")
+EOF
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+
+"$PY" -m xclip_kernels | tee "$out_dir/backends.txt"
+
+echo "== CUDA parity tests" | tee "$out_dir/pytest.log"
+set +e
+timeout 240 "$PY" -m pytest -q -m "not triton_interpreter" \
+    tests/xclip_kernels/test_triton_cuda.py tests/xclip/test_checkpoint.py::test_map_location_cuda \
+    --junitxml="$out_dir/pytest.xml" 2>&1 | tee -a "$out_dir/pytest.log"
+tests_status=${PIPESTATUS[0]}
+set -e
+
+echo "== kernel benchmark" | tee "$out_dir/kernels.log"
+timeout 150 "$PY" -m benchmarks.kernels --variants xclip-b16 --batch 32 --dtype bfloat16 \
+    --json "$out_dir/kernels.json" 2>&1 | tee -a "$out_dir/kernels.log"
+
+echo "== end to end against Hugging Face (B/16, 8 frames, batch 32, bf16)" | tee "$out_dir/vs_hf.log"
+timeout 180 "$PY" -m benchmarks.vs_hf --device cuda --dtype bfloat16 --variant xclip-b16 --batch 32 \
+    --rounds 10 --compile --json "$out_dir/vs_hf.json" 2>&1 | tee -a "$out_dir/vs_hf.log"
+
+echo "device_check: done in $(( $(date +%s) - start )) s; tests exit status $tests_status" | tee "$out_dir/summary.txt"
+exit "$tests_status"
