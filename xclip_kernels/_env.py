@@ -21,7 +21,3 @@ def forced_backend() -> str | None:
     name = os.environ.get("XCLIP_KERNELS_BACKEND", "").strip()
     return name or None
 
-
-def run_slow_tests() -> bool:
-    """``XCLIP_SLOW_TESTS=1`` turns on the heavy test sweeps kept out of ``make test``."""
-    return os.environ.get("XCLIP_SLOW_TESTS", "0") not in ("", "0")
