@@ -1,4 +1,13 @@
-"""Packaging for xclip-kernels: the pure-Python packages ``xclip_kernels`` and ``xclip``."""
+"""Packaging for xclip-kernels: ``xclip_kernels`` and ``xclip``, plus the compiled ops.
+
+The C++ CPU extension ``xclip_kernels._C`` is always built. CUDA sources join it when nvcc is
+found (CUDA_HOME, or nvcc on PATH) and the installed torch is a CUDA build, or when
+``XCLIP_FORCE_CUDA=1``; ``XCLIP_NO_EXTENSION=1`` skips the extension entirely. Nothing here
+downloads anything or looks at the hardware.
+"""
+
+import glob
+import os
 
 from setuptools import find_packages, setup
 
@@ -11,6 +20,37 @@ def _requirements() -> list[str]:
     return [line.replace("==", ">=") for line in lines if line.split("==")[0] in runtime]
 
 
+# Vectorised inner loops (and libmvec's exp) need AVX2/FMA and -ffast-math; the kernels are
+# written without infinities or NaN tests, so the fast-math assumptions hold.
+CXX_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffast-math"]
+NVCC_FLAGS = [
+    "-O3", "--expt-relaxed-constexpr",
+    "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+]
+
+
+def _extensions() -> tuple[list, dict]:
+    if os.environ.get("XCLIP_NO_EXTENSION") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = ["csrc/binding.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    with_cuda = os.environ.get("XCLIP_FORCE_CUDA") == "1" or (CUDA_HOME is not None and torch.version.cuda is not None)
+    if with_cuda:
+        extension = CUDAExtension(
+            "xclip_kernels._C",
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            define_macros=[("XCLIP_WITH_CUDA", None)],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+        )
+    else:
+        extension = CppExtension("xclip_kernels._C", sources, extra_compile_args={"cxx": CXX_FLAGS})
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
 setup(
     name="xclip-kernels",
     version="0.1.0",
@@ -19,4 +59,6 @@ setup(
     python_requires=">=3.10",
     install_requires=_requirements(),
     extras_require={"triton": ["triton"], "test": ["pytest", "transformers"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -142,9 +142,11 @@ def _triton_availability() -> list[str]:
     return []
 
 
-def _not_built(what: str, issue: str) -> Callable[[], list[str]]:
+def _compiled_availability(device: str) -> Callable[[], list[str]]:
     def reasons() -> list[str]:
-        return [f"{what} are not part of this version yet (planned in {issue})"]
+        from . import compiled  # imports torch only; the extension is loaded on this first ask
+
+        return compiled.unavailable_reasons(device)
 
     return reasons
 
@@ -211,7 +213,7 @@ _ALL = (
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         supports_backward=True,
         max_head_dim=128,
-        availability=_not_built("the CUDA kernels", "issue #4"),
+        availability=_compiled_availability("cuda"),
         device_reasons=_torch_cuda_reasons,
     ),
     Backend(
@@ -222,7 +224,7 @@ _ALL = (
         devices=("cpu",),
         dtypes=(torch.float32, torch.float64),
         supports_backward=True,
-        availability=_not_built("the C++ CPU kernels", "issue #4"),
+        availability=_compiled_availability("cpu"),
     ),
 )
 

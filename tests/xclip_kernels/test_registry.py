@@ -17,7 +17,7 @@ import xclip_kernels.reference
 import xclip_kernels.sdpa
 from xclip_kernels import registry
 from xclip_kernels.registry import Backend, BackendNotSupportedError, OpInputs, get_backend, select_backend
-from xk_helpers import frame_inputs, message_inputs
+from xk_helpers import automatic_cpu_backend, frame_inputs, message_inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,13 +85,16 @@ def test_unknown_backend_name_through_the_ops(spies):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
-def test_automatic_choice_on_cpu_is_sdpa(dtype, requires_grad):
-    assert select_backend(_frame_op_inputs(dtype, requires_grad)).name == "sdpa"
+def test_automatic_choice_on_cpu_is_the_first_available_in_priority(dtype, requires_grad):
+    expected = automatic_cpu_backend()
+    assert expected in ("cpp", "sdpa")
+    assert select_backend(_frame_op_inputs(dtype, requires_grad)).name == expected
     messages = message_inputs(2, 3, 16, dtype)
-    assert select_backend(OpInputs.of("message_attention", *messages, head_dim=8)).name == "sdpa"
+    assert select_backend(OpInputs.of("message_attention", *messages, head_dim=8)).name == expected
 
 
-def test_automatic_choice_runs_sdpa_for_both_ops(spies):
+def test_automatic_choice_runs_sdpa_for_both_ops(spies, monkeypatch):
+    monkeypatch.setitem(registry.PRIORITY, "cpu", ("sdpa", "reference"))
     xk.frame_attention(*_frame_call_inputs())
     xk.message_attention(*message_inputs(2, 3, 16, torch.float32), num_frames=3, num_heads=2)
     assert spies == ["sdpa", "sdpa"]
@@ -114,7 +117,7 @@ def test_explicit_backend_wins_over_env_var(monkeypatch, spies):
 
 def test_blank_env_var_means_automatic(monkeypatch):
     monkeypatch.setenv("XCLIP_KERNELS_BACKEND", "  ")
-    assert select_backend(_frame_op_inputs()).name == "sdpa"
+    assert select_backend(_frame_op_inputs()).name == automatic_cpu_backend()
 
 
 def test_env_var_naming_an_unavailable_backend_raises_and_does_not_fall_back(monkeypatch, spies):

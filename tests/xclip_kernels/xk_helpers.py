@@ -138,3 +138,9 @@ def skip_unless_supported(backend: str, inputs: OpInputs) -> None:
     reasons = get_backend(backend).not_supported_reasons(inputs)
     if reasons:
         pytest.skip(f"{backend}: {'; '.join(reasons)}")
+
+
+def automatic_cpu_backend() -> str:
+    """What ``backend=None`` picks for CPU tensors here: the first available of PRIORITY["cpu"]
+    (``cpp`` once the extension is built, else ``sdpa``)."""
+    return next(name for name in xk.PRIORITY["cpu"] if not get_backend(name).unavailable_reasons())

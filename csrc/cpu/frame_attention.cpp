@@ -1,0 +1,270 @@
+// IFA on the CPU: one task per (frame, head), run in parallel with at::parallel_for.
+//
+// A frame-head is small (N <= 577 rows of D = 64), so each task works on dense N x N score
+// tiles with the BLAS that torch itself uses (the sgemm_/dgemm_ entry points exported by
+// libtorch_cpu, resolved once with dlsym), and keeps the glue passes (softmax, the message
+// column, the softmax-backward correction) as short vectorised loops over contiguous rows.
+// Query, key, value and gradient rows are gathered from their strides into task-local
+// buffers (q/k/v views of one fused QKV tensor cost nothing more) and outputs are written
+// straight into the (F, N, H, D) results through the BLAS leading dimension: no cat, no
+// message query row, and the message key/value enter the softmax as one more column.
+// Accumulation is in the input type: float for float32, double for float64 (gradcheck).
+#include <ATen/Parallel.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../xclip_ops.h"
+
+namespace xclip_ext {
+namespace {
+
+// Fortran BLAS: column-major. A row-major (r x c) matrix with row stride ld is the
+// column-major (c x r) matrix with leading dimension ld.
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                         const double*, const int*, const double*, const int*, const double*, double*, const int*);
+
+template <typename T>
+struct Blas;
+
+template <>
+struct Blas<float> {
+  static sgemm_t fn() {
+    static const auto f = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
+    return f;
+  }
+};
+
+template <>
+struct Blas<double> {
+  static dgemm_t fn() {
+    static const auto f = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
+    return f;
+  }
+};
+
+// Inside our parallel tasks every GEMM must run on the calling thread: MKL's own threads
+// on top of at::parallel_for's oversubscribe the cores (seen as 50x slow outliers).
+class SequentialBlas {
+ public:
+  SequentialBlas() {
+    static const auto set_local = reinterpret_cast<int (*)(int)>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    set_local_ = set_local;
+    if (set_local_ != nullptr) previous_ = set_local_(1);
+  }
+  ~SequentialBlas() {
+    if (set_local_ != nullptr) set_local_(previous_);
+  }
+
+ private:
+  int (*set_local_)(int) = nullptr;
+  int previous_ = 0;
+};
+
+// C (m x n, col-major, ldc) = alpha op(A) op(B) + beta C, with op given by 'N' or 'T'.
+template <typename T>
+inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T beta, T* c, int64_t ldc) {
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  Blas<T>::fn()(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+}
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T sum = 0;
+  for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+struct Strides {
+  int64_t f, n, h;
+};
+
+inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+template <typename T>
+void gather_rows(const T* base, Strides s, int64_t f, int64_t h, int64_t rows, int64_t dim, T* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* src = base + f * s.f + h * s.h + i * s.n;
+    std::copy(src, src + dim, out + i * dim);
+  }
+}
+
+template <typename T>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& msg_k,
+                    const at::Tensor& msg_v, double scale_d, at::Tensor& out, at::Tensor& lse) {
+  const int64_t frames = q.size(0), tokens = q.size(1), heads = q.size(2), dim = q.size(3);
+  const int64_t row_stride = heads * dim;  // of out: (F, N, H, D) contiguous
+  const T scale = static_cast<T>(scale_d);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* mkp = msg_k.data_ptr<T>();
+  const T* mvp = msg_v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  T* lp = lse.data_ptr<T>();  // lse in the compute type: float32, or float64 for double inputs
+  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v);
+  const int64_t smk_f = msg_k.stride(0), smk_h = msg_k.stride(1), smv_f = msg_v.stride(0), smv_h = msg_v.stride(1);
+
+  at::parallel_for(0, frames * heads, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
+    std::vector<T> queries(tokens * dim), keys(tokens * dim), values(tokens * dim), probs(tokens * tokens);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t f = task / heads, h = task % heads;
+      gather_rows(qp, sq, f, h, tokens, dim, queries.data());
+      gather_rows(kp, sk, f, h, tokens, dim, keys.data());
+      gather_rows(vp, sv, f, h, tokens, dim, values.data());
+      const T* mk = mkp + f * smk_f + h * smk_h;
+      const T* mv = mvp + f * smv_f + h * smv_h;
+      T* o = op + f * tokens * row_stride + h * dim;
+      // S (N x N, row-major) = scale Q K^T.
+      gemm<T>('T', 'N', tokens, tokens, dim, scale, keys.data(), dim, queries.data(), dim, T(0), probs.data(), tokens);
+      std::vector<T> inverse(tokens);
+      for (int64_t i = 0; i < tokens; ++i) {
+        T* s = probs.data() + i * tokens;
+        const T s_msg = scale * dot(queries.data() + i * dim, mk, dim);
+        T m = s_msg;
+        for (int64_t j = 0; j < tokens; ++j) m = std::max(m, s[j]);
+        T sum = 0;
+        for (int64_t j = 0; j < tokens; ++j) {
+          s[j] = std::exp(s[j] - m);
+          sum += s[j];
+        }
+        const T p_msg = std::exp(s_msg - m);
+        sum += p_msg;
+        inverse[i] = T(1) / sum;
+        T* row = o + i * row_stride;
+        for (int64_t d = 0; d < dim; ++d) row[d] = p_msg * mv[d];  // the message column's share
+        lp[(f * heads + h) * tokens + i] = m + std::log(sum);
+      }
+      // O += P V (unnormalised), written in place with the output's row stride; then 1 / l.
+      gemm<T>('N', 'N', dim, tokens, tokens, T(1), values.data(), dim, probs.data(), tokens, T(1), o, row_stride);
+      for (int64_t i = 0; i < tokens; ++i) {
+        T* row = o + i * row_stride;
+        for (int64_t d = 0; d < dim; ++d) row[d] *= inverse[i];
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& msg_k, const at::Tensor& msg_v, const at::Tensor& out,
+                     const at::Tensor& lse, double scale_d, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                     at::Tensor& dmk, at::Tensor& dmv) {
+  const int64_t frames = q.size(0), tokens = q.size(1), heads = q.size(2), dim = q.size(3);
+  const int64_t row_stride = heads * dim;
+  const T scale = static_cast<T>(scale_d);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* gp = grad_out.data_ptr<T>();
+  const T* op = out.data_ptr<T>();
+  const T* mkp = msg_k.data_ptr<T>();
+  const T* mvp = msg_v.data_ptr<T>();
+  const T* lp = lse.data_ptr<T>();
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv.data_ptr<T>();
+  T* dmkp = dmk.data_ptr<T>();
+  T* dmvp = dmv.data_ptr<T>();
+  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), sg = strides_of(grad_out),
+                so = strides_of(out);
+  const int64_t smk_f = msg_k.stride(0), smk_h = msg_k.stride(1), smv_f = msg_v.stride(0), smv_h = msg_v.stride(1);
+
+  at::parallel_for(0, frames * heads, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
+    std::vector<T> queries(tokens * dim), keys(tokens * dim), values(tokens * dim), grads(tokens * dim);
+    std::vector<T> probs(tokens * tokens), dprobs(tokens * tokens);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t f = task / heads, h = task % heads;
+      gather_rows(qp, sq, f, h, tokens, dim, queries.data());
+      gather_rows(kp, sk, f, h, tokens, dim, keys.data());
+      gather_rows(vp, sv, f, h, tokens, dim, values.data());
+      gather_rows(gp, sg, f, h, tokens, dim, grads.data());
+      const T* mk = mkp + f * smk_f + h * smk_h;
+      const T* mv = mvp + f * smv_f + h * smv_h;
+      T* dmk_fh = dmkp + (f * heads + h) * dim;
+      T* dmv_fh = dmvp + (f * heads + h) * dim;
+      T* dq_fh = dqp + f * tokens * row_stride + h * dim;
+      // P = exp(scale Q K^T - lse) and dP = dO V^T, both N x N row-major.
+      gemm<T>('T', 'N', tokens, tokens, dim, scale, keys.data(), dim, queries.data(), dim, T(0), probs.data(), tokens);
+      gemm<T>('T', 'N', tokens, tokens, dim, T(1), values.data(), dim, grads.data(), dim, T(0), dprobs.data(), tokens);
+      for (int64_t i = 0; i < tokens; ++i) {
+        const T* qi = queries.data() + i * dim;
+        const T* gi = grads.data() + i * dim;
+        const T* oi = op + f * so.f + h * so.h + i * so.n;
+        const T row_lse = lp[(f * heads + h) * tokens + i];
+        const T delta = dot(gi, oi, dim);  // sum_d dO O: the softmax-backward correction
+        T* p = probs.data() + i * tokens;
+        T* ds = dprobs.data() + i * tokens;  // dP becomes dS = P (dP - delta) in place
+        for (int64_t j = 0; j < tokens; ++j) {
+          p[j] = std::exp(p[j] - row_lse);
+          ds[j] = p[j] * (ds[j] - delta);
+        }
+        const T p_msg = std::exp(scale * dot(qi, mk, dim) - row_lse);
+        const T ds_msg = p_msg * (dot(gi, mv, dim) - delta);
+        T* dqi = dq_fh + i * row_stride;
+        for (int64_t d = 0; d < dim; ++d) {
+          dqi[d] = scale * ds_msg * mk[d];
+          dmv_fh[d] += p_msg * gi[d];
+          dmk_fh[d] += scale * ds_msg * qi[d];
+        }
+      }
+      // dV = P^T dO, dK = scale dS^T Q, dQ += scale dS K: written through the row stride.
+      gemm<T>('N', 'T', dim, tokens, tokens, T(1), grads.data(), dim, probs.data(), tokens, T(0),
+              dvp + f * tokens * row_stride + h * dim, row_stride);
+      gemm<T>('N', 'T', dim, tokens, tokens, scale, queries.data(), dim, dprobs.data(), tokens, T(0),
+              dkp + f * tokens * row_stride + h * dim, row_stride);
+      gemm<T>('N', 'N', dim, tokens, tokens, scale, keys.data(), dim, dprobs.data(), tokens, T(1), dq_fh, row_stride);
+    }
+  });
+}
+
+void check_cpu_dtype(const at::Tensor& q) {
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU tensor, got ", q.device());
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+                    "q: the cpp backend computes in float32 or float64, got ", q.scalar_type());
+}
+
+}  // namespace
+
+bool cpu_blas_available() { return Blas<float>::fn() != nullptr && Blas<double>::fn() != nullptr; }
+
+std::tuple<at::Tensor, at::Tensor> frame_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, const at::Tensor& msg_k,
+                                                               const at::Tensor& msg_v, double scale) {
+  check_cpu_dtype(q);
+  TORCH_CHECK(cpu_blas_available(), "frame_attention: no sgemm_/dgemm_ BLAS symbol in this torch build");
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options());
+  if (q.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "frame_attention_forward_cpu",
+                             [&] { forward_kernel<scalar_t>(q, k, v, msg_k, msg_v, scale, out, lse); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& msg_k, const at::Tensor& msg_v, const at::Tensor& out, const at::Tensor& lse,
+    double scale) {
+  check_cpu_dtype(q);
+  TORCH_CHECK(cpu_blas_available(), "frame_attention_backward: no sgemm_/dgemm_ BLAS symbol in this torch build");
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(q.sizes(), q.options());
+  auto dv = at::empty(q.sizes(), q.options());
+  auto dmk = at::zeros(msg_k.sizes(), q.options());
+  auto dmv = at::zeros(msg_v.sizes(), q.options());
+  if (q.numel() == 0) return {dq, dk, dv, dmk, dmv};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "frame_attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(grad_out, q, k, v, msg_k, msg_v, out, lse, scale, dq, dk, dv, dmk, dmv);
+  });
+  return {dq, dk, dv, dmk, dmv};
+}
+
+}  // namespace xclip_ext
