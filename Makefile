@@ -10,19 +10,20 @@ BENCH_ARGS ?=
 
 ifeq ($(PYTHON),)
 PY := $(VENV)/bin/python
-ENV_BENCH := $(VENV)/.stamp-bench
-ENV_TEST := $(VENV)/.stamp-test
+ENV_BENCH := $(VENV)/.stamp-bench build/.stamp-ext
+ENV_TEST := $(VENV)/.stamp-test build/.stamp-ext
 else
 PY := $(PYTHON)
-ENV_BENCH :=
-ENV_TEST :=
+ENV_BENCH := build/.stamp-ext
+ENV_TEST := build/.stamp-ext
 endif
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 RUN := PYTHONPATH=$(CURDIR) $(PY)
 # Large CPU tensors on transparent huge pages (read by PyTorch at start-up); set for every
 # model a benchmark compares, so ratios stay fair.
 BENCH_ENV := THP_MEM_ALLOC_ENABLE=1
 
-.PHONY: test bench bench-hf bench-kernels device-wheels env clean
+.PHONY: test bench bench-hf bench-kernels cuda-compile device-wheels env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -30,8 +31,14 @@ $(VENV)/bin/python:
 
 $(VENV)/.stamp-bench: requirements.txt setup.py pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/pip install --quiet -r requirements.txt
-	$(VENV)/bin/pip install --quiet --no-build-isolation --no-deps -e .
+	XCLIP_NO_EXTENSION=1 $(VENV)/bin/pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
+
+# The compiled ops (xclip_kernels/_C*.so), built in place; with CUDA where nvcc and a CUDA
+# torch are present. Rebuilt when a source under csrc/ or setup.py changes.
+build/.stamp-ext: $(CSRC) setup.py $(if $(PYTHON),,$(VENV)/.stamp-bench)
+	$(PY) setup.py --quiet build_ext --inplace
+	mkdir -p build && touch $@
 
 $(VENV)/.stamp-test: requirements-test.txt $(VENV)/.stamp-bench
 	$(VENV)/bin/pip install --quiet -r requirements-test.txt
@@ -56,6 +63,10 @@ bench-hf: $(ENV_TEST)
 bench-kernels: $(ENV_BENCH)
 	$(RUN) -m benchmarks.kernels $(BENCH_ARGS)
 
+# Every .cu compiled with nvcc for sm_80 and sm_90a; needs no GPU (CI runs it where nvcc is).
+cuda-compile: $(if $(PYTHON),,$(VENV)/.stamp-bench)
+	$(RUN) scripts/cuda_compile.py
+
 # Wheels the GPU image lacks (it has no network), for scripts/device_check.sh: Python 3.12.
 device-wheels:
 	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -63,4 +74,4 @@ device-wheels:
 		-d .whl instant-clip-tokenizer==0.1.1
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache xclip_kernels/_C*.so

@@ -1,0 +1,114 @@
+"""The compiled ``cpp`` backend beyond the shared parity sweeps (which pick it up once built):
+out-of-bounds safety, determinism, opcheck, fp64 gradcheck and the C++ argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xclip_kernels as xk
+from xclip_kernels import compiled, reference
+from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs
+
+_REASONS = xk.get_backend("cpp").unavailable_reasons()
+pytestmark = pytest.mark.skipif(bool(_REASONS), reason=f"cpp: {'; '.join(_REASONS)}")
+
+
+def test_ignores_memory_beyond_n():
+    frames, tokens, heads, head_dim, pad = 3, 50, 4, 64, 13
+    inputs = frame_inputs(frames, tokens, heads, head_dim, torch.float32, seed=1)
+    padded = []
+    for t in inputs[:3]:
+        buffer = torch.full((frames, tokens + pad, heads, head_dim), float("nan"))
+        buffer[:, :tokens] = t
+        padded.append(buffer[:, :tokens])
+    out = xk.frame_attention(*padded, *inputs[3:], backend="cpp")
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, xk.frame_attention(*inputs, backend="cpp"))
+
+
+def test_backward_ignores_memory_beyond_n():
+    frames, tokens, heads, head_dim, pad = 2, 17, 2, 32, 7
+    inputs = frame_inputs(frames, tokens, heads, head_dim, torch.float32, seed=2)
+    buffers = []
+    for t in inputs[:3]:
+        buffer = torch.full((frames, tokens + pad, heads, head_dim), float("nan"))
+        buffer[:, :tokens] = t
+        buffers.append(buffer.requires_grad_(True))
+    msg = leaves(inputs[3:])
+    out = xk.frame_attention(*(b[:, :tokens] for b in buffers), *msg, backend="cpp")
+    grads = torch.autograd.grad(out.sum(), [*buffers, *msg])
+    for grad in grads[:3]:
+        assert torch.isfinite(grad[:, :tokens]).all() and grad[:, tokens:].eq(0).all()
+    assert all(torch.isfinite(g).all() for g in grads[3:])
+
+
+def test_repeated_calls_are_bitwise_identical():
+    inputs = leaves(frame_inputs(4, 197, 12, 64, torch.float32, seed=3))
+    upstream = torch.randn(4, 197, 12, 64)
+    first = xk.frame_attention(*inputs, backend="cpp")
+    first_grads = torch.autograd.grad(first, inputs, upstream)
+    second = xk.frame_attention(*inputs, backend="cpp")
+    second_grads = torch.autograd.grad(second, inputs, upstream)
+    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(first_grads, second_grads))
+    messages = message_inputs(2, 8, 768, torch.float32)
+    call = dict(num_frames=8, num_heads=12, backend="cpp")
+    assert torch.equal(xk.message_attention(*messages, **call), xk.message_attention(*messages, **call))
+
+
+def test_opcheck():
+    q, k, v, msg_k, msg_v = leaves(frame_inputs(2, 17, 2, 32, torch.float32, seed=4))
+    torch.library.opcheck(torch.ops.xclip_ext.frame_attention.default, (q, k, v, msg_k, msg_v, 0.2))
+    messages = leaves(message_inputs(2, 3, 64, torch.float32))
+    torch.library.opcheck(torch.ops.xclip_ext.message_attention.default, (*messages, 3, 2, 1e-5))
+
+
+def test_gradcheck_float64():
+    inputs = leaves(frame_inputs(2, 5, 2, 16, torch.float64, seed=5))
+    assert torch.autograd.gradcheck(lambda *t: xk.frame_attention(*t, backend="cpp"), inputs)
+    messages = leaves(message_inputs(2, 3, 16, torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda *t: xk.message_attention(*t, num_frames=3, num_heads=2, backend="cpp"), messages
+    )
+
+
+def test_float64_forward_matches_reference_tightly():
+    inputs = frame_inputs(3, 63, 4, 64, torch.float64, seed=6)
+    assert_matches_truth(xk.frame_attention(*inputs, backend="cpp"), reference.frame_attention(*inputs),
+                         torch.float64, "output")
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (lambda a: a.__setitem__(1, a[1][:, :-1]), r"k: expected shape \(F, N, H, D\) of q"),
+        (lambda a: a.__setitem__(3, a[3][:, :1]), r"msg_k: expected shape \(F, H, D\) of q"),
+        (lambda a: a.__setitem__(4, a[4].double()), r"msg_v: expected dtype Float"),
+        (lambda a: a.__setitem__(0, a[0][..., 0]), r"q: expected a 4-d tensor"),
+        (lambda a: a.__setitem__(2, a[2].transpose(1, 3).contiguous().transpose(1, 3)), r"v: expected the last dim contiguous"),
+    ],
+    ids=["k-shape", "msg_k-shape", "msg_v-dtype", "q-rank", "v-strides"],
+)
+def test_cpp_boundary_checks_name_the_tensor(change, pattern):
+    compiled._require()
+    args = frame_inputs(2, 5, 3, 8, torch.float32, seed=7)
+    change(args)
+    with pytest.raises((ValueError, RuntimeError), match=pattern):
+        torch.ops.xclip_ext.frame_attention(*args, 0.5)
+
+
+def test_cpp_boundary_checks_message_arguments():
+    compiled._require()
+    messages = message_inputs(2, 3, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"num_frames: expected a divisor of F = 6, got 4"):
+        torch.ops.xclip_ext.message_attention(*messages, 4, 2, 1e-5)
+    messages[3] = messages[3][:-1]
+    with pytest.raises(ValueError, match=r"in_proj_weight: expected shape \(3W, W\)"):
+        torch.ops.xclip_ext.message_attention(*messages, 3, 2, 1e-5)
+
+
+def test_half_precision_is_refused_with_a_reason():
+    inputs = frame_inputs(2, 5, 2, 16, torch.float32)
+    with pytest.raises(xk.BackendNotSupportedError, match=r"cpp: dtype float16 not supported"):
+        xk.frame_attention(*(t.half() for t in inputs), backend="cpp")
