@@ -51,7 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_att
   check_shape("grad_out", grad_out, q.sizes(), "(F, N, H, D) of q");
   check_float("out", out, q, 4);
   check_shape("out", out, q.sizes(), "(F, N, H, D) of q");
-  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // float32; float64 where the CPU kernels ran on float64 inputs.
+  const auto lse_type = q.scalar_type() == at::kDouble && q.is_cpu() ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(lse.scalar_type() == lse_type && lse.dim() == 3 && lse.size(0) == q.size(0) &&
                         lse.size(1) == q.size(2) && lse.size(2) == q.size(1) && lse.is_contiguous(),
                     "lse: expected a contiguous ", lse_type, " tensor (F, H, N) = (", q.size(0), ", ", q.size(2),
@@ -108,6 +109,8 @@ void check_message_attention(const at::Tensor& messages, const at::Tensor& ln_we
                     frames, ", got ", num_frames);
   TORCH_CHECK_VALUE(num_heads >= 1 && width % num_heads == 0, "num_heads: expected a divisor of W = ", width,
                     ", got ", num_heads);
+  TORCH_CHECK_VALUE(!messages.is_cuda() || num_frames <= 64,
+                    "num_frames: the CUDA message kernel holds at most 64 frames per video, got ", num_frames);
   check_float("ln_weight", ln_weight, messages, 1);
   check_shape("ln_weight", ln_weight, {width}, "(W,)");
   check_float("ln_bias", ln_bias, messages, 1);

@@ -44,6 +44,14 @@ def main() -> int:
         *(f"-I{path}" for path in [*includes, cuda_include]),
     ]
     with tempfile.TemporaryDirectory() as out:
+        # A CPU build of torch ships c10/cuda headers without the generated
+        # c10/cuda/impl/cuda_cmake_macros.h they include; CUDA builds have it. Stand in for it.
+        if not any(os.path.isfile(os.path.join(p, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for p in includes):
+            stub = os.path.join(out, "stub", "c10", "cuda", "impl")
+            os.makedirs(stub)
+            with open(os.path.join(stub, "cuda_cmake_macros.h"), "w", encoding="utf-8") as f:
+                f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+            flags.append(f"-I{os.path.join(out, 'stub')}")
         for source in sources:
             target = os.path.join(out, os.path.basename(source) + ".o")
             print(f"nvcc {os.path.relpath(source, root)} (sm_80, sm_90a)", flush=True)

@@ -213,6 +213,7 @@ _ALL = (
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         supports_backward=True,
         max_head_dim=128,
+        max_frames=64,
         availability=_compiled_availability("cuda"),
         device_reasons=_torch_cuda_reasons,
     ),
