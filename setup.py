@@ -21,8 +21,9 @@ def _requirements() -> list[str]:
 
 
 # Vectorised inner loops (and libmvec's exp) need AVX2/FMA and -ffast-math; the kernels are
-# written without infinities or NaN tests, so the fast-math assumptions hold.
-CXX_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffast-math"]
+# written without infinities or NaN tests, so the fast-math assumptions hold. at::parallel_for
+# is inlined as an OpenMP region: without -fopenmp it silently runs on one thread.
+CXX_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp"]
 NVCC_FLAGS = [
     "-O3", "--expt-relaxed-constexpr",
     "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
@@ -43,9 +44,12 @@ def _extensions() -> tuple[list, dict]:
             sources + sorted(glob.glob("csrc/cuda/*.cu")),
             define_macros=[("XCLIP_WITH_CUDA", None)],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_link_args=["-fopenmp"],
         )
     else:
-        extension = CppExtension("xclip_kernels._C", sources, extra_compile_args={"cxx": CXX_FLAGS})
+        extension = CppExtension(
+            "xclip_kernels._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]
+        )
     return [extension], {"build_ext": BuildExtension}
 
 
