@@ -2,7 +2,8 @@
 
 The C++ CPU extension ``xclip_kernels._C`` is always built. CUDA sources join it when nvcc is
 found (CUDA_HOME, or nvcc on PATH) and the installed torch is a CUDA build, or when
-``XCLIP_FORCE_CUDA=1``; ``XCLIP_NO_EXTENSION=1`` skips the extension entirely. Nothing here
+``XCLIP_FORCE_CUDA=1``; ``XCLIP_NO_EXTENSION=1`` skips the extension entirely, and
+``XCLIP_CUDA_ARCHS`` (default "80;90a") picks the GPU architectures. Nothing here
 downloads anything or looks at the hardware.
 """
 
@@ -24,9 +25,11 @@ def _requirements() -> list[str]:
 # written without infinities or NaN tests, so the fast-math assumptions hold. at::parallel_for
 # is inlined as an OpenMP region: without -fopenmp it silently runs on one thread.
 CXX_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp"]
+# XCLIP_CUDA_ARCHS="90a" builds for one architecture only (the GPU check does, to save time).
+CUDA_ARCHS = os.environ.get("XCLIP_CUDA_ARCHS", "80;90a").split(";")
 NVCC_FLAGS = [
     "-O3", "--expt-relaxed-constexpr",
-    "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+    *(f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in CUDA_ARCHS),
 ]
 
 

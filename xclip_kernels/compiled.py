@@ -89,15 +89,9 @@ def _register_python_parts() -> None:
         ctx.sizes = inputs[7:]
 
     def message_backward(ctx, grad_out):  # noqa: ANN001, ANN202
-        # T <= a few dozen messages per video: recompute with differentiable PyTorch ops.
         from . import sdpa
 
-        tensors = [t.detach().requires_grad_(needs) for t, needs in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            out = sdpa.message_attention(*tensors, *ctx.sizes)
-            wanted = [t for t in tensors if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
-        return (*(next(grads) if t.requires_grad else None for t in tensors), None, None, None)
+        return sdpa.message_attention_backward(ctx.saved_tensors, ctx.needs_input_grad, ctx.sizes, grad_out)
 
     torch.library.register_autograd("xclip_ext::message_attention", message_backward, setup_context=message_setup)
 

@@ -51,3 +51,21 @@ def message_attention(
     mixed = F.scaled_dot_product_attention(q, k, v)  # (b, H, T, D)
     mixed = mixed.transpose(1, 2).reshape(frames, width)
     return torch.addmm(messages + out_proj_bias, mixed, out_proj_weight.t())
+
+
+def message_attention_backward(
+    saved: tuple[torch.Tensor, ...], needs_input_grad: tuple[bool, ...], sizes: tuple, grad_out: torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of :func:`message_attention` by recomputation, for the fused backends.
+
+    The message path is T <= 64 tokens per video, so the fused forward kernels (triton, cpp,
+    cuda) take their backward here: recompute with these differentiable ops and let autograd
+    differentiate. ``saved`` are the seven tensor arguments, ``sizes`` the rest
+    (num_frames, num_heads, eps); returns one gradient per argument (None for the sizes).
+    """
+    tensors = [t.detach().requires_grad_(needs) for t, needs in zip(saved, needs_input_grad)]
+    wanted = [t for t in tensors if t.requires_grad]
+    with torch.enable_grad():
+        out = message_attention(*tensors, *sizes)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
+    return (*(next(grads) if t.requires_grad else None for t in tensors), *(None for _ in sizes))

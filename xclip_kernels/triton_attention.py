@@ -416,16 +416,9 @@ def _message_attention_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 
 
 def _message_attention_grad(ctx, grad_out):  # noqa: ANN001, ANN202
-    # The message path is T <= 64 tokens per video: its backward recomputes the forward with
-    # differentiable PyTorch ops (SDPA) and lets autograd take it from there.
     from . import sdpa
 
-    tensors = [t.detach().requires_grad_(needs) for t, needs in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-    with torch.enable_grad():
-        out = sdpa.message_attention(*tensors, *ctx.sizes)
-        wanted = [t for t in tensors if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
-    return (*(next(grads) if t.requires_grad else None for t in tensors), None, None, None)
+    return sdpa.message_attention_backward(ctx.saved_tensors, ctx.needs_input_grad, ctx.sizes, grad_out)
 
 
 _message_attention_op.register_autograd(_message_attention_grad, setup_context=_message_attention_setup)

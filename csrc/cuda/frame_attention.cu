@@ -51,39 +51,14 @@
 #include <type_traits>
 
 #include "../xclip_ops.h"
+#include "common.cuh"
 
 namespace xclip_ext {
 namespace {
 
 // ---- kernels begin (device code only below this line, up to "kernels end") ----
 
-constexpr int kThreads = 128;             // 4 warps per block
-constexpr int kTX = 16;                   // lanes across tile columns: one half-warp per row group
-constexpr int kTY = kThreads / kTX;       // 8 row groups
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
-
-__device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
-__device__ __forceinline__ double exp2_(double x) { return exp2(x); }
-__device__ __forceinline__ float log2_(float x) { return log2f(x); }
-__device__ __forceinline__ double log2_(double x) { return log2(x); }
-template <typename T>
-__device__ __forceinline__ T max_(T a, T b) { return a > b ? a : b; }
-
-// Reductions over the 16 lanes of a half-warp (xor offsets < 16 never cross halves). Every
-// lane of the warp must call these: they are only used outside data-dependent branches.
-template <typename T>
-__device__ __forceinline__ T half_warp_sum(T v) {
-#pragma unroll
-  for (int off = kTX / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-template <typename T>
-__device__ __forceinline__ T half_warp_max(T v) {
-#pragma unroll
-  for (int off = kTX / 2; off > 0; off >>= 1) v = max_(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
+using namespace cuda_common;
 
 // A (F, N, H, D) operand read through its strides (last dim contiguous).
 template <typename T>

@@ -39,45 +39,18 @@
 #include <type_traits>
 
 #include "../xclip_ops.h"
+#include "common.cuh"
 
 namespace xclip_ext {
 namespace {
 
 // ---- kernels begin (device code only below this line, up to "kernels end") ----
 
-constexpr int kThreads = 128;        // 4 warps
-constexpr int kTX = 16;              // lanes across columns
-constexpr int kTY = kThreads / kTX;  // 8 row groups
+using namespace cuda_common;
+
 constexpr int kMaxT = 64;            // most messages per video
 constexpr int kBK = 16;              // W columns per projection chunk
 constexpr int kPS = kMaxT + 16;      // row stride of the probability tile
-constexpr double kLog2e = 1.4426950408889634;
-
-__device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
-__device__ __forceinline__ double exp2_(double x) { return exp2(x); }
-__device__ __forceinline__ float rsqrt_(float x) { return rsqrtf(x); }
-__device__ __forceinline__ double rsqrt_(double x) { return rsqrt(x); }
-template <typename T>
-__device__ __forceinline__ T max_(T a, T b) { return a > b ? a : b; }
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-template <typename T>
-__device__ __forceinline__ T half_warp_sum(T v) {
-#pragma unroll
-  for (int off = kTX / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-template <typename T>
-__device__ __forceinline__ T half_warp_max(T v) {
-#pragma unroll
-  for (int off = kTX / 2; off > 0; off >>= 1) v = max_(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
 
 // Shared-memory layout in acc_t units for Tp = roundup(T, 8) rows; host and device agree.
 template <int DP>

@@ -8,20 +8,15 @@ import torch
 
 import xclip_kernels as xk
 from xclip_kernels import compiled, reference
-from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs
+from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs, nan_padded
 
 _REASONS = xk.get_backend("cpp").unavailable_reasons()
 pytestmark = pytest.mark.skipif(bool(_REASONS), reason=f"cpp: {'; '.join(_REASONS)}")
 
 
 def test_ignores_memory_beyond_n():
-    frames, tokens, heads, head_dim, pad = 3, 50, 4, 64, 13
-    inputs = frame_inputs(frames, tokens, heads, head_dim, torch.float32, seed=1)
-    padded = []
-    for t in inputs[:3]:
-        buffer = torch.full((frames, tokens + pad, heads, head_dim), float("nan"))
-        buffer[:, :tokens] = t
-        padded.append(buffer[:, :tokens])
+    inputs = frame_inputs(3, 50, 4, 64, torch.float32, seed=1)
+    padded = nan_padded(inputs[:3], pad=13)
     out = xk.frame_attention(*padded, *inputs[3:], backend="cpp")
     assert torch.isfinite(out).all()
     assert torch.equal(out, xk.frame_attention(*inputs, backend="cpp"))

@@ -1,4 +1,4 @@
-"""GPU parity of the attention backends (triton, sdpa, xformers) at fp32, fp16 and bf16.
+"""GPU parity of the attention backends (triton, cuda, sdpa, xformers) at fp32, fp16 and bf16.
 
 Skipped on machines without CUDA, with each backend's own reason. Low precision follows
 ANCHORS §7: error against an fp32 reference (TF32 off) at most 2x that of plain PyTorch at
@@ -14,7 +14,7 @@ import xclip
 import xclip_kernels as xk
 from xclip_kernels import reference
 from xclip_kernels.registry import OpInputs, get_backend
-from xk_helpers import frame_inputs, leaves, message_inputs, output_and_grads
+from xk_helpers import frame_inputs, leaves, message_inputs, nan_padded, output_and_grads
 
 pytestmark = [
     pytest.mark.cuda,
@@ -22,7 +22,7 @@ pytestmark = [
 ]
 
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.float16, torch.bfloat16)]
-GPU_BACKENDS = ["triton", "sdpa", "xformers"]
+GPU_BACKENDS = ["triton", "cuda", "sdpa", "xformers"]
 SHAPES = [
     pytest.param((16, 50, 12, 64), id="b32"),
     pytest.param((8, 197, 12, 64), id="b16"),
@@ -79,7 +79,7 @@ def test_frame_attention_parity(backend, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "sdpa"])
 @pytest.mark.parametrize("videos, num_frames, width, heads", [(32, 8, 768, 12), (4, 16, 1024, 16), (3, 3, 128, 2)])
 def test_message_attention_parity(backend, videos, num_frames, width, heads, dtype):
     _skip_unless(backend, "message_attention", dtype, width // heads, True, num_frames)
@@ -104,19 +104,15 @@ def test_message_attention_parity(backend, videos, num_frames, width, heads, dty
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_reads_nothing_beyond_n_and_is_deterministic(dtype):
-    _skip_unless("triton", "frame_attention", dtype, 64, False)
-    frames, tokens, heads, head_dim, pad = 8, 197, 12, 64, 59
-    inputs = [t.cuda().to(dtype) for t in frame_inputs(frames, tokens, heads, head_dim, torch.float32)]
-    padded = []
-    for t in inputs[:3]:
-        buffer = torch.full((frames, tokens + pad, heads, head_dim), float("nan"), device="cuda", dtype=dtype)
-        buffer[:, :tokens] = t
-        padded.append(buffer[:, :tokens])
-    out = xk.frame_attention(*padded, *inputs[3:], backend="triton")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_reads_nothing_beyond_n_and_is_deterministic(backend, dtype):
+    _skip_unless(backend, "frame_attention", dtype, 64, False)
+    inputs = [t.cuda().to(dtype) for t in frame_inputs(8, 197, 12, 64, torch.float32)]
+    padded = nan_padded(inputs[:3], pad=59)
+    out = xk.frame_attention(*padded, *inputs[3:], backend=backend)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, xk.frame_attention(*inputs, backend="triton"))
-    assert torch.equal(out, xk.frame_attention(*padded, *inputs[3:], backend="triton"))
+    assert torch.equal(out, xk.frame_attention(*inputs, backend=backend))
+    assert torch.equal(out, xk.frame_attention(*padded, *inputs[3:], backend=backend))
 
 
 def test_triton_opcheck_on_cuda():
@@ -127,17 +123,18 @@ def test_triton_opcheck_on_cuda():
     torch.library.opcheck(torch.ops.xclip_kernels.triton_message_attention.default, (*message, 8, 2, 1e-5))
 
 
-def test_model_compiles_fullgraph_on_triton():
-    _skip_unless("triton", "frame_attention", torch.bfloat16, 64, False)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_model_compiles_fullgraph(backend):
+    _skip_unless(backend, "frame_attention", torch.bfloat16, 64, False)
     torch.manual_seed(0)
-    model = xclip.build_model("xclip-b32", backend="triton").cuda().eval()
+    model = xclip.build_model("xclip-b32", backend=backend).cuda().eval()
     video = torch.randn(2, 8, 3, 224, 224, device="cuda")
     text = xclip.tokenize(["archery", "bowling"]).cuda()
     with torch.no_grad():
         eager = model(video, text)
         model.set_attention_backend("reference")
         expected = model(video, text)
-        model.set_attention_backend("triton")
+        model.set_attention_backend(backend)
         torch.testing.assert_close(eager, expected, rtol=1e-4, atol=1e-4)
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True)

@@ -16,7 +16,7 @@ import xclip
 import xclip_kernels as xk
 from xclip_kernels import reference
 from xclip_kernels.registry import OpInputs, get_backend, select_backend
-from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs, output_and_grads
+from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs, nan_padded, output_and_grads
 
 _REASONS = get_backend("triton").not_supported_reasons(OpInputs("frame_attention", "cpu", torch.float32, 64, True))
 pytestmark = [
@@ -66,13 +66,8 @@ def test_frame_attention_custom_scale():
 
 def test_frame_attention_ignores_memory_beyond_n():
     # Out-of-bounds reads would pull NaN from the padding into the softmax.
-    frames, tokens, heads, head_dim, pad = 3, 17, 2, 32, 15
-    inputs = frame_inputs(frames, tokens, heads, head_dim, torch.float32, seed=4)
-    padded = []
-    for t in inputs[:3]:
-        buffer = torch.full((frames, tokens + pad, heads, head_dim), float("nan"))
-        buffer[:, :tokens] = t
-        padded.append(buffer[:, :tokens])
+    inputs = frame_inputs(3, 17, 2, 32, torch.float32, seed=4)
+    padded = nan_padded(inputs[:3], pad=15)
     out = xk.frame_attention(*padded, *inputs[3:], backend="triton")
     assert torch.isfinite(out).all()
     assert torch.equal(out, xk.frame_attention(*inputs, backend="triton"))

@@ -144,3 +144,14 @@ def automatic_cpu_backend() -> str:
     """What ``backend=None`` picks for CPU tensors here: the first available of PRIORITY["cpu"]
     (``cpp`` once the extension is built, else ``sdpa``)."""
     return next(name for name in xk.PRIORITY["cpu"] if not get_backend(name).unavailable_reasons())
+
+
+def nan_padded(tensors: Sequence[torch.Tensor], pad: int) -> list[torch.Tensor]:
+    """Views ``t[:, :N]`` of ``(F, N + pad, ...)`` buffers whose rows beyond N are NaN: a kernel
+    that reads past N pulls NaN into its results (xformers' out-of-bounds check)."""
+    views = []
+    for t in tensors:
+        buffer = torch.full((t.shape[0], t.shape[1] + pad, *t.shape[2:]), float("nan"), dtype=t.dtype, device=t.device)
+        buffer[:, : t.shape[1]] = t
+        views.append(buffer[:, : t.shape[1]])
+    return views

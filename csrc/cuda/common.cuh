@@ -1,0 +1,47 @@
+// Device helpers shared by the CUDA kernels: the thread layout and the half-warp reductions.
+//
+// Every kernel here runs 128 threads as 8 row groups x 16 lanes, so that a half-warp owns
+// whole tile rows and a row's max or sum is four xor-shuffles.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace xclip_ext::cuda_common {
+
+constexpr int kThreads = 128;        // 4 warps per block
+constexpr int kTX = 16;              // lanes across tile columns: one half-warp per row group
+constexpr int kTY = kThreads / kTX;  // 8 row groups
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+__device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
+__device__ __forceinline__ double exp2_(double x) { return exp2(x); }
+__device__ __forceinline__ float log2_(float x) { return log2f(x); }
+__device__ __forceinline__ double log2_(double x) { return log2(x); }
+__device__ __forceinline__ float rsqrt_(float x) { return rsqrtf(x); }
+__device__ __forceinline__ double rsqrt_(double x) { return rsqrt(x); }
+template <typename T>
+__device__ __forceinline__ T max_(T a, T b) { return a > b ? a : b; }
+
+// Reductions over a full warp, and over the 16 lanes of a half-warp (xor offsets < 16 never
+// cross halves). Every lane of the warp must call these: use them outside data-dependent branches.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T half_warp_sum(T v) {
+#pragma unroll
+  for (int off = kTX / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T half_warp_max(T v) {
+#pragma unroll
+  for (int off = kTX / 2; off > 0; off >>= 1) v = max_(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+}  // namespace xclip_ext::cuda_common
