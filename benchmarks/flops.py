@@ -23,10 +23,18 @@ def _transformer_layer_macs(tokens: int, width: int, mlp_dim: int, keys: int | N
     return 3 * tokens * width * width + 2 * tokens * keys * width + tokens * width * width + 2 * tokens * width * mlp_dim
 
 
-def xclip_macs(config: XCLIPConfig, labels: int = 1) -> dict[str, int]:
-    """MACs of the official X-CLIP for one video of ``config.num_frames`` frames and ``labels`` labels.
+def xclip_macs(
+    config: XCLIPConfig, labels: int = 1, *, executed: bool = False, text_tokens: int | None = None
+) -> dict[str, int]:
+    """MACs of X-CLIP for one video of ``config.num_frames`` frames and ``labels`` labels.
 
-    Returns the parts ("stem", "cct", "heads", "mit", "prompts", "text") and "total".
+    By default the official computation (the paper's convention). ``executed=True`` counts
+    what ``xclip.XCLIP`` runs instead: IFA queries only the L frame tokens (the message token
+    adds one key and value, projected on its own), the patch features are averaged over time
+    before their projection, and the text tower stops at ``text_tokens`` (the last end token
+    + 1; default the full context).
+
+    Returns the parts ("stem", "cct", "heads", "mit", "prompts", "text", "logits") and "total".
     """
     c = config
     t, w, e = c.num_frames, c.vision_width, c.embed_dim
@@ -34,17 +42,20 @@ def xclip_macs(config: XCLIPConfig, labels: int = 1) -> dict[str, int]:
     tokens = patches + 1
     vision_mlp = c.mlp_dim("vision")
     stem = t * patches * w * 3 * c.patch_size**2
+    if executed:
+        ifa = t * (3 * w * w * tokens + 2 * w * w + 2 * tokens * (tokens + 1) * w + w * w * tokens)
+    else:  # as the official code runs it: L+1 rows (message token appended) as queries and keys
+        ifa = t * (tokens + 1) * (3 * w * w + 2 * (tokens + 1) * w + w * w)
     per_layer = (
         t * w * w  # message_fc
         + t * 3 * w * w + 2 * t * t * w + t * w * w  # CFA over the T messages
-        # IFA as the official code runs it: L+1 rows (message token appended) as queries and keys
-        + (tokens + 1) * 3 * w * w * t
-        + 2 * (tokens + 1) ** 2 * w * t
-        + (tokens + 1) * w * w * t
+        + ifa
         + 2 * tokens * w * vision_mlp * t  # MLP on the L frame tokens
     )
     cct = c.vision_layers * per_layer
-    heads = t * w * e + t * patches * w * e  # ln_post @ proj, and every frame's patches @ prompts_visual_proj
+    # ln_post @ proj per frame, and the patches @ prompts_visual_proj: every frame's officially,
+    # once per video (after the temporal mean) as executed.
+    heads = t * w * e + (1 if executed else t) * patches * w * e
     mit = c.mit_layers * _transformer_layer_macs(t, e, c.mlp_dim("mit"))
     prompt_layer = (
         labels * e * e  # q_proj
@@ -54,9 +65,11 @@ def xclip_macs(config: XCLIPConfig, labels: int = 1) -> dict[str, int]:
         + 2 * labels * e * 4 * e  # mlp
     )
     prompts = c.prompt_layers * prompt_layer
-    text_layer = _transformer_layer_macs(c.context_length, c.text_width, c.mlp_dim("text"))
+    length = c.context_length if text_tokens is None else text_tokens
+    text_layer = _transformer_layer_macs(length, c.text_width, c.mlp_dim("text"))
     text = labels * (c.text_layers * text_layer + c.text_width * e)
-    parts = {"stem": stem, "cct": cct, "heads": heads, "mit": mit, "prompts": prompts, "text": text}
+    logits = labels * e if executed else 0  # the paper's count leaves out the final product
+    parts = {"stem": stem, "cct": cct, "heads": heads, "mit": mit, "prompts": prompts, "text": text, "logits": logits}
     parts["total"] = sum(parts.values())
     return parts
 

@@ -95,6 +95,14 @@ def _register_python_parts() -> None:
 
     torch.library.register_autograd("xclip_ext::message_attention", message_backward, setup_context=message_setup)
 
+    from . import flop_formulas
+
+    flop_formulas.register(
+        torch.ops.xclip_ext.frame_attention,
+        torch.ops.xclip_ext.frame_attention_backward,
+        torch.ops.xclip_ext.message_attention,
+    )
+
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -25,7 +25,12 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from . import flop_formulas
+
 QUICK_GELU_SLOPE = 1.702
+
+# So that FlopCounterMode sees the in-place accumulating GEMMs below (a dict entry, no work).
+flop_formulas.register_inplace_gemm()
 
 
 class Workspace:

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import flop_formulas
+
 _LOG2E = 1.4426950408889634
 
 
@@ -422,6 +424,12 @@ def _message_attention_grad(ctx, grad_out):  # noqa: ANN001, ANN202
 
 
 _message_attention_op.register_autograd(_message_attention_grad, setup_context=_message_attention_setup)
+
+flop_formulas.register(
+    torch.ops.xclip_kernels.triton_frame_attention,
+    torch.ops.xclip_kernels.triton_frame_attention_backward,
+    torch.ops.xclip_kernels.triton_message_attention,
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""FLOP formulas of the custom ops, so ``torch.utils.flop_counter.FlopCounterMode`` counts them.
+
+The counts follow the conventions of the ops they replace (2 FLOPs per multiply-accumulate,
+matmul-like work only): IFA forward is ``4 F H N (N+1) D`` (QK^T and PV over N queries and
+N + 1 keys, exactly what the counter gives SDPA on the concatenated keys), its backward
+2.5x that; the message path counts its two projections and its attention over T.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+
+def frame_attention_flops(q_shape: Sequence[int]) -> int:
+    """Forward FLOPs of IFA for q of shape ``(F, N, H, D)``."""
+    frames, tokens, heads, head_dim = q_shape
+    return 4 * frames * heads * tokens * (tokens + 1) * head_dim
+
+
+def message_attention_flops(messages_shape: Sequence[int], num_frames: int, num_heads: int) -> int:
+    """Forward FLOPs of the message path for messages ``(F, W)`` in videos of ``num_frames``."""
+    frames, width = messages_shape
+    projections = 2 * frames * width * 3 * width + 2 * frames * width * width
+    attention = 4 * frames * num_frames * width  # (F/T videos) x H heads x T x T x D, twice
+    return projections + attention
+
+
+def register(frame_op: object, frame_backward_op: object, message_op: object) -> None:
+    """Register the formulas for one backend's three custom ops (``torch.ops`` overload packets)."""
+
+    @register_flop_formula(frame_op)
+    def _(q_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+        return frame_attention_flops(q_shape)
+
+    @register_flop_formula(frame_backward_op)
+    def _(grad_out_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+        return frame_attention_flops(grad_out_shape) * 5 // 2
+
+    @register_flop_formula(message_op)
+    def _(messages_shape, ln_w, ln_b, in_w, in_b, out_w, out_b, num_frames, num_heads, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+        return message_attention_flops(messages_shape, num_frames, num_heads)
+
+
+
+def register_inplace_gemm() -> None:
+    """Count ``addmm_`` like ``addmm``: the fused epilogues accumulate residuals with the
+    in-place GEMM, which the counter otherwise does not see."""
+    packet = torch.ops.aten.addmm_
+    if packet in flop_registry:
+        return
+
+    @register_flop_formula(packet)
+    def _(self_shape, a_shape, b_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+        rows, inner = a_shape
+        return 2 * rows * inner * b_shape[1]
