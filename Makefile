@@ -23,7 +23,7 @@ RUN := PYTHONPATH=$(CURDIR) $(PY)
 # model a benchmark compares, so ratios stay fair.
 BENCH_ENV := THP_MEM_ALLOC_ENABLE=1
 
-.PHONY: test bench bench-hf bench-kernels cuda-compile device-wheels env clean
+.PHONY: test bench bench-hf bench-kernels bench-micro cuda-compile device-wheels env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -62,6 +62,10 @@ bench-hf: $(ENV_TEST)
 # Attention kernels per backend (TFLOP/s, GB/s); on a GPU use scripts/device_check.sh.
 bench-kernels: $(ENV_BENCH)
 	$(RUN) -m benchmarks.kernels $(BENCH_ARGS)
+
+# pytest-benchmark micro-suite of the ops at B/32 CPU shapes (times, does not check).
+bench-micro: $(ENV_BENCH)
+	$(BENCH_ENV) $(RUN) -m pytest -q benchmarks/micro --benchmark-only --benchmark-columns=median,iqr,rounds $(BENCH_ARGS)
 
 # Every .cu compiled with nvcc for sm_80 and sm_90a; needs no GPU (CI runs it where nvcc is).
 cuda-compile: $(if $(PYTHON),,$(VENV)/.stamp-bench)
