@@ -52,8 +52,12 @@ test: $(ENV_TEST)
 	$(RUN) -m pytest -q tests -m "not triton_interpreter"
 	TRITON_INTERPRET=1 $(RUN) -m pytest -q tests -m triton_interpreter
 
+# The main job: X-CLIP-B/32 on every backend here (GMACs, clips/s, parity with the reference),
+# then X-CLIP against the other space-time attention styles at 8, 16 and 32 frames.
 bench: $(ENV_BENCH)
 	$(BENCH_ENV) $(RUN) -m benchmarks.main $(BENCH_ARGS)
+	mkdir -p bench-results
+	$(BENCH_ENV) $(RUN) -m benchmarks.run --preset cpu --json bench-results/run-cpu.json --plot bench-results/run-cpu.png
 
 # X-CLIP-B/32 against Hugging Face XCLIPModel on the same weights (needs transformers).
 bench-hf: $(ENV_TEST)
