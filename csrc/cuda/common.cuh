@@ -4,7 +4,11 @@
 // whole tile rows and a row's max or sum is four xor-shuffles.
 #pragma once
 
+#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
 
 namespace xclip_ext::cuda_common {
 
@@ -42,6 +46,23 @@ __device__ __forceinline__ T half_warp_max(T v) {
 #pragma unroll
   for (int off = kTX / 2; off > 0; off >>= 1) v = max_(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
+}
+
+// Host side: calls fn with the head dim padded to a compile-time DP in {32, 64, 96, 128};
+// ``what`` names the op and argument in the error for larger head dims.
+template <typename Fn>
+void dispatch_head_dim(int64_t head_dim, const char* what, Fn&& fn) {
+  if (head_dim <= 32) {
+    fn(std::integral_constant<int, 32>());
+  } else if (head_dim <= 64) {
+    fn(std::integral_constant<int, 64>());
+  } else if (head_dim <= 96) {
+    fn(std::integral_constant<int, 96>());
+  } else if (head_dim <= 128) {
+    fn(std::integral_constant<int, 128>());
+  } else {
+    TORCH_CHECK_VALUE(false, what, " must be at most 128, got ", head_dim);
+  }
 }
 
 }  // namespace xclip_ext::cuda_common

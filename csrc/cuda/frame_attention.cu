@@ -542,21 +542,6 @@ void prepare_shared_memory(Kernel kernel, size_t bytes, const char* what) {
   }
 }
 
-// Head dim padded to a compile-time DP in {32, 64, 96, 128}.
-template <typename Fn>
-void dispatch_head_dim(int64_t head_dim, Fn&& fn) {
-  if (head_dim <= 32) {
-    fn(std::integral_constant<int, 32>());
-  } else if (head_dim <= 64) {
-    fn(std::integral_constant<int, 64>());
-  } else if (head_dim <= 96) {
-    fn(std::integral_constant<int, 96>());
-  } else if (head_dim <= 128) {
-    fn(std::integral_constant<int, 128>());
-  } else {
-    TORCH_CHECK_VALUE(false, "frame_attention (cuda): head dim D must be at most 128, got ", head_dim);
-  }
-}
 
 // Tile sizes per kernel (see the comment at the top of the file).
 template <int DP>
@@ -592,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor> frame_attention_forward_cuda(const at::Tensor
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "frame_attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_head_dim(head_dim, [&](auto dp) {
+    dispatch_head_dim(head_dim, "frame_attention (cuda): head dim D", [&](auto dp) {
       constexpr int DP = decltype(dp)::value;
       constexpr int BM = Tiles<DP>::fwd_m, BN = Tiles<DP>::fwd_n;
       const size_t smem = FwdSmem<DP, BM, BN>::total * sizeof(acc_t);
@@ -641,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_att
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "frame_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_head_dim(head_dim, [&](auto dp) {
+    dispatch_head_dim(head_dim, "frame_attention (cuda): head dim D", [&](auto dp) {
       constexpr int DP = decltype(dp)::value;
       const acc_t scale_acc = static_cast<acc_t>(scale), scale_log2e = static_cast<acc_t>(scale * kLog2e);
       const int n = static_cast<int>(tokens), hh = static_cast<int>(heads), dd = static_cast<int>(head_dim);

@@ -234,21 +234,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- kernels end ----
 
-// Head dim padded to a compile-time DP in {32, 64, 96, 128}.
-template <typename Fn>
-void dispatch_head_dim(int64_t head_dim, Fn&& fn) {
-  if (head_dim <= 32) {
-    fn(std::integral_constant<int, 32>());
-  } else if (head_dim <= 64) {
-    fn(std::integral_constant<int, 64>());
-  } else if (head_dim <= 96) {
-    fn(std::integral_constant<int, 96>());
-  } else if (head_dim <= 128) {
-    fn(std::integral_constant<int, 128>());
-  } else {
-    TORCH_CHECK_VALUE(false, "message_attention (cuda): head dim W / num_heads must be at most 128, got ", head_dim);
-  }
-}
 
 }  // namespace
 
@@ -284,7 +269,7 @@ at::Tensor message_attention_forward_cuda(const at::Tensor& messages_in, const a
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, messages.scalar_type(), "message_attention_forward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          dispatch_head_dim(head_dim, [&](auto dp) {
+          dispatch_head_dim(head_dim, "message_attention (cuda): head dim W / num_heads", [&](auto dp) {
             constexpr int DP = decltype(dp)::value;
             const int tp = static_cast<int>((num_frames + kTY - 1) / kTY * kTY);
             const size_t smem = static_cast<size_t>(CfaSmem<DP>(tp).total) * sizeof(acc_t);
