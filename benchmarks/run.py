@@ -127,13 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, nargs="+", help="override the preset's frame counts")
     parser.add_argument("--batch", type=int, help="override the preset's batch")
     parser.add_argument("--rounds", type=int, help="override the preset's rounds")
+    parser.add_argument("--variant", choices=sorted(xclip.VARIANTS),
+                        help="override the preset's X-CLIP variant (the ViT baselines take its patching)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH", help="PNG of clips/s and GMACs against frames")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     frames_list = tuple(args.frames or preset.frames)
     batch = args.batch or preset.batch
-    preset = Preset(preset.variants, preset.baseline_patch, preset.swin, frames_list, batch, preset.dtype,
+    variants = (args.variant,) if args.variant else preset.variants
+    patch = xclip.VARIANTS[args.variant].patch_size if args.variant else preset.baseline_patch
+    preset = Preset(variants, patch, preset.swin, frames_list, batch, preset.dtype,
                     args.rounds or preset.rounds, preset.include_baselines)
     dtype = preset.dtype if args.device == "cuda" else torch.float32
     env = environment()
