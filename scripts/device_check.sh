@@ -2,8 +2,9 @@
 # The GPU check: one command for a CUDA machine (H100 image: torch 2.11+cu130, triton 3.6,
 # no network). Builds the CUDA extension in place (sm_90a), runs the CUDA parity tests
 # (triton, cuda, sdpa, xformers; fp32/fp16/bf16; forward and backward), the kernel benchmark
-# and the end-to-end comparison with Hugging Face, and writes logs and JSON into the folder
-# named by $OUT or the first argument. Budget: build ~2-3 min, tests 4, benchmarks 3.
+# the end-to-end comparison with Hugging Face and the GPU preset of benchmarks.run, and
+# writes logs and JSON into the folder named by $OUT or the first argument. Every step has
+# its own timeout; the whole should stay near 6 minutes on an H100.
 #
 #   make device-wheels                 # here, once: wheels the GPU image lacks -> .whl/
 #   scripts/device_check.sh OUTDIR     # there (device tool: carry [".whl"]); PYTHON=python3 by default
@@ -44,26 +45,30 @@ EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 
 echo "== building the CUDA extension in place (sm_90a)" | tee "$out_dir/build.log"
-XCLIP_CUDA_ARCHS=90a MAX_JOBS=16 timeout 240 "$PY" setup.py --quiet build_ext --inplace 2>&1 | tail -20 | tee -a "$out_dir/build.log"
+XCLIP_CUDA_ARCHS=90a MAX_JOBS=16 timeout 200 "$PY" setup.py --quiet build_ext --inplace 2>&1 | tail -20 | tee -a "$out_dir/build.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "device_check: building the extension failed" >&2; exit 1; }
 
 "$PY" -m xclip_kernels | tee "$out_dir/backends.txt"
 
 echo "== CUDA parity tests" | tee "$out_dir/pytest.log"
 set +e
-timeout 240 "$PY" -m pytest -q -m "not triton_interpreter" \
+timeout 180 "$PY" -m pytest -q -m "not triton_interpreter" \
     tests/xclip_kernels/test_triton_cuda.py tests/xclip/test_checkpoint.py::test_map_location_cuda \
     --junitxml="$out_dir/pytest.xml" 2>&1 | tee -a "$out_dir/pytest.log"
 tests_status=${PIPESTATUS[0]}
 set -e
 
 echo "== kernel benchmark" | tee "$out_dir/kernels.log"
-timeout 150 "$PY" -m benchmarks.kernels --variants xclip-b16 --batch 32 --dtype bfloat16 \
+timeout 90 "$PY" -m benchmarks.kernels --variants xclip-b16 --batch 32 --dtype bfloat16 \
     --json "$out_dir/kernels.json" 2>&1 | tee -a "$out_dir/kernels.log"
 
 echo "== end to end against Hugging Face (B/16, 8 frames, batch 32, bf16)" | tee "$out_dir/vs_hf.log"
-timeout 180 "$PY" -m benchmarks.vs_hf --device cuda --dtype bfloat16 --variant xclip-b16 --batch 32 \
+timeout 120 "$PY" -m benchmarks.vs_hf --device cuda --dtype bfloat16 --variant xclip-b16 --batch 32 \
     --rounds 10 --compile --json "$out_dir/vs_hf.json" 2>&1 | tee -a "$out_dir/vs_hf.log"
+
+echo "== benchmarks.run --preset gpu (B/16 and L/14 against the baselines, bf16, batch 32)" | tee "$out_dir/run_gpu.log"
+timeout 120 "$PY" -m benchmarks.run --preset gpu --rounds 3 --json "$out_dir/run_gpu.json" \
+    --plot "$out_dir/run_gpu.png" 2>&1 | tee -a "$out_dir/run_gpu.log"
 
 echo "device_check: done in $(( $(date +%s) - start )) s; tests exit status $tests_status" | tee "$out_dir/summary.txt"
 exit "$tests_status"
