@@ -16,6 +16,8 @@ import importlib
 
 import torch
 
+from . import _autograd, flop_formulas
+
 BUILD_HINT = "build it with `python setup.py build_ext --inplace` (make test does)"
 
 
@@ -68,34 +70,14 @@ def _register_python_parts() -> None:
     def _(messages, *args):  # noqa: ANN001, ANN002, ANN202
         return torch.empty_like(messages, memory_format=torch.contiguous_format)
 
-    def frame_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-        q, k, v, msg_k, msg_v, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, msg_k, msg_v, out, lse)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-
-    def frame_backward(ctx, grad_out, _grad_lse):  # noqa: ANN001, ANN202
-        q, k, v, msg_k, msg_v, out, lse = ctx.saved_tensors
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        grads = torch.ops.xclip_ext.frame_attention_backward(grad_out, q, k, v, msg_k, msg_v, out, lse, ctx.scale)
-        return (*grads, None)
-
-    torch.library.register_autograd("xclip_ext::frame_attention", frame_backward, setup_context=frame_setup)
-
-    def message_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-        ctx.save_for_backward(*inputs[:7])
-        ctx.sizes = inputs[7:]
-
-    def message_backward(ctx, grad_out):  # noqa: ANN001, ANN202
-        from . import sdpa
-
-        return sdpa.message_attention_backward(ctx.saved_tensors, ctx.needs_input_grad, ctx.sizes, grad_out)
-
-    torch.library.register_autograd("xclip_ext::message_attention", message_backward, setup_context=message_setup)
-
-    from . import flop_formulas
+    torch.library.register_autograd(
+        "xclip_ext::frame_attention",
+        _autograd.frame_attention_grad(torch.ops.xclip_ext.frame_attention_backward),
+        setup_context=_autograd.frame_attention_setup,
+    )
+    torch.library.register_autograd(
+        "xclip_ext::message_attention", _autograd.message_attention_grad, setup_context=_autograd.message_attention_setup
+    )
 
     flop_formulas.register(
         torch.ops.xclip_ext.frame_attention,

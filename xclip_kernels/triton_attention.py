@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import flop_formulas
+from . import _autograd, flop_formulas
 
 _LOG2E = 1.4426950408889634
 
@@ -380,21 +380,9 @@ def _(grad_out, q, k, v, msg_k, msg_v, out, lse, scale):  # noqa: ANN001, ANN202
             msg_k.new_empty(msg_k.shape), msg_v.new_empty(msg_v.shape))
 
 
-def _frame_attention_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    q, k, v, msg_k, msg_v, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, msg_k, msg_v, out, lse)
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _frame_attention_grad(ctx, grad_out, _grad_lse):  # noqa: ANN001, ANN202
-    q, k, v, msg_k, msg_v, out, lse = ctx.saved_tensors
-    grads = _frame_attention_backward_op(grad_out, q, k, v, msg_k, msg_v, out, lse, ctx.scale)
-    return (*grads, None)
-
-
-_frame_attention_op.register_autograd(_frame_attention_grad, setup_context=_frame_attention_setup)
+_frame_attention_op.register_autograd(
+    _autograd.frame_attention_grad(_frame_attention_backward_op), setup_context=_autograd.frame_attention_setup
+)
 
 
 @torch.library.custom_op("xclip_kernels::triton_message_attention", mutates_args=())
@@ -412,18 +400,9 @@ def _(messages, *args):  # noqa: ANN001, ANN002, ANN202
     return torch.empty_like(messages)
 
 
-def _message_attention_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    ctx.save_for_backward(*inputs[:7])
-    ctx.sizes = inputs[7:]
-
-
-def _message_attention_grad(ctx, grad_out):  # noqa: ANN001, ANN202
-    from . import sdpa
-
-    return sdpa.message_attention_backward(ctx.saved_tensors, ctx.needs_input_grad, ctx.sizes, grad_out)
-
-
-_message_attention_op.register_autograd(_message_attention_grad, setup_context=_message_attention_setup)
+_message_attention_op.register_autograd(
+    _autograd.message_attention_grad, setup_context=_autograd.message_attention_setup
+)
 
 flop_formulas.register(
     torch.ops.xclip_kernels.triton_frame_attention,
