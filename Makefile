@@ -17,7 +17,7 @@ PY := $(PYTHON)
 ENV_BENCH := build/.stamp-ext
 ENV_TEST := build/.stamp-ext
 endif
-CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 RUN := PYTHONPATH=$(CURDIR) $(PY)
 # Large CPU tensors on transparent huge pages (read by PyTorch at start-up); set for every
 # model a benchmark compares, so ratios stay fair.

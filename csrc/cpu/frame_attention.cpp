@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../xclip_ops.h"
+#include "ifa_simd.h"
 
 namespace xclip_ext {
 namespace {
@@ -226,6 +227,17 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   });
 }
 
+
+FusedForward fused_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& msg_k,
+                           const at::Tensor& msg_v, double scale, at::Tensor& out, at::Tensor& lse) {
+  auto rows = [](const at::Tensor& t) { return RowStrides{t.stride(0), t.stride(1), t.stride(2)}; };
+  auto heads = [](const at::Tensor& t) { return HeadStrides{t.stride(0), t.stride(1)}; };
+  return FusedForward{q.size(0), q.size(1), q.size(2), q.size(3), static_cast<float>(scale),
+                      q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), msg_k.data_ptr<float>(),
+                      msg_v.data_ptr<float>(), rows(q), rows(k), rows(v), heads(msg_k), heads(msg_v),
+                      out.data_ptr<float>(), lse.data_ptr<float>(), q.size(2) * q.size(3)};
+}
+
 void check_cpu_dtype(const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU tensor, got ", q.device());
   TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
@@ -244,6 +256,10 @@ std::tuple<at::Tensor, at::Tensor> frame_attention_forward_cpu(const at::Tensor&
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options());
   if (q.numel() == 0) return {out, lse};
+  if (q.scalar_type() == at::kFloat && fused_forward_supports(q.size(3))) {
+    fused_forward(fused_problem(q, k, v, msg_k, msg_v, scale, out, lse));
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "frame_attention_forward_cpu",
                              [&] { forward_kernel<scalar_t>(q, k, v, msg_k, msg_v, scale, out, lse); });
   return {out, lse};

@@ -52,6 +52,21 @@ def test_repeated_calls_are_bitwise_identical():
     assert torch.equal(xk.message_attention(*messages, **call), xk.message_attention(*messages, **call))
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("shape", [(2, 1, 3, 64), (2, 17, 3, 64), (3, 50, 2, 64), (1, 197, 2, 64), (1, 577, 1, 64),
+                                   (2, 33, 2, 32), (2, 45, 2, 80), (2, 9, 2, 48)])
+def test_forward_tiles_match_reference_on_each_instruction_set(isa, shape, monkeypatch):
+    # float32 with D % 16 == 0 runs on register tiles: AVX-512 where the CPU has it, and AVX2
+    # when XCLIP_KERNELS_CPU_ISA=avx2 (read on every call), so both builds are checked here.
+    if isa == "avx2":
+        monkeypatch.setenv("XCLIP_KERNELS_CPU_ISA", "avx2")
+    inputs = frame_inputs(*shape, torch.float32, seed=11)
+    with torch.no_grad():
+        out = xk.frame_attention(*inputs, backend="cpp")
+        truth = reference.frame_attention(*(t.double() for t in inputs))
+    assert_matches_truth(out, truth, torch.float32, f"output {shape} on {isa}")
+
+
 def test_opcheck():
     q, k, v, msg_k, msg_v = leaves(frame_inputs(2, 17, 2, 32, torch.float32, seed=4))
     torch.library.opcheck(torch.ops.xclip_ext.frame_attention.default, (q, k, v, msg_k, msg_v, 0.2))

@@ -1,0 +1,76 @@
+// Instantiates ifa_tiles.inc for AVX2 and AVX-512 and picks one at run time.
+//
+// The AVX-512 copy is compiled under `#pragma GCC target` rather than a -mavx512f flag so that
+// one translation unit, built with the project's AVX2 flags, holds both: nothing outside the
+// pragma (torch's inline functions included) is ever compiled for AVX-512, so the library
+// still loads and runs on AVX2-only CPUs.
+#include "ifa_simd.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace xclip_ext {
+
+namespace tiles_avx2 {
+constexpr int kWidth = 8;
+constexpr int kTileRows = 6;  // 12 accumulators + 2 key vectors + 1 broadcast of 16 registers
+#include "ifa_tiles.inc"
+}  // namespace tiles_avx2
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define XCLIP_HAVE_AVX512_TILES 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+namespace tiles_avx512 {
+constexpr int kWidth = 16;
+constexpr int kTileRows = 12;  // 24 accumulators + 2 key vectors + 1 broadcast of 32 registers
+#include "ifa_tiles.inc"
+}  // namespace tiles_avx512
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+bool use_avx512() {
+#ifdef XCLIP_HAVE_AVX512_TILES
+  const char* forced = std::getenv("XCLIP_KERNELS_CPU_ISA");
+  if (forced != nullptr && std::string(forced) == "avx2") return false;
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  return has;
+#else
+  return false;
+#endif
+}
+
+template <typename Tasks, typename Scratch>
+void run_parallel(const FusedForward& problem, Tasks tasks, Scratch scratch_floats) {
+  at::parallel_for(0, problem.frames * problem.heads, 1, [&](int64_t begin, int64_t end) {
+    // 64 floats of slack to align the start to a cache line.
+    std::vector<float> scratch(static_cast<size_t>(scratch_floats(problem)) + 64);
+    const auto address = reinterpret_cast<uintptr_t>(scratch.data());
+    float* aligned = scratch.data() + ((64 - address % 64) % 64) / sizeof(float);
+    tasks(problem, begin, end, aligned);
+  });
+}
+
+}  // namespace
+
+bool fused_forward_supports(int64_t dim) { return dim % tiles_avx2::kPanel == 0; }
+
+void fused_forward(const FusedForward& problem) {
+#ifdef XCLIP_HAVE_AVX512_TILES
+  // A head dim that is a multiple of 16 but not of 32 (e.g. 80) takes the AVX2 tiles.
+  if (use_avx512() && problem.dim % tiles_avx512::kPanel == 0)
+    return run_parallel(problem, tiles_avx512::forward_tasks, tiles_avx512::forward_scratch_floats);
+#endif
+  run_parallel(problem, tiles_avx2::forward_tasks, tiles_avx2::forward_scratch_floats);
+}
+
+}  // namespace xclip_ext
