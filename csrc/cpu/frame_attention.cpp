@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "../xclip_ops.h"
-#include "ifa_simd.h"
+#include "simd_kernels.h"
 
 namespace xclip_ext {
 namespace {

@@ -2,9 +2,11 @@
 // and one GEMM that applies the output projection while accumulating the residual.
 //
 // The messages are a handful of rows (b*T), so the unfused PyTorch path is dominated by
-// per-op dispatch and small allocations rather than arithmetic: here the whole step is four
-// calls from C++, and the T x T attention of every (video, head) runs in one parallel loop
-// reading q/k/v straight out of the packed GEMM output.
+// per-op dispatch, small allocations and BLAS packing of the weights rather than arithmetic:
+// here the whole step is four calls from C++, the two projections of float32 messages run on
+// register tiles that read each weight row once (skinny_linear; the output projection adds
+// the bias and the residual as it stores), and the T x T attention of every (video, head)
+// runs in one parallel loop reading q/k/v straight out of the packed projection.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "../xclip_ops.h"
+#include "simd_kernels.h"
 
 namespace xclip_ext {
 namespace {
@@ -65,10 +68,24 @@ at::Tensor message_attention_forward_cpu(const at::Tensor& messages, const at::T
                                          double eps) {
   TORCH_CHECK_VALUE(messages.scalar_type() == at::kFloat || messages.scalar_type() == at::kDouble,
                     "messages: the cpp backend computes in float32 or float64, got ", messages.scalar_type());
-  const int64_t width = messages.size(1);
+  const int64_t frames = messages.size(0), width = messages.size(1);
   const auto normed = at::layer_norm(messages, {width}, ln_weight, ln_bias, eps);
-  const auto qkv = at::addmm(in_proj_bias, normed, in_proj_weight.t());  // (F, 3W), contiguous
   auto mixed = at::empty_like(messages, at::MemoryFormat::Contiguous);
+  if (messages.scalar_type() == at::kFloat && skinny_linear_supports(frames, width)) {
+    // The tiles read plain row-major memory (no-ops for the contiguous tensors the op passes).
+    const auto in_w = in_proj_weight.contiguous(), in_b = in_proj_bias.contiguous();
+    const auto out_w = out_proj_weight.contiguous(), out_b = out_proj_bias.contiguous();
+    const auto residual = messages.contiguous();
+    auto qkv = at::empty({frames, 3 * width}, messages.options());
+    skinny_linear({normed.data_ptr<float>(), frames, width, in_w.data_ptr<float>(), 3 * width, in_b.data_ptr<float>(),
+                   nullptr, qkv.data_ptr<float>()});
+    attend_over_frames<float>(qkv, mixed, num_frames, num_heads);
+    auto out = at::empty_like(mixed);
+    skinny_linear({mixed.data_ptr<float>(), frames, width, out_w.data_ptr<float>(), width, out_b.data_ptr<float>(),
+                   residual.data_ptr<float>(), out.data_ptr<float>()});
+    return out;
+  }
+  const auto qkv = at::addmm(in_proj_bias, normed, in_proj_weight.t());  // (F, 3W), contiguous
   AT_DISPATCH_FLOATING_TYPES(messages.scalar_type(), "message_attention_forward_cpu",
                              [&] { attend_over_frames<scalar_t>(qkv, mixed, num_frames, num_heads); });
   return at::addmm(messages + out_proj_bias, mixed, out_proj_weight.t());

@@ -67,6 +67,21 @@ def test_forward_tiles_match_reference_on_each_instruction_set(isa, shape, monke
     assert_matches_truth(out, truth, torch.float32, f"output {shape} on {isa}")
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("videos, num_frames, width, heads",
+                         [(1, 1, 64, 2), (1, 7, 96, 3), (2, 8, 768, 12), (3, 5, 40, 5), (9, 8, 64, 4)])
+def test_message_path_matches_reference_on_each_instruction_set(isa, videos, num_frames, width, heads, monkeypatch):
+    # float32 projections of up to 64 rows with W % 8 == 0 run on the skinny-linear tiles
+    # (every band height and a column tail occur here); 72 rows and W = 40 on AVX-512 take BLAS.
+    if isa == "avx2":
+        monkeypatch.setenv("XCLIP_KERNELS_CPU_ISA", "avx2")
+    tensors = message_inputs(videos, num_frames, width, torch.float32, seed=12)
+    with torch.no_grad():
+        out = xk.message_attention(*tensors, num_frames=num_frames, num_heads=heads, backend="cpp")
+        truth = reference.message_attention(*(t.double() for t in tensors), num_frames, heads)
+    assert_matches_truth(out, truth, torch.float32, f"messages {videos}x{num_frames}x{width} on {isa}")
+
+
 def test_opcheck():
     q, k, v, msg_k, msg_v = leaves(frame_inputs(2, 17, 2, 32, torch.float32, seed=4))
     torch.library.opcheck(torch.ops.xclip_ext.frame_attention.default, (q, k, v, msg_k, msg_v, 0.2))

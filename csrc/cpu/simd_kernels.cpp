@@ -1,26 +1,32 @@
-// Instantiates ifa_tiles.inc for AVX2 and AVX-512 and picks one at run time.
+// Instantiates the tile kernels (ifa_tiles.inc, linear_tiles.inc) for AVX2 and AVX-512 and
+// picks one at run time.
 //
 // The AVX-512 copy is compiled under `#pragma GCC target` rather than a -mavx512f flag so that
 // one translation unit, built with the project's AVX2 flags, holds both: nothing outside the
 // pragma (torch's inline functions included) is ever compiled for AVX-512, so the library
 // still loads and runs on AVX2-only CPUs.
-#include "ifa_simd.h"
+#include "simd_kernels.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace xclip_ext {
 
 namespace tiles_avx2 {
 constexpr int kWidth = 8;
-constexpr int kTileRows = 6;  // 12 accumulators + 2 key vectors + 1 broadcast of 16 registers
+constexpr int kTileRows = 6;    // 12 accumulators + 2 key vectors + 1 broadcast of 16 registers
+constexpr int kLinearRows = 2;  // 8 accumulators + 4 weight vectors + 1 x vector
+#include "simd_vec.inc"
 #include "ifa_tiles.inc"
+#include "linear_tiles.inc"
 }  // namespace tiles_avx2
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -29,13 +35,18 @@ constexpr int kTileRows = 6;  // 12 accumulators + 2 key vectors + 1 broadcast o
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
 namespace tiles_avx512 {
 constexpr int kWidth = 16;
-constexpr int kTileRows = 12;  // 24 accumulators + 2 key vectors + 1 broadcast of 32 registers
+constexpr int kTileRows = 12;   // 24 accumulators + 2 key vectors + 1 broadcast of 32 registers
+constexpr int kLinearRows = 6;  // 24 accumulators + 4 weight vectors + 1 x vector
+#include "simd_vec.inc"
 #include "ifa_tiles.inc"
+#include "linear_tiles.inc"
 }  // namespace tiles_avx512
 #pragma GCC pop_options
 #endif
 
 namespace {
+
+constexpr int64_t kSkinnyMaxRows = 64;
 
 bool use_avx512() {
 #ifdef XCLIP_HAVE_AVX512_TILES
@@ -71,6 +82,32 @@ void fused_forward(const FusedForward& problem) {
     return run_parallel(problem, tiles_avx512::forward_tasks, tiles_avx512::forward_scratch_floats);
 #endif
   run_parallel(problem, tiles_avx2::forward_tasks, tiles_avx2::forward_scratch_floats);
+}
+
+bool skinny_linear_supports(int64_t rows, int64_t inner) {
+  // Beyond a few dozen rows BLAS's packing pays for itself; measured crossover in BENCHMARKS.md.
+  return rows <= kSkinnyMaxRows && inner % tiles_avx2::kWidth == 0;
+}
+
+void skinny_linear(const SkinnyLinear& problem) {
+  // Parallel over groups of kLinearCols weight rows, so every worker runs full tiles.
+  const int64_t cols = tiles_avx2::kLinearCols, groups = (problem.outputs + cols - 1) / cols;
+  auto columns = [&](int64_t begin, int64_t end) {
+    return std::pair<int64_t, int64_t>{begin * cols, std::min(end * cols, problem.outputs)};
+  };
+#ifdef XCLIP_HAVE_AVX512_TILES
+  if (use_avx512() && problem.inner % tiles_avx512::kWidth == 0) {
+    at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+      const auto [first, last] = columns(begin, end);
+      tiles_avx512::linear_tasks(problem, first, last);
+    });
+    return;
+  }
+#endif
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    const auto [first, last] = columns(begin, end);
+    tiles_avx2::linear_tasks(problem, first, last);
+  });
 }
 
 }  // namespace xclip_ext

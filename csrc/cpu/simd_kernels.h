@@ -1,5 +1,5 @@
-// The float32 IFA forward on register tiles (ifa_tiles.inc), built for AVX2 and for AVX-512
-// and chosen at run time. Plain pointers and strides, so the tile code needs no ATen.
+// float32 kernels on register tiles, built for AVX2 and for AVX-512 and chosen at run time:
+// the IFA forward (ifa_tiles.inc) and a linear layer for few rows (linear_tiles.inc). Plain pointers and strides, so the tile code needs no ATen.
 #pragma once
 
 #include <cstdint>
@@ -35,5 +35,29 @@ bool fused_forward_supports(int64_t dim);
 // Runs the whole problem in parallel over frame-heads on the widest instruction set the CPU
 // has (XCLIP_KERNELS_CPU_ISA=avx2 forces the AVX2 tiles, for tests and comparisons).
 void fused_forward(const FusedForward& problem);
+
+// out = x weight^T + bias (+ residual), all float32 and contiguous: x (rows, inner), weight
+// (outputs, inner), bias (outputs) or null, residual and out (rows, outputs); residual may be
+// null, and out must not alias x or weight.
+struct SkinnyLinear {
+  const float* x;
+  int64_t rows, inner;
+  const float* weight;
+  int64_t outputs;
+  const float* bias;
+  const float* residual;
+  float* out;
+
+  SkinnyLinear rows_from(int64_t m) const {
+    return {x + m * inner, rows - m, inner, weight, outputs, bias, residual == nullptr ? nullptr : residual + m * outputs,
+            out + m * outputs};
+  }
+};
+
+// Whether skinny_linear is the better choice than BLAS for this shape.
+bool skinny_linear_supports(int64_t rows, int64_t inner);
+
+// Runs the whole problem in parallel over weight rows.
+void skinny_linear(const SkinnyLinear& problem);
 
 }  // namespace xclip_ext
