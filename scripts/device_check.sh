@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a CUDA machine (H100 image: torch 2.11+cu130, triton 3.6,
 # no network). Builds the CUDA extension in place (sm_90a), runs the CUDA parity tests
-# (triton, cuda, sdpa, xformers; fp32/fp16/bf16; forward and backward), the kernel benchmark
+# (triton, cuda, sdpa, xformers; fp32/fp16/bf16; forward and backward), torch.compile with a
+# dynamic batch and the patched Hugging Face model on triton/cuda, the kernel benchmark,
 # the end-to-end comparison with Hugging Face and the GPU preset of benchmarks.run, and
 # writes logs and JSON into the folder named by $OUT or the first argument. Every step has
 # its own timeout; the whole should stay near 6 minutes on an H100.
@@ -57,6 +58,14 @@ timeout 180 "$PY" -m pytest -q -m "not triton_interpreter" \
     --junitxml="$out_dir/pytest.xml" 2>&1 | tee -a "$out_dir/pytest.log"
 tests_status=${PIPESTATUS[0]}
 set -e
+
+echo "== torch.compile (dynamic batch) and patched Hugging Face XCLIPModel on triton and cuda" | tee "$out_dir/pytest_compile_hf.log"
+set +e
+timeout 150 "$PY" -m pytest -q -m cuda tests/xclip/test_compile.py tests/xclip_kernels/test_integrations.py \
+    --junitxml="$out_dir/pytest_compile_hf.xml" 2>&1 | tee -a "$out_dir/pytest_compile_hf.log"
+compile_hf_status=${PIPESTATUS[0]}
+set -e
+[ "$compile_hf_status" -eq 0 ] || tests_status=$compile_hf_status
 
 echo "== kernel benchmark" | tee "$out_dir/kernels.log"
 timeout 90 "$PY" -m benchmarks.kernels --variants xclip-b16 --batch 32 --dtype bfloat16 \

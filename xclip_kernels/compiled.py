@@ -47,6 +47,10 @@ def unavailable_reasons(device: str) -> list[str]:
 
 
 def _require() -> None:
+    if torch.compiler.is_compiling():
+        # Inside a trace: this backend was chosen because the extension loaded (its
+        # availability check), and the cached loader itself is not traceable.
+        return
     loaded = _extension()
     if isinstance(loaded, ImportError):
         raise RuntimeError(f"the cpp/cuda backends need the compiled extension: {loaded}; {BUILD_HINT}")

@@ -274,6 +274,15 @@ def select_backend(inputs: OpInputs, backend: str | None = None) -> Backend:
     ``XCLIP_KERNELS_BACKEND`` environment variable if set, else the first supporting
     backend in :data:`PRIORITY` for the device.
     """
+    if torch.compiler.is_compiling():
+        i = inputs
+        return _BY_NAME[
+            _select_while_tracing(i.op, i.device_type, i.dtype, i.head_dim, i.requires_grad, i.num_frames, backend)
+        ]
+    return _select(inputs, backend)
+
+
+def _select(inputs: OpInputs, backend: str | None) -> Backend:
     if backend is None:
         backend = _env.forced_backend()
         if backend is not None and backend not in _BY_NAME:
@@ -294,6 +303,31 @@ def select_backend(inputs: OpInputs, backend: str | None = None) -> Backend:
             return _BY_NAME[name]
         all_reasons[name] = reasons
     raise BackendNotSupportedError(_report(inputs, all_reasons))
+
+
+def _select_while_tracing(
+    op: str, device_type: str, dtype: torch.dtype, head_dim: int, requires_grad: bool, num_frames: int | None,
+    backend: str | None,
+) -> str:
+    """:func:`select_backend` under ``torch.compile``: run in plain Python at trace time, the
+    chosen name baked into the graph.
+
+    Availability checks import modules and load the extension, which Dynamo cannot trace; without
+    this an automatic choice, or a backend not yet used eagerly, would break a ``fullgraph=True``
+    compile. Every backend that can run on some device here is imported now, before the trace
+    reads the table of implementations (Dynamo reads it once per trace, so an op imported after
+    that would be missing from its view).
+    """
+    for b in _ALL:
+        if not b.unavailable_reasons() and any(not b.device_reasons(device) for device in b.devices):
+            preload(b.name)
+    return _select(OpInputs(op, device_type, dtype, head_dim, requires_grad, num_frames), backend).name
+
+
+# What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo (and with
+# it Inductor and Triton: seconds) when this module is imported; tests/xclip/test_compile.py
+# checks that the decorator still works this way.
+_select_while_tracing._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def backend_table() -> list[dict[str, object]]:

@@ -1,0 +1,385 @@
+"""``xclip_kernels.integrations``: a Hugging Face ``XCLIPModel`` patched in place runs its
+cross-frame blocks on our ops with the same logits and gradients, unpatches exactly, and
+refuses what it cannot do with a message naming it.
+
+The model is a tiny HF ``XCLIPModel`` with non-trivial random weights (LayerNorms and biases
+included, so using the wrong norm or bias shows). Logits are compared as
+tests/xclip/test_checkpoint.py compares ours with HF's: max abs error within ``HF_ATOL`` in
+fp32; gradients within the same bound relative to each gradient's scale. CUDA cases (marker
+``cuda``) run the triton and cuda backends on a GPU machine and skip elsewhere with the reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import xclip
+import xclip_kernels as xk
+from xclip_kernels import integrations
+from xclip_kernels.integrations import patch_hf_xclip, unpatch, unpatch_hf_xclip
+from xclip_kernels.registry import OPS, OpInputs, get_backend
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.x_clip import modeling_x_clip  # noqa: E402
+
+HF_ATOL = 1e-4  # as tests/xclip/test_checkpoint.py: fp32, HF's kernels against others
+FRAMES, SIZE, WIDTH, HEADS = 3, 32, 128, 2
+TOKENS = (SIZE // 8) ** 2 + 1  # L: patches plus the class token
+LABELS = ["archery", "bowling", "playing the violin"]
+
+CASES = [pytest.param("cpu", name, id=f"cpu-{name}") for name in ("reference", "sdpa", "cpp")] + [
+    pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.cuda) for name in ("triton", "cuda", "sdpa")
+]
+
+
+def skip_unless_runs(device: str, backend: str, grad: bool = True) -> None:
+    """Skip with the registry's reasons unless ``backend`` runs both ops of the tiny model."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)")
+    reasons: list[str] = []
+    for op in OPS:
+        probe = OpInputs(op, device, torch.float32, WIDTH // HEADS, grad, FRAMES)
+        reasons += [r for r in get_backend(backend).not_supported_reasons(probe) if r not in reasons]
+    if reasons:
+        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+
+
+def hf_config(**vision_overrides) -> transformers.XCLIPConfig:
+    vision = dict(
+        hidden_size=WIDTH, intermediate_size=192, num_hidden_layers=2, num_attention_heads=HEADS,
+        image_size=SIZE, patch_size=8, num_frames=FRAMES, mit_hidden_size=64, mit_intermediate_size=80,
+        mit_num_hidden_layers=1, mit_num_attention_heads=1,
+    )
+    vision.update(vision_overrides)
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=1)
+    config = transformers.XCLIPConfig(
+        text_config=text, vision_config=vision, projection_dim=64, prompt_layers=1, prompt_num_attention_heads=1
+    )
+    config._attn_implementation = "sdpa"  # the XCLIPModel constructor reads it from the config
+    return config
+
+
+@torch.no_grad()
+def make_hf_model(seed: int = 0, **vision_overrides) -> transformers.XCLIPModel:
+    """A tiny ``XCLIPModel`` in eval mode; matrices std 1/sqrt(fan_in), LayerNorm weights
+    1 + N(0, 0.1), biases N(0, 0.05), embeddings N(0, 0.5)."""
+    model = transformers.XCLIPModel(hf_config(**vision_overrides))
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name == "logit_scale":
+            continue
+        noise = torch.randn(p.shape, generator=g)
+        if name.endswith("alpha"):
+            p.copy_(0.5 + 0.25 * noise.abs())
+        elif name.endswith("bias"):
+            p.copy_(0.05 * noise)
+        elif p.dim() == 1 and "embedding" not in name:
+            p.copy_(1 + 0.1 * noise)
+        elif "embedding" in name and "patch" not in name:
+            p.copy_(0.5 * noise)
+        else:
+            fan_in = p.shape[0] if name == "prompts_visual_projection" else math.prod(p.shape[1:])
+            p.copy_(noise * fan_in**-0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base_model() -> transformers.XCLIPModel:
+    """Shared and never patched: tests patch :func:`copy.deepcopy` copies (``model`` fixture)."""
+    return make_hf_model()
+
+
+@pytest.fixture
+def model(base_model) -> transformers.XCLIPModel:
+    return copy.deepcopy(base_model)
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(2, FRAMES, 3, SIZE, SIZE, generator=g), xclip.tokenize(LABELS)
+
+
+def logits(model: torch.nn.Module, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=text, pixel_values=video).logits_per_video
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "logits") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item()
+    assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:g}"
+
+
+def grads(model: torch.nn.Module, video: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    logits(model, video, text).logsumexp(dim=-1).sum().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys(), f"parameters with grads differ: {sorted(got.keys() ^ expected.keys())}"
+    for name, grad in expected.items():
+        assert_close(got[name], grad, HF_ATOL * max(1.0, grad.abs().max().item()), f"grad of {name}")
+
+
+def cross_frame_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, modeling_x_clip.XCLIPVisionEncoderLayer)]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# -- parity ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, backend", CASES)
+def test_patched_logits_and_grads_match_hf(device, backend, model, inputs, monkeypatch):
+    skip_unless_runs(device, backend)
+    model = model.to(device)
+    video, text = (t.to(device) for t in inputs)
+    with torch.no_grad():
+        expected = logits(model, video, text)
+    expected_grads = grads(model, video, text)
+    # The comparison means something only if the logits are not all alike.
+    assert expected.max() - expected.min() > 0.1
+
+    calls = {"frame_attention": 0, "message_attention": 0}
+    for op in calls:
+        def counted(*args, _op=op, _real=getattr(integrations, op), **kwargs):
+            calls[_op] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(integrations, op, counted)
+    assert patch_hf_xclip(model, backend=backend) is model
+    with torch.no_grad():
+        got = logits(model, video, text)
+    assert calls == {"frame_attention": 2, "message_attention": 2}  # one each per layer
+    assert_close(got, expected, HF_ATOL)
+    assert_same_grads(grads(model, video, text), expected_grads)
+
+
+def test_patched_blocks_never_run_hf_attention_or_concatenate_tokens(model, inputs):
+    """The message token is no longer appended to the frame's tokens (HF's torch.cat of
+    (b*T, L+1, W)), and HF's attention modules are not called."""
+    skip_unless_runs("cpu", "cpp", grad=False)  # sdpa and reference concatenate keys by design
+    video, text = inputs
+
+    class CatShapes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.cat.default:
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    attention_calls = []
+    for layer in cross_frame_layers(model):
+        for attention in (layer.self_attn, layer.message_attn):
+            attention.register_forward_hook(lambda *_: attention_calls.append(1))
+    with torch.no_grad():
+        with CatShapes() as hf_run:
+            logits(model, video, text)
+        assert (2 * FRAMES, TOKENS + 1, WIDTH) in hf_run.shapes  # the control: HF's cat
+        assert len(attention_calls) == 4
+        attention_calls.clear()
+        patch_hf_xclip(model, backend="cpp")
+        with CatShapes() as patched_run:
+            logits(model, video, text)
+    assert attention_calls == []
+    assert [s for s in patched_run.shapes if len(s) == 3 and s[1] == TOKENS + 1] == []
+
+
+def test_automatic_backend(model, inputs):
+    video, text = inputs
+    with torch.no_grad():
+        expected = logits(model, video, text)
+        patch_hf_xclip(model)
+        assert_close(logits(model, video, text), expected, HF_ATOL)
+
+
+def test_gradient_checkpointing_and_drop_path_in_training(inputs):
+    """HF's gradient checkpointing still applies to the patched blocks (in transformers 5 it
+    lives in the class's forward, which the patch replaces); drop path on the message branch
+    draws the same random numbers as HF's, so one seed gives the same logits and grads."""
+    video, text = inputs
+    model = make_hf_model(drop_path_rate=0.5).train()
+    # gradient_checkpointing_enable is the older name, deprecated in transformers 5
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert all(layer.gradient_checkpointing for layer in cross_frame_layers(model))
+    torch.manual_seed(3)
+    expected = grads(model, video, text)
+    patch_hf_xclip(model, backend="sdpa")
+    recomputed = []
+    model.vision_model.encoder.layers[0].message_fc.register_forward_hook(lambda *_: recomputed.append(1))
+    torch.manual_seed(3)
+    got = grads(model, video, text)
+    assert len(recomputed) == 2  # forward, then the checkpoint's recomputation in backward
+    assert_same_grads(got, expected)
+
+
+# -- patch / unpatch ------------------------------------------------------------------------
+
+
+def test_unpatch_restores_bit_identical_outputs_and_the_original_forwards(model, inputs):
+    video, text = inputs
+    layers = cross_frame_layers(model)
+    assert len(layers) == 2 and all("forward" not in layer.__dict__ for layer in layers)
+    with torch.no_grad():
+        before = logits(model, video, text)
+        patch_hf_xclip(model, backend="sdpa")
+        assert all(layer.forward.__func__ is integrations._patched_forward for layer in layers)
+        assert unpatch_hf_xclip(model) is model
+        after = logits(model, video, text)
+    assert torch.equal(after, before)
+    for layer in layers:
+        assert "forward" not in layer.__dict__  # the class's forward shows through, as before
+        assert layer.forward.__func__ is type(layer).forward
+        assert not any(name.startswith("_xclip_kernels") for name in vars(layer))
+    assert unpatch is unpatch_hf_xclip
+
+
+def test_unpatch_restores_a_forward_other_code_had_set(model, inputs):
+    layer = cross_frame_layers(model)[0]
+    own = layer.forward  # e.g. what a hooking library would install on the instance
+    layer.forward = own
+    patch_hf_xclip(model)
+    assert layer.forward is not own
+    unpatch(model)
+    assert layer.forward is own
+
+
+def test_patching_twice_does_not_wrap_twice_and_changes_the_backend(model, inputs):
+    video, text = inputs
+    layers = cross_frame_layers(model)
+    patch_hf_xclip(model, backend="reference")
+    first = [layer.forward for layer in layers]
+    patch_hf_xclip(model, backend="sdpa")
+    assert [layer.forward for layer in layers] == first
+    assert {integrations._PATCH_ATTRIBUTE in vars(layer) for layer in layers} == {True}
+    assert {getattr(layer, integrations._PATCH_ATTRIBUTE).backend for layer in layers} == {"sdpa"}
+    patch_hf_xclip(model.vision_model)  # a part of the patched model: the same, no new wrapper
+    unpatch_hf_xclip(model)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    with pytest.raises(ValueError, match="model: expected a model patched by patch_hf_xclip"):
+        unpatch_hf_xclip(model)
+
+
+def test_vision_model_alone_and_one_layer(model, inputs):
+    video, text = inputs
+    frames = video.flatten(0, 1)
+    with torch.no_grad():
+        expected = model.vision_model(pixel_values=frames).pooler_output
+        patch_hf_xclip(model.vision_model, backend="sdpa")
+        assert_close(model.vision_model(pixel_values=frames).pooler_output, expected, HF_ATOL, "pooler_output")
+        unpatch_hf_xclip(model.vision_model)
+        layer = cross_frame_layers(model)[0]
+        hidden = torch.randn(2 * FRAMES, 17, WIDTH)
+        expected = layer(hidden, None)
+        patch_hf_xclip(layer, backend="sdpa")
+        assert_close(layer(hidden, None), expected, HF_ATOL, "hidden_states")
+
+
+def test_training_updates_hf_parameters_in_place(model, inputs):
+    video, text = inputs
+    patch_hf_xclip(model, backend="sdpa")
+    weight = model.vision_model.encoder.layers[0].message_attn.k_proj.weight
+    before = weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logits(model, video, text).logsumexp(dim=-1).sum().backward()
+    optimizer.step()
+    assert weight is model.vision_model.encoder.layers[0].message_attn.k_proj.weight
+    assert not torch.equal(weight.detach(), before)
+
+
+# (torch.compile of a patched model: tests/xclip/test_compile.py.)
+
+
+# -- what it refuses ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("xclip-base-patch32", r"model: expected a Hugging Face XCLIPModel.*got str"),
+        (torch.nn.Linear(4, 4), r"model: expected .*XCLIPVisionEncoderLayer blocks, got a Linear without any$"),
+    ],
+    ids=["str", "other-module"],
+)
+def test_bad_model_is_a_type_error_naming_it(bad, match):
+    for function in (patch_hf_xclip, unpatch_hf_xclip):
+        with pytest.raises(TypeError, match=match):
+            function(bad)
+
+
+def test_our_own_model_is_refused_with_a_hint():
+    with torch.device("meta"):
+        ours = xclip.build_model("xclip-b32")
+    with pytest.raises(TypeError, match=r"got a XCLIP without any \(xclip.XCLIP runs on xclip_kernels already"):
+        patch_hf_xclip(ours)
+
+
+def test_unknown_backend_is_refused_before_anything_changes(model):
+    with pytest.raises(ValueError, match=r"backend: expected one of reference, sdpa.* got 'nope'"):
+        patch_hf_xclip(model, backend="nope")
+    assert all("forward" not in layer.__dict__ for layer in cross_frame_layers(model))
+
+
+def test_forced_backend_that_cannot_run_raises_its_reasons(model, inputs):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    patch_hf_xclip(model, backend="cuda")
+    with pytest.raises(xk.BackendNotSupportedError, match="cuda"):
+        logits(model, *inputs)
+
+
+def test_output_attentions_is_not_implemented(model, inputs):
+    video, text = inputs
+    patch_hf_xclip(model)
+    with pytest.raises(NotImplementedError, match="output_attentions=True.*unpatch_hf_xclip"):
+        model(input_ids=text, pixel_values=video, output_attentions=True)
+    config = cross_frame_layers(model)[0].self_attn.config  # the config's default counts too
+    config._attn_implementation = "eager"  # HF allows output_attentions only there
+    config.output_attentions = True
+    with pytest.raises(NotImplementedError, match="output_attentions=True"):
+        logits(model, video, text)
+
+
+def test_attention_mask_and_attention_dropout_are_not_implemented(inputs):
+    layer = cross_frame_layers(make_hf_model(attention_dropout=0.1))[0]
+    patch_hf_xclip(layer)
+    hidden = torch.randn(FRAMES, 5, WIDTH)
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        layer(hidden, torch.zeros(FRAMES, 1, 6, 6))
+    layer.eval()
+    layer(hidden, None)  # dropout is inactive in eval
+    layer.train()
+    with pytest.raises(NotImplementedError, match=r"attention_dropout: .* got 0.1 in training"):
+        layer(hidden, None)
+
+
+def test_the_package_imports_no_transformers_at_import_time():
+    """No module-level import of transformers anywhere in xclip_kernels (a subprocess check
+    would spend seconds importing torch)."""
+    offenders = []
+    for path in sorted(Path(integrations.__file__).parent.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:  # module level only; lazy imports are fine
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "transformers"]
+    assert offenders == []
