@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import xclip_kernels as xk
@@ -53,9 +54,16 @@ class DropPath(nn.Module):
 _WORKSPACE = fused.Workspace()
 
 
-def _inference_workspace() -> fused.Workspace | None:
-    """The shared workspace when running without grad and not being traced."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+def _in_place(x: torch.Tensor) -> bool:
+    """Whether the blocks may update the residual stream ``x`` in place and write into scratch
+    buffers: without grad, and not under autocast (which casts neither in-place nor ``out=``
+    operations, so they would meet float32 weights with low-precision activations)."""
+    return not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+
+
+def _inference_workspace(x: torch.Tensor) -> fused.Workspace | None:
+    """The shared workspace when :func:`_in_place` holds for ``x`` and nothing is being traced."""
+    if not _in_place(x) or torch.compiler.is_compiling():
         return None
     return _WORKSPACE
 
@@ -64,8 +72,18 @@ def _mlp_residual(mlp: nn.Sequential, x: torch.Tensor, residual: torch.Tensor, i
     """``residual + mlp(x)`` for a CLIP MLP, fused (see :mod:`xclip_kernels.fused`)."""
     return fused.mlp_residual(
         x, residual, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
-        inplace=inplace, workspace=_inference_workspace() if inplace else None,
+        inplace=inplace, workspace=_inference_workspace(x) if inplace else None,
     )
+
+
+def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """``blocks(x)``; with ``checkpointing``, each block's activations are recomputed in the
+    backward pass instead of kept (non-reentrant: works with DDP, FSDP2 and frozen inputs)."""
+    if not checkpointing:
+        return blocks(x)
+    for block in blocks:
+        x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return x
 
 
 def _mlp(width: int, hidden: int) -> nn.Sequential:
@@ -114,7 +132,7 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, S, W)``. Without grad, ``x`` is updated in place (the model owns it)."""
-        inplace = not torch.is_grad_enabled()
+        inplace = _in_place(x)
         x = self.attn(self.ln_1(x), causal=self.causal, residual=x, inplace=inplace)
         return _mlp_residual(self.mlp, self.ln_2(x), x, inplace)
 
@@ -150,10 +168,16 @@ class CrossFrameBlock(nn.Module):
         messages = self.message_fc(x[:, 0])
         # CFA; with drop path the residual is taken apart so that only the branch is dropped.
         attend = dict(num_frames=self.num_frames, num_heads=self.heads, eps=self.eps, backend=self.attention_backend)
-        cfa_weights = (
-            self.message_ln.weight, self.message_ln.bias,
-            self.message_attn.in_proj_weight, self.message_attn.in_proj_bias,
-            self.message_attn.out_proj.weight, self.message_attn.out_proj.bias,
+        # Under autocast the messages come out of message_fc in the autocast dtype while the
+        # weights stay float32; the op takes one dtype, so the weights follow the messages
+        # (a no-op without autocast).
+        cfa_weights = tuple(
+            w.to(messages.dtype)
+            for w in (
+                self.message_ln.weight, self.message_ln.bias,
+                self.message_attn.in_proj_weight, self.message_attn.in_proj_bias,
+                self.message_attn.out_proj.weight, self.message_attn.out_proj.bias,
+            )
         )
         if isinstance(self.drop_path, nn.Identity):
             messages = xk.message_attention(messages, *cfa_weights, **attend)
@@ -163,7 +187,7 @@ class CrossFrameBlock(nn.Module):
         # IFA: queries, keys and values of the frame tokens from one fused projection; the
         # message token contributes only a key and a value, read from its own tensors.
         normed = self.ln_1(x).view(frames * tokens, width)
-        workspace = _inference_workspace()
+        workspace = _inference_workspace(x)
         if workspace is None:
             qkv = F.linear(normed, self.attn.in_proj_weight, self.attn.in_proj_bias)
         else:  # the attention reads q, k, v and returns a fresh tensor: the buffer never escapes
@@ -180,7 +204,7 @@ class CrossFrameBlock(nn.Module):
             x = x + self.drop_path(self.attn.out_proj(attended))
             return x + self.drop_path(self.mlp(self.ln_2(x)))
         # Without grad the block owns x (the model made it) and updates it in place.
-        inplace = not torch.is_grad_enabled()
+        inplace = _in_place(x)
         x = fused.linear_residual(attended, x, self.attn.out_proj.weight, self.attn.out_proj.bias, inplace=inplace)
         return _mlp_residual(self.mlp, self.ln_2(x), x, inplace)
 
@@ -203,9 +227,11 @@ class CrossFrameTransformer(nn.Module):
                 for rate in rates
             ]
         )
+        self.gradient_checkpointing = False  # set by XCLIP.set_gradient_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resblocks(x)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        return _run_blocks(self.resblocks, x, checkpointing)
 
 
 class VideoEncoder(nn.Module):
@@ -394,6 +420,23 @@ class XCLIP(nn.Module):
         for block in self.visual.transformer.resblocks:
             block.attention_backend = name
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each vision and text block in the backward pass instead of storing its
+        activations (``torch.utils.checkpoint``, non-reentrant), while training with grad.
+
+        Outputs and gradients are unchanged (drop-path masks are replayed). Only each block's
+        input is kept, plus one block's activations at a time during backward, for about one
+        extra forward pass of compute. Eval and no-grad runs are unaffected.
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled: expected a bool, got {enabled!r}")
+        self.visual.transformer.gradient_checkpointing = enabled
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether :meth:`set_gradient_checkpointing` is on."""
+        return self.visual.transformer.gradient_checkpointing
+
     @property
     def attention_backend(self) -> str | None:
         """The backend the cross-frame blocks are set to (``None``: automatic)."""
@@ -461,7 +504,8 @@ class XCLIP(nn.Module):
             # token cannot change any end token's output: skip them (exact, often 10x less work).
             text = text[:, : int(end.max()) + 1]
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
-        x = self.ln_final(self.transformer.resblocks(x))
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        x = self.ln_final(_run_blocks(self.transformer.resblocks, x, checkpointing))
         end_of_text = x[torch.arange(x.shape[0], device=x.device), end]
         return end_of_text @ self.text_projection
 

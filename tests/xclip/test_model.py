@@ -205,3 +205,79 @@ def test_bad_text(text: object, error: type, match: str) -> None:
 def test_bad_config(changes: dict, match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         TINY.replace(**changes)
+
+
+def _count_block_calls(model: xclip.XCLIP) -> dict[str, int]:
+    """Calls of the vision and text blocks' ``forward`` (wrapped: module hooks do not fire
+    when checkpointing recomputes a block)."""
+    calls = {"vision": 0, "text": 0}
+
+    def counting(forward, tower: str):
+        def wrapped(*args, **kwargs):
+            calls[tower] += 1
+            return forward(*args, **kwargs)
+
+        return wrapped
+
+    for tower, blocks in (("vision", model.visual.transformer.resblocks), ("text", model.transformer.resblocks)):
+        for block in blocks:
+            block.forward = counting(block.forward, tower)
+    return calls
+
+
+def test_gradient_checkpointing_gives_identical_outputs_and_gradients() -> None:
+    # Drop path on: the recomputation must replay the same random masks.
+    config = TINY.replace(drop_path_rate=0.3)
+    model = randomized(config).train()
+    video, text = inputs(config)
+    calls = _count_block_calls(model)
+
+    def run(enabled: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.set_gradient_checkpointing(enabled)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        logits = model(video, text)
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, plain_grads = run(False)
+    assert calls == {"vision": 2, "text": 2}
+    checkpointed, checkpointed_grads = run(True)
+    assert model.gradient_checkpointing
+    assert calls == {"vision": 2 + 4, "text": 2 + 4}  # every block ran again in backward
+    assert torch.equal(checkpointed, plain)
+    assert checkpointed_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.equal(checkpointed_grads[name], grad), name
+
+
+def test_gradient_checkpointing_leaves_eval_and_no_grad_alone() -> None:
+    model = randomized(TINY)
+    video, text = inputs(TINY)
+    with torch.no_grad():
+        expected = model(video, text)
+    model.set_gradient_checkpointing(True)
+    calls = _count_block_calls(model)
+    with torch.no_grad():
+        assert torch.equal(model.train()(video, text), expected)
+    assert torch.equal(model.eval()(video, text).detach(), expected)  # eval with grad: no recompute either
+    assert calls == {"vision": 4, "text": 4}
+    with pytest.raises(TypeError, match="enabled: expected a bool, got 'yes'"):
+        model.set_gradient_checkpointing("yes")
+
+
+def test_trains_and_infers_under_autocast_with_float32_weights() -> None:
+    # Autocast runs the message path's matmuls in bf16 while the LayerNorm and projection weights
+    # stay float32 (the model hands the op one dtype), and casts no in-place or out= operation
+    # (so without grad the blocks must not take their in-place path).
+    model = randomized(TINY).train()
+    video, text = inputs(TINY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(video, text)
+        with torch.no_grad():
+            inferred = model(video, text)
+    assert logits.dtype == inferred.dtype == torch.bfloat16
+    assert torch.equal(inferred, logits.detach())
+    torch.nn.functional.cross_entropy(logits.float(), torch.tensor([1, 0])).backward()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
