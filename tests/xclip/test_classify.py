@@ -1,0 +1,406 @@
+"""``python -m xclip classify``: zero-shot classification of real (synthetic) video files end to
+end with a tiny checkpoint: output format and values against the model run directly, multi-view
+averaging, the text-feature cache, per-file errors, the progress bar and argument errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import xclip
+from xclip import classify as xc
+from xclip import video as xv
+from xclip.__main__ import main, parse_views
+
+pytest.importorskip("av")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = xclip.XCLIPConfig(
+    image_size=32, patch_size=8, vision_width=128, vision_layers=2, vision_heads=2, embed_dim=64,
+    text_width=64, text_layers=2, text_heads=1, num_frames=3, mit_heads=1, prompt_heads=1,
+)
+LABELS = ["archery", "bowling", "playing the violin", "surfing water"]
+LABEL_ARG = ",".join(LABELS)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    xclip.build_model(TINY).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> xclip.XCLIP:
+    return xclip.load_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Two good videos (MP4 and Matroska, different sizes), a 2-frame video (T is 3), a text
+    file named .mp4, a directory, and a path that does not exist."""
+    root = tmp_path_factory.mktemp("videos")
+    g = torch.Generator().manual_seed(5)
+    out = {
+        "a": root / "a.mp4",
+        "b": root / "b clip.mkv",
+        "short": root / "short.mp4",
+        "text": root / "notes.mp4",
+        "dir": root / "folder.mp4",
+        "missing": root / "missing.mp4",
+    }
+    xv.write_video(out["a"], torch.randint(0, 256, (20, 48, 64, 3), generator=g, dtype=torch.uint8))
+    xv.write_video(out["b"], torch.randint(0, 256, (12, 64, 40, 3), generator=g, dtype=torch.uint8))
+    xv.write_video(out["short"], torch.randint(0, 256, (2, 48, 64, 3), generator=g, dtype=torch.uint8))
+    out["text"].write_text("not a video at all\n" * 50)
+    out["dir"].mkdir()
+    return out
+
+
+def expected_probabilities(
+    model: xclip.XCLIP, path: Path, clips: int = 1, crops: int = 1, allow_short: bool = False
+) -> torch.Tensor:
+    """The model run directly: softmax over the labels per view, mean over views."""
+    views = xv.load_views(
+        path, TINY.num_frames, TINY.image_size, num_clips=clips, num_crops=crops, allow_short=allow_short
+    )
+    with torch.no_grad():
+        logits = model(views, xclip.tokenize(LABELS))
+    return logits.softmax(dim=-1).mean(dim=0)
+
+
+def run(capsys, *args: object) -> tuple[int, str, str]:
+    status = main(["classify", *(str(a) for a in args)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def parse_text(out: str) -> list[tuple[str, list[tuple[float, str]]]]:
+    """Blocks of the text format: a path line, then ``  probability  label`` lines."""
+    blocks: list[tuple[str, list[tuple[float, str]]]] = []
+    for line in out.splitlines():
+        if line.startswith("  "):
+            probability, label = line.strip().split("  ", 1)
+            blocks[-1][1].append((float(probability), label))
+        else:
+            blocks.append((line, []))
+    return blocks
+
+
+def parse_json(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+def test_text_output_top_k_per_file_in_order(capsys, checkpoint, model, files, tmp_path) -> None:
+    common = ("--checkpoint", checkpoint, "--labels", LABEL_ARG, "--cache-dir", tmp_path)
+    status, out, err = run(capsys, files["a"], files["b"], *common)
+    assert status == 0, err
+    blocks = parse_text(out)
+    assert [path for path, _ in blocks] == [str(files["a"]), str(files["b"])]
+    for (path, rows), video in zip(blocks, (files["a"], files["b"])):
+        assert len(rows) == len(LABELS)  # default top-k: 5, or fewer labels
+        probabilities = [p for p, _ in rows]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sorted(label for _, label in rows) == sorted(LABELS)
+        assert sum(probabilities) <= 1 + 4 * 5e-5  # printed with 4 decimals
+        expected = expected_probabilities(model, video)
+        for p, label in rows:
+            assert abs(p - float(expected[LABELS.index(label)])) <= 5e-5 + 1e-6, (label, p, expected)
+    # The two files get different answers (the video matters).
+    assert blocks[0][1] != blocks[1][1]
+
+    status, out, _ = run(capsys, files["a"], *common, "--top-k", 2)
+    (path, rows), = parse_text(out)
+    assert status == 0 and len(rows) == 2 and rows == blocks[0][1][:2]
+
+
+def test_json_output_and_multi_view_averaging(capsys, checkpoint, model, files, tmp_path) -> None:
+    common = ("--checkpoint", checkpoint, "--labels", LABEL_ARG, "--cache-dir", tmp_path, "--json", "--quiet")
+    status, out, err = run(capsys, files["a"], files["b"], *common, "--views", "2x3")
+    assert status == 0 and err == ""
+    results = parse_json(out)
+    assert [r["path"] for r in results] == [str(files["a"]), str(files["b"])]
+    for result, video in zip(results, (files["a"], files["b"])):
+        probabilities = [row["probability"] for row in result["top"]]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
+        expected = expected_probabilities(model, video, clips=2, crops=3)
+        got = torch.tensor([probabilities[[row["label"] for row in result["top"]].index(label)] for label in LABELS])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    single = expected_probabilities(model, files["a"])
+    assert not torch.allclose(single, expected_probabilities(model, files["a"], clips=2, crops=3), atol=1e-4)
+    # --views 6 and --clips 2 --crops 3 are the same 2 clips x 3 crops.
+    assert run(capsys, files["a"], files["b"], *common, "--views", "6")[1] == out
+    assert run(capsys, files["a"], files["b"], *common, "--clips", "2", "--crops", "3")[1] == out
+
+
+def test_labels_file_gives_the_same_answers(capsys, checkpoint, files, tmp_path) -> None:
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("\n".join(["", *LABELS[:2], "   ", *LABELS[2:], ""]) + "\n", encoding="utf-8")
+    common = ("--checkpoint", checkpoint, "--cache-dir", tmp_path / "cache", "--json")
+    by_file = run(capsys, files["a"], *common, "--labels-file", labels_file)
+    by_arg = run(capsys, files["a"], *common, "--labels", LABEL_ARG)
+    assert by_file[0] == by_arg[0] == 0 and by_file[1] == by_arg[1]
+
+
+def test_real_entry_point_in_a_subprocess(checkpoint, files, tmp_path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    result = subprocess.run(
+        [sys.executable, "-m", "xclip", "classify", str(files["a"]), "--checkpoint", str(checkpoint),
+         "--labels", LABEL_ARG, "--top-k", "3", "--json"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (record,) = parse_json(result.stdout)
+    assert record["path"] == str(files["a"]) and len(record["top"]) == 3
+    probabilities = [row["probability"] for row in record["top"]]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
+    # The default cache directory honours XDG_CACHE_HOME.
+    assert len(list((tmp_path / "xdg" / "xclip").glob("text-*.safetensors"))) == 1
+
+
+def test_help(capsys) -> None:
+    for argv in (["--help"], ["classify", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "classify" in out and "--labels-file" in out and "--views" in out and "4x3" in out
+
+
+# -- the text-feature cache ---------------------------------------------------------------------
+
+
+def test_text_features_are_cached_on_disk_and_invalidated(capsys, monkeypatch, checkpoint, files, tmp_path) -> None:
+    calls: list[int] = []
+    original = xclip.XCLIP.encode_text
+
+    def counting(self, text):
+        calls.append(text.shape[0])
+        return original(self, text)
+
+    monkeypatch.setattr(xclip.XCLIP, "encode_text", counting)
+    cache = tmp_path / "cache"
+    ckpt = tmp_path / "ckpt.safetensors"
+    ckpt.write_bytes(checkpoint.read_bytes())
+
+    def classify(labels: list[str], *extra: object, videos: tuple[Path, ...] = (files["a"],)) -> tuple[str, str]:
+        calls.clear()
+        args = ("--checkpoint", ckpt, "--labels", ",".join(labels), "--cache-dir", cache, "--json", *extra)
+        status, out, err = run(capsys, *videos, *args)
+        assert status == 0, err
+        return out, err
+
+    _, err = classify(LABELS, videos=(files["a"], files["b"]))
+    assert calls == [len(LABELS)]  # once for the run, not once per file
+    assert "encoded and saved to" in err
+    assert len(list(cache.glob("text-*.safetensors"))) == 1
+    first, err = classify(LABELS, "--no-cache")
+    assert calls == [len(LABELS)] and "text features" not in err
+
+    second, err = classify(LABELS)
+    assert calls == [] and "read from" in err and second == first  # a hit gives the same answers
+    assert len(list(cache.glob("text-*.safetensors"))) == 1  # --no-cache wrote nothing
+
+    classify(list(reversed(LABELS)))  # the order is part of the key
+    assert calls == [len(LABELS)]
+    classify(LABELS[:3] + ["skiing"])  # a changed label
+    assert calls == [len(LABELS)]
+    assert len(list(cache.glob("text-*.safetensors"))) == 3
+    classify(LABELS[:3] + ["skiing"])
+    assert calls == []
+
+    stat = ckpt.stat()  # the same checkpoint path, modified: a miss
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert classify(LABELS)[0] == first and calls == [len(LABELS)]
+
+    for cached in cache.glob("text-*.safetensors"):  # a damaged cache file is a miss, rewritten
+        cached.write_bytes(b"\x00garbage")
+    classify(LABELS)
+    assert calls == [len(LABELS)]
+    classify(LABELS)
+    assert calls == []
+
+    before = sorted(p.name for p in cache.iterdir())
+    out, err = classify(LABELS, "--no-cache")
+    assert calls == [len(LABELS)] and out == first and sorted(p.name for p in cache.iterdir()) == before
+
+
+def test_cache_key_depends_on_checkpoint_and_exact_labels(tmp_path, checkpoint) -> None:
+    identity = xc.checkpoint_identity(checkpoint)
+    assert identity["path"] == os.path.realpath(checkpoint)
+    key = xc.cache_key(identity, LABELS, 77)
+    assert key == xc.cache_key(xc.checkpoint_identity(checkpoint), list(LABELS), 77)
+    assert key != xc.cache_key(identity, LABELS[:-1], 77)
+    assert key != xc.cache_key(identity, [*LABELS[:-1], LABELS[-1] + " "], 77)
+    assert key != xc.cache_key(identity, LABELS, 76)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text("{}")
+    (hf_dir / "model.safetensors").write_bytes(b"1234")
+    files = xc.checkpoint_identity(hf_dir)["files"]
+    assert sorted(files) == ["config.json", "model.safetensors"] and files["model.safetensors"][0] == 4
+
+
+# -- bad files ----------------------------------------------------------------------------------
+
+
+def test_bad_files_are_reported_and_the_others_still_run(capsys, checkpoint, files, tmp_path) -> None:
+    order = ["missing", "a", "text", "short", "dir", "b"]
+    common = ("--checkpoint", checkpoint, "--labels", LABEL_ARG, "--cache-dir", tmp_path)
+    status, out, err = run(capsys, *(files[name] for name in order), *common)
+    assert status == 1
+    assert [path for path, _ in parse_text(out)] == [str(files["a"]), str(files["b"])]
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 4
+    assert f"path: no such file: {files['missing']}" in errors[0]
+    assert f"{files['text']} is not a video file that FFmpeg can read" in errors[1]
+    assert f"{files['short']} has 2 frames, fewer than the model's num_frames = 3" in errors[2]
+    assert "--allow-short" in errors[2]
+    assert f"expected a video file, got a directory: {files['dir']}" in errors[3]
+    assert "4 of 6 files failed" in err
+
+    status, out, err = run(capsys, files["a"], files["short"], *common, "--allow-short", "--json")
+    assert status == 0, err
+    results = parse_json(out)
+    assert [r["path"] for r in results] == [str(files["a"]), str(files["short"])]
+    expected = expected_probabilities(xclip.load_checkpoint(checkpoint), files["short"], allow_short=True)
+    top = results[1]["top"][0]
+    torch.testing.assert_close(torch.tensor(top["probability"]), expected.max(), rtol=1e-5, atol=1e-6)
+    assert top["label"] == LABELS[int(expected.argmax())]
+
+
+def test_a_bad_checkpoint_is_one_clear_error(capsys, files, tmp_path) -> None:
+    missing = tmp_path / "nope.pth"
+    status, out, err = run(capsys, files["a"], "--checkpoint", missing, "--labels", LABEL_ARG, "--cache-dir", tmp_path)
+    assert status == 1 and out == ""
+    assert "error: checkpoint:" in err and "nope.pth" in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--backend", "bogus"], "backend: expected one of"),
+        (["--device", "cuda:x"], "device: expected a torch device"),
+        (["--labels", "a " * 100], "texts[0]"),  # longer than the 77-token context
+    ],
+)
+def test_bad_run_settings_exit_2_and_say_why(capsys, checkpoint, files, tmp_path, extra, message) -> None:
+    common = ("--checkpoint", checkpoint, "--labels", LABEL_ARG, "--cache-dir", tmp_path)
+    status, out, err = run(capsys, files["a"], *common, *extra)
+    assert status == 2 and out == "" and message in err
+
+
+def test_an_unwritable_cache_costs_only_the_cache(capsys, checkpoint, files, tmp_path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory would be")
+    common = ("--checkpoint", checkpoint, "--labels", LABEL_ARG, "--cache-dir", blocker / "cache")
+    status, out, err = run(capsys, files["a"], *common)
+    assert status == 0 and [path for path, _ in parse_text(out)] == [str(files["a"])]
+    assert "warning: text features not cached" in err
+
+
+# -- progress bar -------------------------------------------------------------------------------
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_only(checkpoint, files, tmp_path) -> None:
+    def classify(stderr: io.StringIO, **kw: object) -> str:
+        stdout = io.StringIO()
+        status = xc.run_classify(
+            videos=[str(files["a"]), str(files["b"])], checkpoint=str(checkpoint), labels=LABELS,
+            cache_dir=tmp_path, stdout=stdout, stderr=stderr, **kw,
+        )
+        assert status == 0
+        return stderr.getvalue()
+
+    shown = classify(FakeTerminal())
+    assert "[----------------------------------------]" not in shown
+    assert "[--------------------] 0/2 a.mp4" in shown
+    assert "[##########----------] 1/2 b clip.mkv" in shown
+    assert "[####################] 2/2" in shown
+    assert shown.endswith("\r\x1b[K")  # the bar is cleared at the end
+    assert "\r" not in classify(FakeTerminal(), quiet=True)
+    assert "\r" not in classify(io.StringIO())  # not a terminal
+
+
+def test_progress_bar_clears_before_other_output() -> None:
+    stream = FakeTerminal()
+    bar = xc.ProgressBar(3, stream, enabled=True)
+    bar.start("x.mp4")
+    bar.clear()
+    bar.advance()
+    bar.close()
+    assert stream.getvalue() == (
+        "\r[--------------------] 0/3 x.mp4\x1b[K"
+        + "\r\x1b[K" + "\r[######--------------] 1/3 \x1b[K" + "\r\x1b[K"
+    )
+    silent = FakeTerminal()
+    off = xc.ProgressBar(3, silent, enabled=False)
+    off.start("x")
+    off.advance()
+    off.close()
+    assert silent.getvalue() == ""
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def test_label_parsing() -> None:
+    assert xc.parse_labels(" archery, bowling ,,playing the violin ") == ["archery", "bowling", "playing the violin"]
+    with pytest.raises(ValueError, match=r"labels: expected distinct labels, got repeats of \['a'\]"):
+        xc.parse_labels("a,b,a")
+    with pytest.raises(ValueError, match="labels: expected at least one label"):
+        xc.parse_labels(" , ")
+
+
+def test_top_k_sorts_and_keeps_label_order_on_ties() -> None:
+    probabilities = torch.tensor([0.2, 0.4, 0.2, 0.2])
+    expected = [("b", pytest.approx(0.4)), ("a", pytest.approx(0.2)), ("c", pytest.approx(0.2))]
+    assert xc.top_k(probabilities, ["a", "b", "c", "d"], 3) == expected
+    assert len(xc.top_k(probabilities, ["a", "b", "c", "d"], 10)) == 4
+
+
+def test_parse_views() -> None:
+    assert parse_views("4x3") == (4, 3)
+    assert parse_views("12") == (4, 3)
+    assert parse_views("3") == (1, 3)
+    assert parse_views("4") == (4, 1)
+    assert parse_views("1") == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--labels", " , "], "--labels: labels: expected at least one label"),
+        (["--labels", "a,a"], "expected distinct labels"),
+        (["--labels", "a", "--views", "4x2"], "crops 1 or 3"),
+        (["--labels", "a", "--views", "abc"], "CLIPSxCROPS"),
+        (["--labels", "a", "--views", "4x3", "--clips", "2"], "--views: not allowed with --clips or --crops"),
+        (["--labels", "a", "--crops", "2"], "invalid choice"),
+        (["--labels", "a", "--top-k", "0"], "expected an int >= 1, got 0"),
+        (["--labels", "a", "--clips", "x"], "expected an int >= 1, got 'x'"),
+        ([], "one of the arguments --labels --labels-file is required"),
+        (["--labels", "a", "--labels-file", "f"], "not allowed with argument"),
+        (["--labels-file", "/nonexistent/labels.txt"], "--labels-file"),
+    ],
+)
+def test_argument_errors_exit_2_and_say_why(capsys, files, checkpoint, extra, message) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", str(files["a"]), "--checkpoint", str(checkpoint), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
