@@ -1,6 +1,10 @@
 // IFA on the CPU: one task per (frame, head), run in parallel with at::parallel_for.
 //
-// A frame-head is small (N <= 577 rows of D = 64), so each task works on dense N x N score
+// float32 with a head dim that is a multiple of 16 (every X-CLIP variant) runs forward and
+// backward on the register tiles of simd_kernels.cpp (AVX-512 or AVX2). This file holds the
+// general path for the rest (float64 for gradcheck, other head dims) and the entry points.
+//
+// In the general path a frame-head is small (N <= 577 rows of D = 64), so each task works on dense N x N score
 // tiles with the BLAS that torch itself uses (the sgemm_/dgemm_ entry points exported by
 // libtorch_cpu, resolved once with dlsym), and keeps the glue passes (softmax, the message
 // column, the softmax-backward correction) as short vectorised loops over contiguous rows.
@@ -277,6 +281,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_att
   auto dmk = at::zeros(msg_k.sizes(), q.options());
   auto dmv = at::zeros(msg_v.sizes(), q.options());
   if (q.numel() == 0) return {dq, dk, dv, dmk, dmv};
+  if (q.scalar_type() == at::kFloat && fused_forward_supports(q.size(3))) {
+    auto rows = [](const at::Tensor& t) { return RowStrides{t.stride(0), t.stride(1), t.stride(2)}; };
+    auto heads = [](const at::Tensor& t) { return HeadStrides{t.stride(0), t.stride(1)}; };
+    const auto lse_c = lse.contiguous();
+    fused_backward(FusedBackward{q.size(0), q.size(1), q.size(2), q.size(3), static_cast<float>(scale),
+                                 q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), msg_k.data_ptr<float>(),
+                                 msg_v.data_ptr<float>(), out.data_ptr<float>(), grad_out.data_ptr<float>(),
+                                 lse_c.data_ptr<float>(), rows(q), rows(k), rows(v), rows(out), rows(grad_out),
+                                 heads(msg_k), heads(msg_v), dq.data_ptr<float>(), dk.data_ptr<float>(),
+                                 dv.data_ptr<float>(), dmk.data_ptr<float>(), dmv.data_ptr<float>(),
+                                 q.size(2) * q.size(3)});
+    return {dq, dk, dv, dmk, dmv};
+  }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "frame_attention_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_out, q, k, v, msg_k, msg_v, out, lse, scale, dq, dk, dv, dmk, dmv);
   });

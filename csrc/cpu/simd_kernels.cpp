@@ -60,8 +60,8 @@ bool use_avx512() {
 #endif
 }
 
-template <typename Tasks, typename Scratch>
-void run_parallel(const FusedForward& problem, Tasks tasks, Scratch scratch_floats) {
+template <typename Problem, typename Tasks, typename Scratch>
+void run_parallel(const Problem& problem, Tasks tasks, Scratch scratch_floats) {
   at::parallel_for(0, problem.frames * problem.heads, 1, [&](int64_t begin, int64_t end) {
     // 64 floats of slack to align the start to a cache line.
     std::vector<float> scratch(static_cast<size_t>(scratch_floats(problem)) + 64);
@@ -82,6 +82,14 @@ void fused_forward(const FusedForward& problem) {
     return run_parallel(problem, tiles_avx512::forward_tasks, tiles_avx512::forward_scratch_floats);
 #endif
   run_parallel(problem, tiles_avx2::forward_tasks, tiles_avx2::forward_scratch_floats);
+}
+
+void fused_backward(const FusedBackward& problem) {
+#ifdef XCLIP_HAVE_AVX512_TILES
+  if (use_avx512() && problem.dim % tiles_avx512::kPanel == 0)
+    return run_parallel(problem, tiles_avx512::backward_tasks, tiles_avx512::backward_scratch_floats);
+#endif
+  run_parallel(problem, tiles_avx2::backward_tasks, tiles_avx2::backward_scratch_floats);
 }
 
 bool skinny_linear_supports(int64_t rows, int64_t inner) {

@@ -36,6 +36,20 @@ bool fused_forward_supports(int64_t dim);
 // has (XCLIP_KERNELS_CPU_ISA=avx2 forces the AVX2 tiles, for tests and comparisons).
 void fused_forward(const FusedForward& problem);
 
+// The IFA backward: the forward's inputs, its output and lse, and grad_out (any row strides);
+// dq, dk, dv (F, N, H, D) and dmsg_k, dmsg_v (F, H, D) contiguous, all written.
+struct FusedBackward {
+  int64_t frames, tokens, heads, dim;
+  float scale;
+  const float *q, *k, *v, *msg_k, *msg_v, *out, *grad_out, *lse;
+  RowStrides q_strides, k_strides, v_strides, out_strides, grad_out_strides;
+  HeadStrides msg_k_strides, msg_v_strides;
+  float *dq, *dk, *dv, *dmsg_k, *dmsg_v;
+  int64_t grad_row_stride;  // heads * dim
+};
+
+void fused_backward(const FusedBackward& problem);
+
 // out = x weight^T + bias (+ residual), all float32 and contiguous: x (rows, inner), weight
 // (outputs, inner), bias (outputs) or null, residual and out (rows, outputs); residual may be
 // null, and out must not alias x or weight.

@@ -8,7 +8,7 @@ import torch
 
 import xclip_kernels as xk
 from xclip_kernels import compiled, reference
-from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs, nan_padded
+from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs, nan_padded, output_and_grads
 
 _REASONS = xk.get_backend("cpp").unavailable_reasons()
 pytestmark = pytest.mark.skipif(bool(_REASONS), reason=f"cpp: {'; '.join(_REASONS)}")
@@ -55,16 +55,19 @@ def test_repeated_calls_are_bitwise_identical():
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("shape", [(2, 1, 3, 64), (2, 17, 3, 64), (3, 50, 2, 64), (1, 197, 2, 64), (1, 577, 1, 64),
                                    (2, 33, 2, 32), (2, 45, 2, 80), (2, 9, 2, 48)])
-def test_forward_tiles_match_reference_on_each_instruction_set(isa, shape, monkeypatch):
-    # float32 with D % 16 == 0 runs on register tiles: AVX-512 where the CPU has it, and AVX2
-    # when XCLIP_KERNELS_CPU_ISA=avx2 (read on every call), so both builds are checked here.
+def test_tiles_match_reference_on_each_instruction_set(isa, shape, monkeypatch):
+    # float32 with D % 16 == 0 runs forward and backward on register tiles: AVX-512 where the
+    # CPU has it, AVX2 when XCLIP_KERNELS_CPU_ISA=avx2 (read on every call), so both builds
+    # are checked here, with every tail height of both tile sizes among these N.
     if isa == "avx2":
         monkeypatch.setenv("XCLIP_KERNELS_CPU_ISA", "avx2")
     inputs = frame_inputs(*shape, torch.float32, seed=11)
-    with torch.no_grad():
-        out = xk.frame_attention(*inputs, backend="cpp")
-        truth = reference.frame_attention(*(t.double() for t in inputs))
+    upstream = torch.randn(shape, generator=torch.Generator().manual_seed(12))
+    out, grads = output_and_grads(lambda *t: xk.frame_attention(*t, backend="cpp"), leaves(inputs), upstream)
+    truth, truth_grads = output_and_grads(reference.frame_attention, leaves(inputs, torch.float64), upstream)
     assert_matches_truth(out, truth, torch.float32, f"output {shape} on {isa}")
+    for name, grad, expected in zip(("q", "k", "v", "msg_k", "msg_v"), grads, truth_grads):
+        assert_matches_truth(grad, expected, torch.float32, f"d{name} {shape} on {isa}")
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2"])
