@@ -1,7 +1,8 @@
 """Kernel benchmark: IFA and the message path on each backend, forward and forward+backward.
 
 ``python -m benchmarks.kernels`` times every backend that runs on the device at the shapes of
-the chosen variants (``F = batch * frames`` frames), and prints median and 20/80 percentiles,
+the chosen variants (``F = batch * frames`` frames), and prints median and 20/80 percentiles (on the CPU, of samples of back-to-back calls
+lasting at least 20 ms),
 TFLOP/s (IFA forward ``4 F H N (N+1) D``, backward 2.5x that) and GB/s (each input read
 once, the output written once). On a GPU it uses ``triton.testing.do_bench``; on the CPU,
 interleaved rounds. ``--json PATH`` writes one record per row.
@@ -36,7 +37,8 @@ def _time(fns: dict[str, Callable[[], object]], device: str, rounds: int) -> dic
         from triton.testing import do_bench
 
         return {name: tuple(t / 1e3 for t in do_bench(fn, quantiles=[0.5, 0.2, 0.8])) for name, fn in fns.items()}
-    timings = interleaved(fns, rounds, warmup=1)
+    # Samples of at least 20 ms: the message path is a sub-millisecond op (see interleaved).
+    timings = interleaved(fns, rounds, warmup=1, min_sample_s=0.02)
     return {name: (timings.median(name), timings.quantile(name, 0.2), timings.quantile(name, 0.8)) for name in fns}
 
 

@@ -40,19 +40,31 @@ def interleaved(
     rounds: int,
     warmup: int = 1,
     progress: Callable[[int], None] | None = None,
+    min_sample_s: float = 0.0,
 ) -> Timings:
-    """Time each callable once per round for ``rounds`` rounds after ``warmup`` untimed rounds."""
+    """Time each callable once per round for ``rounds`` rounds after ``warmup`` untimed rounds.
+
+    With ``min_sample_s``, a sample is a run of back-to-back calls, as many as make the
+    slowest callable's warm-up call last that long (the same count for every callable), and
+    the time recorded is per call: single calls of a sub-millisecond op mostly time thread
+    wake-up and the caches the previous candidate left.
+    """
     names = list(candidates)
+    slowest = 0.0
     for _ in range(warmup):
         for name in names:
+            start = time.perf_counter()
             candidates[name]()
+            slowest = max(slowest, time.perf_counter() - start)
+    number = max(1, round(min_sample_s / slowest)) if min_sample_s > 0 and slowest > 0 else 1
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            candidates[name]()
-            seconds[name].append(time.perf_counter() - start)
+            for _ in range(number):
+                candidates[name]()
+            seconds[name].append((time.perf_counter() - start) / number)
         if progress is not None:
             progress(r + 1)
     return Timings(seconds)

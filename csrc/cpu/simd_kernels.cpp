@@ -15,7 +15,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace xclip_ext {
@@ -24,6 +23,7 @@ namespace tiles_avx2 {
 constexpr int kWidth = 8;
 constexpr int kTileRows = 6;    // 12 accumulators + 2 key vectors + 1 broadcast of 16 registers
 constexpr int kLinearRows = 2;  // 8 accumulators + 4 weight vectors + 1 x vector
+constexpr int kLinearCols = 4;
 #include "simd_vec.inc"
 #include "ifa_tiles.inc"
 #include "linear_tiles.inc"
@@ -36,7 +36,8 @@ constexpr int kLinearRows = 2;  // 8 accumulators + 4 weight vectors + 1 x vecto
 namespace tiles_avx512 {
 constexpr int kWidth = 16;
 constexpr int kTileRows = 12;   // 24 accumulators + 2 key vectors + 1 broadcast of 32 registers
-constexpr int kLinearRows = 6;  // 24 accumulators + 4 weight vectors + 1 x vector
+constexpr int kLinearRows = 4;  // 24 accumulators + 6 weight vectors + 1 x vector
+constexpr int kLinearCols = 6;
 #include "simd_vec.inc"
 #include "ifa_tiles.inc"
 #include "linear_tiles.inc"
@@ -63,8 +64,11 @@ bool use_avx512() {
 template <typename Problem, typename Tasks, typename Scratch>
 void run_parallel(const Problem& problem, Tasks tasks, Scratch scratch_floats) {
   at::parallel_for(0, problem.frames * problem.heads, 1, [&](int64_t begin, int64_t end) {
-    // 64 floats of slack to align the start to a cache line.
-    std::vector<float> scratch(static_cast<size_t>(scratch_floats(problem)) + 64);
+    // Kept per thread between calls: a fresh buffer of this size comes from mmap, and its page
+    // faults cost a measurable share of a call. 64 floats of slack align the start.
+    thread_local std::vector<float> scratch;
+    const size_t needed = static_cast<size_t>(scratch_floats(problem)) + 64;
+    if (scratch.size() < needed) scratch.resize(needed);
     const auto address = reinterpret_cast<uintptr_t>(scratch.data());
     float* aligned = scratch.data() + ((64 - address % 64) % 64) / sizeof(float);
     tasks(problem, begin, end, aligned);
@@ -97,25 +101,21 @@ bool skinny_linear_supports(int64_t rows, int64_t inner) {
   return rows <= kSkinnyMaxRows && inner % tiles_avx2::kWidth == 0;
 }
 
-void skinny_linear(const SkinnyLinear& problem) {
-  // Parallel over groups of kLinearCols weight rows, so every worker runs full tiles.
-  const int64_t cols = tiles_avx2::kLinearCols, groups = (problem.outputs + cols - 1) / cols;
-  auto columns = [&](int64_t begin, int64_t end) {
-    return std::pair<int64_t, int64_t>{begin * cols, std::min(end * cols, problem.outputs)};
-  };
-#ifdef XCLIP_HAVE_AVX512_TILES
-  if (use_avx512() && problem.inner % tiles_avx512::kWidth == 0) {
-    at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
-      const auto [first, last] = columns(begin, end);
-      tiles_avx512::linear_tasks(problem, first, last);
-    });
-    return;
-  }
-#endif
-  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
-    const auto [first, last] = columns(begin, end);
-    tiles_avx2::linear_tasks(problem, first, last);
+// Parallel over groups of kLinearCols weight rows, so every worker runs full tiles.
+template <typename Tasks>
+void run_linear(const SkinnyLinear& problem, int64_t cols, Tasks tasks) {
+  const int64_t groups = (problem.outputs + cols - 1) / cols;
+  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
+    tasks(problem, begin * cols, std::min(end * cols, problem.outputs));
   });
+}
+
+void skinny_linear(const SkinnyLinear& problem) {
+#ifdef XCLIP_HAVE_AVX512_TILES
+  if (use_avx512() && problem.inner % tiles_avx512::kWidth == 0)
+    return run_linear(problem, tiles_avx512::kLinearCols, tiles_avx512::linear_tasks);
+#endif
+  run_linear(problem, tiles_avx2::kLinearCols, tiles_avx2::linear_tasks);
 }
 
 }  // namespace xclip_ext
