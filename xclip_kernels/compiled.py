@@ -111,17 +111,8 @@ def message_attention(
     in_proj_bias: torch.Tensor, out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor,
     num_frames: int, num_heads: int, eps: float = 1e-5,
 ) -> torch.Tensor:
-    """CFA of one block over each video's T messages. messages: ``(F, W)``. Returns ``(F, W)``.
-
-    When a gradient is wanted this runs the PyTorch ops of the ``sdpa`` backend directly: the
-    fused op's backward is a recomputation through those ops anyway, so running the fused
-    forward first would only add its time (measured in BENCHMARKS.md).
-    """
+    """CFA of one block over each video's T messages. messages: ``(F, W)``. Returns ``(F, W)``."""
     _require()
-    args = (messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
-        from . import sdpa
-
-        return sdpa.message_attention(*args, num_frames, num_heads, eps)
-    tensors = [t.contiguous() for t in args]
+    tensors = [t.contiguous() for t in (messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias,
+                                        out_proj_weight, out_proj_bias)]
     return torch.ops.xclip_ext.message_attention(*tensors, num_frames, num_heads, float(eps))
