@@ -97,7 +97,8 @@ void fused_backward(const FusedBackward& problem) {
 }
 
 bool skinny_linear_supports(int64_t rows, int64_t inner) {
-  // Beyond a few dozen rows BLAS's packing pays for itself; measured crossover in BENCHMARKS.md.
+  // The tiles are for the message path's b*T rows; from a few dozen rows on, BLAS's packing of
+  // the weight pays for itself (a chosen bound, not a measured crossover).
   return rows <= kSkinnyMaxRows && inner % tiles_avx2::kWidth == 0;
 }
 
