@@ -102,21 +102,40 @@ bool skinny_linear_supports(int64_t rows, int64_t inner) {
   return rows <= kSkinnyMaxRows && inner % tiles_avx2::kWidth == 0;
 }
 
-// Parallel over groups of kLinearCols weight rows, so every worker runs full tiles.
+// Parallel over groups of `cols` weight rows, so every worker runs full tiles.
 template <typename Tasks>
 void run_linear(const SkinnyLinear& problem, int64_t cols, Tasks tasks) {
   const int64_t groups = (problem.outputs + cols - 1) / cols;
-  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     tasks(problem, begin * cols, std::min(end * cols, problem.outputs));
   });
 }
 
+// The outer-product form when the rows fill whole vectors and it is built for the width (x
+// packed transposed once by the calling thread, read by every worker), else the dot form.
+template <typename OuterTasks, typename Pack, typename DotTasks>
+void run_linear_forms(const SkinnyLinear& problem, int64_t width, OuterTasks outer, int64_t outer_cols, Pack pack,
+                      int64_t transposed_floats, DotTasks dot, int64_t dot_cols) {
+  if (outer == nullptr || problem.rows % width != 0) return run_linear(problem, dot_cols, dot);
+  thread_local std::vector<float> transposed;
+  if (transposed.size() < static_cast<size_t>(transposed_floats)) transposed.resize(transposed_floats);
+  pack(problem, transposed.data());
+  const float* xt = transposed.data();
+  run_linear(problem, outer_cols,
+             [xt, outer](const SkinnyLinear& p, int64_t begin, int64_t end) { outer(p, xt, begin, end); });
+}
+
 void skinny_linear(const SkinnyLinear& problem) {
 #ifdef XCLIP_HAVE_AVX512_TILES
-  if (use_avx512() && problem.inner % tiles_avx512::kWidth == 0)
-    return run_linear(problem, tiles_avx512::kLinearCols, tiles_avx512::linear_tasks);
+  if (use_avx512() && problem.inner % tiles_avx512::kWidth == 0) {
+    namespace t = tiles_avx512;
+    return run_linear_forms(problem, t::kWidth, t::outer_tasks_for(problem.inner), t::kOuterCols,
+                            t::pack_x_transposed, t::transposed_x_floats(problem), t::linear_tasks, t::kLinearCols);
+  }
 #endif
-  run_linear(problem, tiles_avx2::kLinearCols, tiles_avx2::linear_tasks);
+  namespace t = tiles_avx2;
+  run_linear_forms(problem, t::kWidth, t::outer_tasks_for(problem.inner), t::kOuterCols, t::pack_x_transposed,
+                   t::transposed_x_floats(problem), t::linear_tasks, t::kLinearCols);
 }
 
 }  // namespace xclip_ext

@@ -72,10 +72,13 @@ def test_tiles_match_reference_on_each_instruction_set(isa, shape, monkeypatch):
 
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("videos, num_frames, width, heads",
-                         [(1, 1, 64, 2), (1, 7, 96, 3), (2, 8, 768, 12), (3, 5, 40, 5), (9, 8, 64, 4)])
+                         [(1, 1, 64, 2), (1, 7, 96, 3), (2, 8, 768, 12), (4, 8, 768, 12), (2, 8, 1024, 16),
+                          (3, 8, 768, 12), (3, 5, 40, 5), (9, 8, 64, 4)])
 def test_message_path_matches_reference_on_each_instruction_set(isa, videos, num_frames, width, heads, monkeypatch):
-    # float32 projections of up to 64 rows with W % 8 == 0 run on the skinny-linear tiles
-    # (every band height and a column tail occur here); 72 rows and W = 40 on AVX-512 take BLAS.
+    # float32 projections of up to 64 rows with W % 8 == 0 run on the skinny-linear tiles:
+    # the outer-product form for 16 or 32 rows at W = 768 or 1024 (both instruction sets), the
+    # dot-product form otherwise (every band height occurs here); 72 rows and W = 40 on
+    # AVX-512 take BLAS.
     if isa == "avx2":
         monkeypatch.setenv("XCLIP_KERNELS_CPU_ISA", "avx2")
     tensors = message_inputs(videos, num_frames, width, torch.float32, seed=12)
