@@ -189,12 +189,12 @@ class _VideoViT(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class JointSpaceTime(_VideoViT):
-    """One sequence of ``T*N + 1`` tokens (class token first) through ``depth`` blocks.
+class _SpaceTimeViT(_VideoViT):
+    """One class token for the whole video, a learned spatial embedding (class token + N
+    patches) and a learned temporal embedding per frame; ``depth`` blocks of ``block_type``.
+    Shared by the joint and divided baselines."""
 
-    Position: learned spatial embedding (class token + N patches) plus a learned temporal
-    embedding per frame, as CLIP-Joint inflates CLIP's spatial embedding.
-    """
+    block_type: type[nn.Module]
 
     def __init__(
         self,
@@ -211,13 +211,27 @@ class JointSpaceTime(_VideoViT):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, width))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, 1, width))
-        self.blocks = nn.ModuleList(Block(width, heads, self.mlp_dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(self.block_type(width, heads, self.mlp_dim) for _ in range(depth))
         self._init_embeddings()
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
+    def _embed(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """video ``(b, T, 3, S, S)`` -> class token ``(b, 1, C)`` and patches ``(b, T, N, C)``, embedded."""
         b, t = video.shape[:2]
         x = self.patch_embed(video) + self.pos_embed[:, None, 1:] + _temporal_embedding(self.time_embed, t)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
+        return (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1), x
+
+
+class JointSpaceTime(_SpaceTimeViT):
+    """One sequence of ``T*N + 1`` tokens (class token first) through ``depth`` blocks.
+
+    Position: learned spatial embedding (class token + N patches) plus a learned temporal
+    embedding per frame, as CLIP-Joint inflates CLIP's spatial embedding.
+    """
+
+    block_type = Block
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        cls, x = self._embed(video)
         x = torch.cat([cls, x.flatten(1, 2)], dim=1)  # (b, 1 + T*N, C)
         for block in self.blocks:
             x = block(x)
@@ -265,31 +279,13 @@ class DividedBlock(nn.Module):
         return cls, x
 
 
-class DividedSpaceTime(_VideoViT):
+class DividedSpaceTime(_SpaceTimeViT):
     """TimeSformer (divided space-time attention) with ViT-B/16 shapes."""
 
-    def __init__(
-        self,
-        num_frames: int = 8,
-        image_size: int = 224,
-        patch_size: int = 16,
-        width: int = 768,
-        depth: int = 12,
-        heads: int = 12,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 0,
-    ):
-        super().__init__(num_frames, image_size, patch_size, width, depth, heads, mlp_ratio, num_classes)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, width))
-        self.time_embed = nn.Parameter(torch.zeros(1, num_frames, 1, width))
-        self.blocks = nn.ModuleList(DividedBlock(width, heads, self.mlp_dim) for _ in range(depth))
-        self._init_embeddings()
+    block_type = DividedBlock
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        b, t = video.shape[:2]
-        x = self.patch_embed(video) + self.pos_embed[:, None, 1:] + _temporal_embedding(self.time_embed, t)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
+        cls, x = self._embed(video)
         for block in self.blocks:
             cls, x = block(cls, x)
         return self.head(self.norm(cls[:, 0]))
