@@ -44,16 +44,18 @@ def swin_l_32f() -> float:
 @pytest.mark.parametrize("frames", [2, 3])  # built for 2; 3 resizes the temporal embedding
 def test_vit_baselines_forward(cls, frames):
     torch.manual_seed(0)
-    model = cls(num_frames=2, **TINY_VIT).eval()
-    video = torch.randn(2, frames, 3, 32, 32)
+    _check_forward(cls(num_frames=2, **TINY_VIT).eval(), torch.randn(2, frames, 3, 32, 32))
+
+
+def _check_forward(model: torch.nn.Module, video: torch.Tensor) -> None:
+    """Two clips -> (2, 32) finite features, equal to the explicit-attention path, and the
+    clips independent of each other."""
     with torch.no_grad():
         out = model(video)
         with explicit_attention():
             ref = model(video)
-    assert out.shape == (2, 32) and torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    # The clips are independent of each other.
-    with torch.no_grad():
+        assert out.shape == (2, 32) and torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model(video[1:]), out[1:], atol=1e-5, rtol=1e-5)
 
 
@@ -64,16 +66,8 @@ def test_classifier_head():
 
 def test_video_swin_forward():
     torch.manual_seed(0)
-    model = VideoSwin(TINY_SWIN).eval()
-    video = torch.randn(2, 4, 3, 28, 28)  # 2x7x7 tokens: padded to the 3x3 windows, temporal window shrunk
-    with torch.no_grad():
-        out = model(video)
-        with explicit_attention():
-            ref = model(video)
-    assert out.shape == (2, 32) and torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        torch.testing.assert_close(model(video[1:]), out[1:], atol=1e-5, rtol=1e-5)
+    # 2x7x7 tokens: padded to the 3x3 windows, temporal window shrunk.
+    _check_forward(VideoSwin(TINY_SWIN).eval(), torch.randn(2, 4, 3, 28, 28))
 
 
 def test_swin_configs():
