@@ -86,14 +86,12 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   return sum;
 }
 
-struct Strides {
-  int64_t f, n, h;
-};
+inline RowStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+inline HeadStrides head_strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
 
 template <typename T>
-void gather_rows(const T* base, Strides s, int64_t f, int64_t h, int64_t rows, int64_t dim, T* out) {
+void gather_rows(const T* base, RowStrides s, int64_t f, int64_t h, int64_t rows, int64_t dim, T* out) {
   for (int64_t i = 0; i < rows; ++i) {
     const T* src = base + f * s.f + h * s.h + i * s.n;
     std::copy(src, src + dim, out + i * dim);
@@ -113,7 +111,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const T* mvp = msg_v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   T* lp = lse.data_ptr<T>();  // lse in the compute type: float32, or float64 for double inputs
-  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v);
+  const RowStrides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v);
   const int64_t smk_f = msg_k.stride(0), smk_h = msg_k.stride(1), smv_f = msg_v.stride(0), smv_h = msg_v.stride(1);
 
   at::parallel_for(0, frames * heads, 1, [&](int64_t begin, int64_t end) {
@@ -178,8 +176,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   T* dvp = dv.data_ptr<T>();
   T* dmkp = dmk.data_ptr<T>();
   T* dmvp = dmv.data_ptr<T>();
-  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), sg = strides_of(grad_out),
-                so = strides_of(out);
+  const RowStrides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), sg = strides_of(grad_out),
+                   so = strides_of(out);
   const int64_t smk_f = msg_k.stride(0), smk_h = msg_k.stride(1), smv_f = msg_v.stride(0), smv_h = msg_v.stride(1);
 
   at::parallel_for(0, frames * heads, 1, [&](int64_t begin, int64_t end) {
@@ -234,11 +232,10 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
 
 FusedForward fused_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& msg_k,
                            const at::Tensor& msg_v, double scale, at::Tensor& out, at::Tensor& lse) {
-  auto rows = [](const at::Tensor& t) { return RowStrides{t.stride(0), t.stride(1), t.stride(2)}; };
-  auto heads = [](const at::Tensor& t) { return HeadStrides{t.stride(0), t.stride(1)}; };
   return FusedForward{q.size(0), q.size(1), q.size(2), q.size(3), static_cast<float>(scale),
                       q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), msg_k.data_ptr<float>(),
-                      msg_v.data_ptr<float>(), rows(q), rows(k), rows(v), heads(msg_k), heads(msg_v),
+                      msg_v.data_ptr<float>(), strides_of(q), strides_of(k), strides_of(v), head_strides_of(msg_k),
+                      head_strides_of(msg_v),
                       out.data_ptr<float>(), lse.data_ptr<float>(), q.size(2) * q.size(3)};
 }
 
@@ -282,14 +279,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_att
   auto dmv = at::zeros(msg_v.sizes(), q.options());
   if (q.numel() == 0) return {dq, dk, dv, dmk, dmv};
   if (q.scalar_type() == at::kFloat && fused_forward_supports(q.size(3))) {
-    auto rows = [](const at::Tensor& t) { return RowStrides{t.stride(0), t.stride(1), t.stride(2)}; };
-    auto heads = [](const at::Tensor& t) { return HeadStrides{t.stride(0), t.stride(1)}; };
-    const auto lse_c = lse.contiguous();
+    // lse is contiguous (checked at the binding).
     fused_backward(FusedBackward{q.size(0), q.size(1), q.size(2), q.size(3), static_cast<float>(scale),
                                  q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), msg_k.data_ptr<float>(),
                                  msg_v.data_ptr<float>(), out.data_ptr<float>(), grad_out.data_ptr<float>(),
-                                 lse_c.data_ptr<float>(), rows(q), rows(k), rows(v), rows(out), rows(grad_out),
-                                 heads(msg_k), heads(msg_v), dq.data_ptr<float>(), dk.data_ptr<float>(),
+                                 lse.data_ptr<float>(), strides_of(q), strides_of(k), strides_of(v), strides_of(out),
+                                 strides_of(grad_out), head_strides_of(msg_k), head_strides_of(msg_v),
+                                 dq.data_ptr<float>(), dk.data_ptr<float>(),
                                  dv.data_ptr<float>(), dmk.data_ptr<float>(), dmv.data_ptr<float>(),
                                  q.size(2) * q.size(3)});
     return {dq, dk, dv, dmk, dmv};
