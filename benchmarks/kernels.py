@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("forward", "forward+backward"):
             for variant in variants:
                 by = {r["backend"]: r["ms"] for r in rows if r["op"] == op and r["mode"] == mode and r["variant"] == variant}
-                if "triton" in by and "sdpa" in by:
-                    print(f"{op} {mode} {variant}: triton is {by['sdpa'] / by['triton']:.2f}x sdpa")
+                for fused in ("triton", "cuda", "cpp"):
+                    if fused in by and "sdpa" in by:
+                        print(f"{op} {mode} {variant}: {fused} is {by['sdpa'] / by[fused]:.2f}x sdpa")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
