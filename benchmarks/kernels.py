@@ -11,7 +11,6 @@ interleaved rounds. ``--json PATH`` writes one record per row.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Callable
 
@@ -21,7 +20,7 @@ import xclip
 import xclip_kernels as xk
 from xclip_kernels.registry import OPS, OpInputs
 
-from .timing import environment, interleaved
+from .timing import environment, interleaved, write_json
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -160,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     if fused in by and "sdpa" in by:
                         print(f"{op} {mode} {variant}: {fused} is {by['sdpa'] / by[fused]:.2f}x sdpa")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
     return 0
 
 

@@ -9,7 +9,6 @@ matmul timed in the same rounds, and max |logits - reference backend|.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -19,7 +18,7 @@ import xclip_kernels as xk
 from xclip_kernels.registry import OpInputs
 
 from .flops import xclip_gmacs
-from .timing import environment, interleaved, matmul_candidate
+from .timing import environment, interleaved, matmul_candidate, write_json
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if matmul_gflops:
         print(f"fp32 {2048}^3 matmul in the same rounds: {matmul_gflops:.1f} GFLOP/s")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
     return 0
 
 

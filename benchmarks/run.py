@@ -16,7 +16,6 @@ GMACs: X-CLIP's are the paper's convention (one video and one label, text encode
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -29,7 +28,7 @@ import xclip
 from . import baselines
 from .flops import xclip_gmacs
 from .kernels import runnable
-from .timing import environment, interleaved, matmul_candidate
+from .timing import environment, interleaved, matmul_candidate, write_json
 
 
 @dataclass(frozen=True)
@@ -192,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['clips_per_s']:>9.3f} {peak} {frac}")
     _print_scaling(rows)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
     if args.plot:
         plot(rows, args.plot)
     return 0

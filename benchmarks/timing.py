@@ -7,6 +7,7 @@ their median, never from absolute times measured at different moments.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -108,3 +109,12 @@ def environment() -> dict[str, object]:
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def write_json(path: str, record: object) -> None:
+    """Write a benchmark record to ``path`` as indented JSON, creating its folder if needed."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)

@@ -10,7 +10,6 @@ fraction of the matmul rate, and max |logits difference|.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 
@@ -19,7 +18,7 @@ import torch
 import xclip
 
 from .flops import xclip_gmacs
-from .timing import environment, interleaved, matmul_candidate
+from .timing import environment, interleaved, matmul_candidate, write_json
 
 
 def hf_model(variant: str, num_frames: int):  # noqa: ANN201 - transformers is optional
@@ -121,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.dtype} matmul {matmul_rate:.1f} GFLOP/s; ours / hf = {result['speedup']:.3f}x (median of paired rounds); "
           f"max |logits diff| = {diff:.2e}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return 0
 
 

@@ -38,3 +38,11 @@ def test_one_cpu_sweep_point_writes_records(tmp_path):
     assert {r["attention"] for r in rows} == {"xclip", "joint", "divided", "factorised", "swin"}
     for r in rows:
         assert KEYS <= set(r) and r["frames"] == 8 and r["clips_per_s"] > 0 and r["gmacs"] > 0
+
+
+def test_json_records_go_into_a_folder_that_does_not_exist_yet(tmp_path):
+    from benchmarks.timing import write_json
+
+    path = tmp_path / "bench-results" / "nested" / "run.json"
+    write_json(str(path), [{"clips_per_s": 1.5}])
+    assert json.loads(path.read_text()) == [{"clips_per_s": 1.5}]
