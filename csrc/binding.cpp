@@ -80,6 +80,21 @@ at::Tensor message_attention(const at::Tensor& messages, const at::Tensor& ln_we
                                        out_proj_weight, out_proj_bias, num_frames, num_heads, eps);
 }
 
+// CPU only: on CUDA the message path's backward recomputes through PyTorch (compiled.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+message_attention_backward(const at::Tensor& grad_out, const at::Tensor& messages, const at::Tensor& ln_weight,
+                           const at::Tensor& ln_bias, const at::Tensor& in_proj_weight,
+                           const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
+                           const at::Tensor& out_proj_bias, int64_t num_frames, int64_t num_heads, double eps) {
+  check_message_attention(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight,
+                          out_proj_bias, num_frames, num_heads);
+  TORCH_CHECK_VALUE(eps > 0, "eps: expected a positive float, got ", eps);
+  check_float("grad_out", grad_out, messages, 2);
+  check_shape("grad_out", grad_out, messages.sizes(), "(F, W) of messages");
+  return message_attention_backward_cpu(grad_out, messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias,
+                                        out_proj_weight, num_frames, num_heads, eps);
+}
+
 }  // namespace
 
 void check_frame_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -136,12 +151,17 @@ TORCH_LIBRARY(xclip_ext, m) {
       "message_attention(Tensor messages, Tensor ln_weight, Tensor ln_bias, Tensor in_proj_weight, "
       "Tensor in_proj_bias, Tensor out_proj_weight, Tensor out_proj_bias, int num_frames, int num_heads, "
       "float eps) -> Tensor");
+  m.def(
+      "message_attention_backward(Tensor grad_out, Tensor messages, Tensor ln_weight, Tensor ln_bias, "
+      "Tensor in_proj_weight, Tensor in_proj_bias, Tensor out_proj_weight, Tensor out_proj_bias, int num_frames, "
+      "int num_heads, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(xclip_ext, CPU, m) {
   m.impl("frame_attention", &xclip_ext::frame_attention);
   m.impl("frame_attention_backward", &xclip_ext::frame_attention_backward);
   m.impl("message_attention", &xclip_ext::message_attention);
+  m.impl("message_attention_backward", &xclip_ext::message_attention_backward);
 }
 
 #ifdef XCLIP_WITH_CUDA

@@ -27,6 +27,14 @@ at::Tensor message_attention_forward_cpu(
     const at::Tensor& in_proj_weight, const at::Tensor& in_proj_bias,
     const at::Tensor& out_proj_weight, const at::Tensor& out_proj_bias,
     int64_t num_frames, int64_t num_heads, double eps);
+// CFA backward from the forward's inputs (recomputed, nothing saved): the gradients of
+// messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+// contiguous, in the messages' dtype (float32 or float64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& messages, const at::Tensor& ln_weight,
+                               const at::Tensor& ln_bias, const at::Tensor& in_proj_weight,
+                               const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
+                               int64_t num_frames, int64_t num_heads, double eps);
 
 // Whether the BLAS entry points the CPU kernels call (sgemm_/dgemm_ of torch's BLAS) resolved.
 bool cpu_blas_available();

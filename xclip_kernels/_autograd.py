@@ -2,7 +2,8 @@
 
 Each backend registers these with ``torch.library.register_autograd`` on its own ops: the
 frame-attention forward op returns ``(out, lse)`` and has a backward op of the same
-signature everywhere; the message path is recomputed through PyTorch for its backward.
+signature everywhere; the message path is recomputed through PyTorch for its backward
+(except on the CPU, where the extension has a backward op of its own: compiled.py).
 """
 
 from __future__ import annotations

@@ -79,15 +79,30 @@ def _register_python_parts() -> None:
         _autograd.frame_attention_grad(torch.ops.xclip_ext.frame_attention_backward),
         setup_context=_autograd.frame_attention_setup,
     )
+    @torch.library.register_fake("xclip_ext::message_attention_backward")
+    def _(grad_out, messages, ln_w, ln_b, in_w, in_b, out_w, out_b, *sizes):  # noqa: ANN001, ANN002, ANN202
+        return tuple(t.new_empty(t.shape) for t in (messages, ln_w, ln_b, in_w, in_b, out_w, out_b))
+
     torch.library.register_autograd(
-        "xclip_ext::message_attention", _autograd.message_attention_grad, setup_context=_autograd.message_attention_setup
+        "xclip_ext::message_attention", _message_attention_grad, setup_context=_autograd.message_attention_setup
     )
 
     flop_formulas.register(
         torch.ops.xclip_ext.frame_attention,
         torch.ops.xclip_ext.frame_attention_backward,
         torch.ops.xclip_ext.message_attention,
+        torch.ops.xclip_ext.message_attention_backward,
     )
+
+
+def _message_attention_grad(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN202
+    """The message path's backward: the extension's op on the CPU, recomputation through PyTorch
+    on CUDA (where the extension has no backward op for it)."""
+    saved = ctx.saved_tensors
+    if saved[0].is_cuda:
+        return _autograd.message_attention_grad(ctx, grad_out)
+    grads = torch.ops.xclip_ext.message_attention_backward(grad_out.contiguous(), *saved, *ctx.sizes)
+    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

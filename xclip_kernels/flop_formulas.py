@@ -3,7 +3,8 @@
 The counts follow the conventions of the ops they replace (2 FLOPs per multiply-accumulate,
 matmul-like work only): IFA forward is ``4 F H N (N+1) D`` (QK^T and PV over N queries and
 N + 1 keys, exactly what the counter gives SDPA on the concatenated keys), its backward
-2.5x that; the message path counts its two projections and its attention over T.
+2.5x that; the message path counts its two projections and its attention over T, its backward
+twice that plus the q/k/v projection and the attention it recomputes.
 """
 
 from __future__ import annotations
@@ -28,8 +29,16 @@ def message_attention_flops(messages_shape: Sequence[int], num_frames: int, num_
     return projections + attention
 
 
-def register(frame_op: object, frame_backward_op: object, message_op: object) -> None:
-    """Register the formulas for one backend's three custom ops (``torch.ops`` overload packets)."""
+def message_attention_backward_flops(messages_shape: Sequence[int], num_frames: int, num_heads: int) -> int:
+    """FLOPs of the message path's backward op, which recomputes the q/k/v projection and the attention."""
+    frames, width = messages_shape
+    recomputed = 2 * frames * width * 3 * width + 4 * frames * num_frames * width
+    return 2 * message_attention_flops(messages_shape, num_frames, num_heads) + recomputed
+
+
+def register(frame_op: object, frame_backward_op: object, message_op: object, message_backward_op: object = None) -> None:
+    """Register the formulas for one backend's custom ops (``torch.ops`` overload packets); a
+    backend whose message path has no backward op of its own passes none for it."""
 
     @register_flop_formula(frame_op)
     def _(q_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
@@ -43,6 +52,12 @@ def register(frame_op: object, frame_backward_op: object, message_op: object) ->
     def _(messages_shape, ln_w, ln_b, in_w, in_b, out_w, out_b, num_frames, num_heads, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
         return message_attention_flops(messages_shape, num_frames, num_heads)
 
+    if message_backward_op is not None:
+
+        @register_flop_formula(message_backward_op)
+        def _(grad_out_shape, messages_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+            ln_w, ln_b, in_w, in_b, out_w, out_b, num_frames, num_heads, *_ = args
+            return message_attention_backward_flops(messages_shape, num_frames, num_heads)
 
 
 def register_inplace_gemm() -> None:

@@ -7,11 +7,17 @@
 // register tiles that read each weight row once (skinny_linear; the output projection adds
 // the bias and the residual as it stores), and the T x T attention of every (video, head)
 // runs in one parallel loop reading q/k/v straight out of the packed projection.
+//
+// The backward keeps nothing from the forward (the op returns only its output): it recomputes
+// LayerNorm and the q/k/v projection, then runs the attention's backward in one parallel loop
+// and leaves the four weight-sized GEMMs and LayerNorm's backward to ATen, a dozen calls in
+// all instead of autograd replaying the unfused graph.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../xclip_ops.h"
@@ -20,6 +26,29 @@
 namespace xclip_ext {
 namespace {
 
+// Each query row's softmax over the video's T keys of head h, scaled scores in, probabilities
+// out (probs has T entries).
+template <typename T>
+void softmax_over_frames(const T* q, const T* rows, int64_t row_stride, int64_t key_offset, int64_t num_frames,
+                         int64_t dim, T scale, T* probs) {
+  T m = std::numeric_limits<T>::lowest();  // finite: the file builds with -ffast-math
+  for (int64_t s = 0; s < num_frames; ++s) {
+    const T* key = rows + s * row_stride + key_offset;
+    T sum = 0;
+    for (int64_t d = 0; d < dim; ++d) sum += q[d] * key[d];
+    probs[s] = sum * scale;
+    m = std::max(m, probs[s]);
+  }
+  T total = 0;
+  for (int64_t s = 0; s < num_frames; ++s) {
+    probs[s] = std::exp(probs[s] - m);
+    total += probs[s];
+  }
+  const T inverse = T(1) / total;
+  for (int64_t s = 0; s < num_frames; ++s) probs[s] *= inverse;
+}
+
+// mixed (F, W) = softmax(q k^T / sqrt(D)) v of every (video, head), reading q, k, v out of qkv (F, 3W).
 template <typename T>
 void attend_over_frames(const at::Tensor& qkv, at::Tensor& mixed, int64_t num_frames, int64_t num_heads) {
   const int64_t frames = qkv.size(0), width = qkv.size(1) / 3, dim = width / num_heads;
@@ -33,30 +62,93 @@ void attend_over_frames(const at::Tensor& qkv, at::Tensor& mixed, int64_t num_fr
       const int64_t video = task / num_heads, h = task % num_heads;
       const T* rows = base + video * num_frames * 3 * width;
       for (int64_t t = 0; t < num_frames; ++t) {
-        const T* q = rows + t * 3 * width + h * dim;
-        T m = std::numeric_limits<T>::lowest();  // finite: the file builds with -ffast-math
-        for (int64_t s = 0; s < num_frames; ++s) {
-          const T* key = rows + s * 3 * width + width + h * dim;
-          T sum = 0;
-          for (int64_t d = 0; d < dim; ++d) sum += q[d] * key[d];
-          probs[s] = sum * scale;
-          m = std::max(m, probs[s]);
-        }
-        T total = 0;
-        for (int64_t s = 0; s < num_frames; ++s) {
-          probs[s] = std::exp(probs[s] - m);
-          total += probs[s];
-        }
+        softmax_over_frames(rows + t * 3 * width + h * dim, rows, 3 * width, width + h * dim, num_frames, dim, scale,
+                            probs.data());
         T* o = outp + (video * num_frames + t) * width + h * dim;
         std::fill(o, o + dim, T(0));
         for (int64_t s = 0; s < num_frames; ++s) {
           const T* value = rows + s * 3 * width + 2 * width + h * dim;
-          const T p = probs[s] / total;
+          const T p = probs[s];
           for (int64_t d = 0; d < dim; ++d) o[d] += p * value[d];
         }
       }
     }
   });
+}
+
+// The gradient of attend_over_frames: from qkv (F, 3W) and d_mixed (F, W), writes every
+// element of d_qkv (F, 3W). Each (video, head) recomputes its T x T probabilities and owns its
+// q, k and v columns of d_qkv, so the tasks write disjoint memory.
+template <typename T>
+void attend_over_frames_backward(const at::Tensor& qkv, const at::Tensor& d_mixed, at::Tensor& d_qkv,
+                                 int64_t num_frames, int64_t num_heads) {
+  const int64_t frames = qkv.size(0), width = qkv.size(1) / 3, dim = width / num_heads;
+  const int64_t videos = frames / num_frames, row = 3 * width;
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dim)));
+  const T* base = qkv.data_ptr<T>();
+  const T* grad_base = d_mixed.data_ptr<T>();
+  T* d_base = d_qkv.data_ptr<T>();
+  at::parallel_for(0, videos * num_heads, 1, [&](int64_t begin, int64_t end) {
+    // probs[t][s] and then d_scores[t][s] (already multiplied by the scale), row-major.
+    std::vector<T> probs(num_frames * num_frames), d_scores(num_frames * num_frames);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t video = task / num_heads, h = task % num_heads;
+      const T* rows = base + video * num_frames * row;
+      const T* grads = grad_base + video * num_frames * width + h * dim;  // d_mixed rows of this head
+      T* d_rows = d_base + video * num_frames * row;
+      const auto q_of = [&](int64_t t) { return rows + t * row + h * dim; };
+      const auto k_of = [&](int64_t t) { return rows + t * row + width + h * dim; };
+      const auto v_of = [&](int64_t t) { return rows + t * row + 2 * width + h * dim; };
+      for (int64_t t = 0; t < num_frames; ++t) {
+        T* p = probs.data() + t * num_frames;
+        softmax_over_frames(q_of(t), rows, row, width + h * dim, num_frames, dim, scale, p);
+        // dP[t][s] = dO_t . v_s; the softmax backward subtracts sum_s P dP from every column.
+        T* ds = d_scores.data() + t * num_frames;
+        const T* g = grads + t * width;
+        T weighted = 0;
+        for (int64_t s = 0; s < num_frames; ++s) {
+          const T* value = v_of(s);
+          T dp = 0;
+          for (int64_t d = 0; d < dim; ++d) dp += g[d] * value[d];
+          ds[s] = dp;
+          weighted += p[s] * dp;
+        }
+        for (int64_t s = 0; s < num_frames; ++s) ds[s] = p[s] * (ds[s] - weighted) * scale;
+      }
+      for (int64_t t = 0; t < num_frames; ++t) {
+        // dq_t = sum_s dS[t][s] k_s; dk_t = sum_s dS[s][t] q_s; dv_t = sum_s P[s][t] dO_s.
+        T* dq = d_rows + t * row + h * dim;
+        T* dk = dq + width;
+        T* dv = dq + 2 * width;
+        std::fill(dq, dq + dim, T(0));
+        std::fill(dk, dk + dim, T(0));
+        std::fill(dv, dv + dim, T(0));
+        for (int64_t s = 0; s < num_frames; ++s) {
+          const T to_key = d_scores[t * num_frames + s], from_query = d_scores[s * num_frames + t];
+          const T from_prob = probs[s * num_frames + t];
+          const T *key = k_of(s), *query = q_of(s), *g = grads + s * width;
+          for (int64_t d = 0; d < dim; ++d) {
+            dq[d] += to_key * key[d];
+            dk[d] += from_query * query[d];
+            dv[d] += from_prob * g[d];
+          }
+        }
+      }
+    }
+  });
+}
+
+// out = x weight^T + bias (+ residual): the register tiles for float32 shapes they handle, else
+// one addmm. All tensors contiguous; residual may be undefined.
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& residual) {
+  const int64_t rows = x.size(0), inner = x.size(1), outputs = weight.size(0);
+  if (x.scalar_type() == at::kFloat && skinny_linear_supports(rows, inner)) {
+    auto out = at::empty({rows, outputs}, x.options());
+    skinny_linear({x.data_ptr<float>(), rows, inner, weight.data_ptr<float>(), outputs, bias.data_ptr<float>(),
+                   residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>()});
+    return out;
+  }
+  return at::addmm(residual.defined() ? residual + bias : bias, x, weight.t());
 }
 
 }  // namespace
@@ -68,27 +160,45 @@ at::Tensor message_attention_forward_cpu(const at::Tensor& messages, const at::T
                                          double eps) {
   TORCH_CHECK_VALUE(messages.scalar_type() == at::kFloat || messages.scalar_type() == at::kDouble,
                     "messages: the cpp backend computes in float32 or float64, got ", messages.scalar_type());
-  const int64_t frames = messages.size(0), width = messages.size(1);
-  const auto normed = at::layer_norm(messages, {width}, ln_weight, ln_bias, eps);
-  auto mixed = at::empty_like(messages, at::MemoryFormat::Contiguous);
-  if (messages.scalar_type() == at::kFloat && skinny_linear_supports(frames, width)) {
-    // The tiles read plain row-major memory (no-ops for the contiguous tensors the op passes).
-    const auto in_w = in_proj_weight.contiguous(), in_b = in_proj_bias.contiguous();
-    const auto out_w = out_proj_weight.contiguous(), out_b = out_proj_bias.contiguous();
-    const auto residual = messages.contiguous();
-    auto qkv = at::empty({frames, 3 * width}, messages.options());
-    skinny_linear({normed.data_ptr<float>(), frames, width, in_w.data_ptr<float>(), 3 * width, in_b.data_ptr<float>(),
-                   nullptr, qkv.data_ptr<float>()});
-    attend_over_frames<float>(qkv, mixed, num_frames, num_heads);
-    auto out = at::empty_like(mixed);
-    skinny_linear({mixed.data_ptr<float>(), frames, width, out_w.data_ptr<float>(), width, out_b.data_ptr<float>(),
-                   residual.data_ptr<float>(), out.data_ptr<float>()});
-    return out;
-  }
-  const auto qkv = at::addmm(in_proj_bias, normed, in_proj_weight.t());  // (F, 3W), contiguous
+  const int64_t width = messages.size(1);
+  // The tiles read plain row-major memory (no-ops for the contiguous tensors the op passes).
+  const auto residual = messages.contiguous();
+  const auto normed = at::layer_norm(residual, {width}, ln_weight, ln_bias, eps);
+  const auto qkv = project(normed, in_proj_weight.contiguous(), in_proj_bias.contiguous(), at::Tensor());
+  auto mixed = at::empty_like(residual);
   AT_DISPATCH_FLOATING_TYPES(messages.scalar_type(), "message_attention_forward_cpu",
                              [&] { attend_over_frames<scalar_t>(qkv, mixed, num_frames, num_heads); });
-  return at::addmm(messages + out_proj_bias, mixed, out_proj_weight.t());
+  return project(mixed, out_proj_weight.contiguous(), out_proj_bias.contiguous(), residual);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& messages, const at::Tensor& ln_weight,
+                               const at::Tensor& ln_bias, const at::Tensor& in_proj_weight,
+                               const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
+                               int64_t num_frames, int64_t num_heads, double eps) {
+  TORCH_CHECK_VALUE(messages.scalar_type() == at::kFloat || messages.scalar_type() == at::kDouble,
+                    "messages: the cpp backend computes in float32 or float64, got ", messages.scalar_type());
+  const int64_t width = messages.size(1);
+  const auto input = messages.contiguous(), grad = grad_out.contiguous();
+  const auto in_w = in_proj_weight.contiguous(), out_w = out_proj_weight.contiguous();
+  const auto [normed, mean, rstd] = at::native_layer_norm(input, {width}, ln_weight, ln_bias, eps);
+  const auto qkv = project(normed, in_w, in_proj_bias.contiguous(), at::Tensor());
+  auto mixed = at::empty_like(input);
+  auto d_qkv = at::empty_like(qkv);
+  const auto d_mixed = at::mm(grad, out_w);  // (F, W)
+  AT_DISPATCH_FLOATING_TYPES(messages.scalar_type(), "message_attention_backward_cpu", [&] {
+    attend_over_frames<scalar_t>(qkv, mixed, num_frames, num_heads);
+    attend_over_frames_backward<scalar_t>(qkv, d_mixed, d_qkv, num_frames, num_heads);
+  });
+  auto d_out_proj_weight = at::mm(grad.t(), mixed);
+  auto d_out_proj_bias = grad.sum(0);
+  auto d_in_proj_weight = at::mm(d_qkv.t(), normed);
+  auto d_in_proj_bias = d_qkv.sum(0);
+  const auto d_normed = at::mm(d_qkv, in_w);
+  auto [d_messages, d_ln_weight, d_ln_bias] = at::native_layer_norm_backward(
+      d_normed, input, {width}, mean, rstd, ln_weight, ln_bias, {true, true, true});
+  d_messages.add_(grad);  // the residual
+  return {d_messages, d_ln_weight, d_ln_bias, d_in_proj_weight, d_in_proj_bias, d_out_proj_weight, d_out_proj_bias};
 }
 
 }  // namespace xclip_ext

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import xclip
 import xclip_kernels as xk
 from benchmarks.flops import PAPER_ROWS, paper_table, xclip_macs
-from xclip_kernels.flop_formulas import frame_attention_flops, message_attention_flops
+from xclip_kernels.flop_formulas import frame_attention_flops, message_attention_backward_flops, message_attention_flops
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,3 +89,10 @@ def test_custom_op_formulas_are_what_the_counter_reports():
             xk.message_attention(*messages, num_frames=8, num_heads=2, backend="cpp")
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     assert counts["xclip_ext.message_attention"] == message_attention_flops((16, 128), 8, 2)
+    with FlopCounterMode(display=False) as counter:
+        leaves = [t.requires_grad_(True) for t in messages]
+        xk.message_attention(*leaves, num_frames=8, num_heads=2, backend="cpp").sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    forward = message_attention_flops((16, 128), 8, 2)
+    assert counts["xclip_ext.message_attention_backward"] == message_attention_backward_flops((16, 128), 8, 2)
+    assert message_attention_backward_flops((16, 128), 8, 2) == 2 * forward + 2 * 16 * 128 * 384 + 4 * 16 * 8 * 128

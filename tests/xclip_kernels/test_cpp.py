@@ -8,7 +8,15 @@ import torch
 
 import xclip_kernels as xk
 from xclip_kernels import compiled, reference
-from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs, nan_padded, output_and_grads
+from xk_helpers import (
+    MESSAGE_ARG_NAMES,
+    assert_matches_truth,
+    frame_inputs,
+    leaves,
+    message_inputs,
+    nan_padded,
+    output_and_grads,
+)
 
 _REASONS = xk.get_backend("cpp").unavailable_reasons()
 pytestmark = pytest.mark.skipif(bool(_REASONS), reason=f"cpp: {'; '.join(_REASONS)}")
@@ -93,6 +101,33 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.xclip_ext.frame_attention.default, (q, k, v, msg_k, msg_v, 0.2))
     messages = leaves(message_inputs(2, 3, 64, torch.float32))
     torch.library.opcheck(torch.ops.xclip_ext.message_attention.default, (*messages, 3, 2, 1e-5))
+    grad_out = torch.randn(6, 64)
+    torch.library.opcheck(
+        torch.ops.xclip_ext.message_attention_backward.default,
+        (grad_out, *message_inputs(2, 3, 64, torch.float32), 3, 2, 1e-5),
+    )
+
+
+def test_message_backward_op_gives_the_gradients_of_every_argument():
+    tensors = message_inputs(3, 5, 64, torch.float64, seed=8)
+    upstream = torch.randn(15, 64, dtype=torch.float64)
+    grads = torch.ops.xclip_ext.message_attention_backward(upstream, *tensors, 5, 4, 1e-5)
+    inputs = leaves(tensors)
+    truth = torch.autograd.grad(reference.message_attention(*inputs, 5, 4), inputs, upstream)
+    for name, grad, expected in zip(MESSAGE_ARG_NAMES, grads, truth, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+def test_message_backward_leaves_out_the_arguments_that_need_no_gradient():
+    tensors = message_inputs(2, 4, 64, torch.float32)
+    messages = tensors[0].clone().requires_grad_(True)
+    out = xk.message_attention(messages, *tensors[1:], num_frames=4, num_heads=2, backend="cpp")
+    (grad,) = torch.autograd.grad(out, [messages], torch.ones_like(out))
+    truth = torch.autograd.grad(
+        reference.message_attention(messages, *tensors[1:], 4, 2), [messages], torch.ones_like(out)
+    )[0]
+    assert_matches_truth(grad, truth.double(), torch.float32, "grad of messages")
+    assert all(t.grad is None for t in tensors[1:])
 
 
 def test_gradcheck_float64():
@@ -134,9 +169,13 @@ def test_cpp_boundary_checks_message_arguments():
     messages = message_inputs(2, 3, 16, torch.float32)
     with pytest.raises(ValueError, match=r"num_frames: expected a divisor of F = 6, got 4"):
         torch.ops.xclip_ext.message_attention(*messages, 4, 2, 1e-5)
+    with pytest.raises(ValueError, match=r"grad_out: expected shape \(F, W\) of messages = \[6, 16\], got \[6, 8\]"):
+        torch.ops.xclip_ext.message_attention_backward(torch.ones(6, 8), *messages, 3, 2, 1e-5)
     messages[3] = messages[3][:-1]
     with pytest.raises(ValueError, match=r"in_proj_weight: expected shape \(3W, W\)"):
         torch.ops.xclip_ext.message_attention(*messages, 3, 2, 1e-5)
+    with pytest.raises(ValueError, match=r"in_proj_weight: expected shape \(3W, W\)"):
+        torch.ops.xclip_ext.message_attention_backward(torch.ones(6, 16), *messages, 3, 2, 1e-5)
 
 
 def test_half_precision_is_refused_with_a_reason():

@@ -23,7 +23,8 @@ from xk_helpers import (
 )
 
 # (b videos, T frames, W width, H heads): T = 8, 16, 32 and odd T = 1, 3; the B (768/12) and
-# L (1024/16) widths and a small W = 64 with one head; b = 1, 2, 3.
+# L (1024/16) widths and a small W = 64 with one head; b = 1, 2, 3, and 9 (more rows than
+# the cpp backend's register tiles take).
 CASES = [
     pytest.param((2, 8, 768, 12), id="b2-T8-W768-H12"),
     pytest.param((1, 16, 768, 12), id="b1-T16-W768-H12"),
@@ -34,6 +35,7 @@ CASES = [
     pytest.param((2, 8, 64, 1), id="b2-T8-W64-H1"),
     pytest.param((3, 3, 64, 1), id="b3-T3-W64-H1"),
     pytest.param((1, 1, 64, 1), id="b1-T1-W64-H1"),
+    pytest.param((9, 8, 64, 2), id="b9-T8-W64-H2"),  # 72 rows: the cpp projections take BLAS
 ]
 
 BACKENDS = cpu_backends("message_attention")
