@@ -10,12 +10,13 @@
 //
 // The backward keeps nothing from the forward (the op returns only its output): it recomputes
 // LayerNorm and the q/k/v projection, then runs the attention's backward in one parallel loop
-// and leaves the four weight-sized GEMMs and LayerNorm's backward to ATen, a dozen calls in
-// all instead of autograd replaying the unfused graph.
+// and the four weight-sized GEMMs on register tiles of their own (few rows: BLAS spends these
+// packing the big operand), a dozen calls in all instead of autograd replaying the unfused graph.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -151,6 +152,25 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   return at::addmm(residual.defined() ? residual + bias : bias, x, weight.t());
 }
 
+// The weight gradient a^T b of a linear layer, a (F, outputs) and b (F, inputs) contiguous.
+at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != at::kFloat || !skinny_linear_grad_supports(a.size(0), b.size(1))) return at::mm(a.t(), b);
+  auto out = at::empty({a.size(1), b.size(1)}, a.options());
+  if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 != 0) return at::mm_out(out, a.t(), b);  // not torch's allocator
+  skinny_weight_grad({a.data_ptr<float>(), b.data_ptr<float>(), a.size(0), a.size(1), b.size(1), out.data_ptr<float>()});
+  return out;
+}
+
+// The input gradient g weight of a linear layer, g (F, outputs) and weight (outputs, inputs) contiguous.
+at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& weight) {
+  if (grad.scalar_type() != at::kFloat || !skinny_linear_grad_supports(grad.size(0), weight.size(1)))
+    return at::mm(grad, weight);
+  auto out = at::empty({grad.size(0), weight.size(1)}, grad.options());
+  skinny_input_grad({grad.data_ptr<float>(), grad.size(0), grad.size(1), weight.data_ptr<float>(), weight.size(1),
+                     out.data_ptr<float>()});
+  return out;
+}
+
 }  // namespace
 
 at::Tensor message_attention_forward_cpu(const at::Tensor& messages, const at::Tensor& ln_weight,
@@ -185,16 +205,16 @@ message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mes
   const auto qkv = project(normed, in_w, in_proj_bias.contiguous(), at::Tensor());
   auto mixed = at::empty_like(input);
   auto d_qkv = at::empty_like(qkv);
-  const auto d_mixed = at::mm(grad, out_w);  // (F, W)
+  const auto d_mixed = input_grad(grad, out_w);  // (F, W)
   AT_DISPATCH_FLOATING_TYPES(messages.scalar_type(), "message_attention_backward_cpu", [&] {
     attend_over_frames<scalar_t>(qkv, mixed, num_frames, num_heads);
     attend_over_frames_backward<scalar_t>(qkv, d_mixed, d_qkv, num_frames, num_heads);
   });
-  auto d_out_proj_weight = at::mm(grad.t(), mixed);
+  auto d_out_proj_weight = weight_grad(grad, mixed);
   auto d_out_proj_bias = grad.sum(0);
-  auto d_in_proj_weight = at::mm(d_qkv.t(), normed);
+  auto d_in_proj_weight = weight_grad(d_qkv, normed);
   auto d_in_proj_bias = d_qkv.sum(0);
-  const auto d_normed = at::mm(d_qkv, in_w);
+  const auto d_normed = input_grad(d_qkv, in_w);
   auto [d_messages, d_ln_weight, d_ln_bias] = at::native_layer_norm_backward(
       d_normed, input, {width}, mean, rstd, ln_weight, ln_bias, {true, true, true});
   d_messages.add_(grad);  // the residual

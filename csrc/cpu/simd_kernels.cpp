@@ -8,6 +8,7 @@
 #include "simd_kernels.h"
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -102,6 +103,16 @@ bool skinny_linear_supports(int64_t rows, int64_t inner) {
   return rows <= kSkinnyMaxRows && inner % tiles_avx2::kWidth == 0;
 }
 
+// x (rows, inner) packed transposed by `pack` into a per-thread buffer kept between calls
+// (read by every worker of the parallel region that follows).
+template <typename Pack>
+const float* packed_transposed(const float* x, int64_t rows, int64_t inner, Pack pack, int64_t floats) {
+  thread_local std::vector<float> transposed;
+  if (transposed.size() < static_cast<size_t>(floats)) transposed.resize(floats);
+  pack(x, rows, inner, transposed.data());
+  return transposed.data();
+}
+
 // Parallel over groups of `cols` weight rows, so every worker runs full tiles.
 template <typename Tasks>
 void run_linear(const SkinnyLinear& problem, int64_t cols, Tasks tasks) {
@@ -117,10 +128,7 @@ template <typename OuterTasks, typename Pack, typename DotTasks>
 void run_linear_forms(const SkinnyLinear& problem, int64_t width, OuterTasks outer, int64_t outer_cols, Pack pack,
                       int64_t transposed_floats, DotTasks dot, int64_t dot_cols) {
   if (outer == nullptr || problem.rows % width != 0) return run_linear(problem, dot_cols, dot);
-  thread_local std::vector<float> transposed;
-  if (transposed.size() < static_cast<size_t>(transposed_floats)) transposed.resize(transposed_floats);
-  pack(problem, transposed.data());
-  const float* xt = transposed.data();
+  const float* xt = packed_transposed(problem.x, problem.rows, problem.inner, pack, transposed_floats);
   run_linear(problem, outer_cols,
              [xt, outer](const SkinnyLinear& p, int64_t begin, int64_t end) { outer(p, xt, begin, end); });
 }
@@ -130,12 +138,57 @@ void skinny_linear(const SkinnyLinear& problem) {
   if (use_avx512() && problem.inner % tiles_avx512::kWidth == 0) {
     namespace t = tiles_avx512;
     return run_linear_forms(problem, t::kWidth, t::outer_tasks_for(problem.inner), t::kOuterCols,
-                            t::pack_x_transposed, t::transposed_x_floats(problem), t::linear_tasks, t::kLinearCols);
+                            t::pack_x_transposed, t::transposed_x_floats(problem.rows, problem.inner), t::linear_tasks,
+                            t::kLinearCols);
   }
 #endif
   namespace t = tiles_avx2;
   run_linear_forms(problem, t::kWidth, t::outer_tasks_for(problem.inner), t::kOuterCols, t::pack_x_transposed,
-                   t::transposed_x_floats(problem), t::linear_tasks, t::kLinearCols);
+                   t::transposed_x_floats(problem.rows, problem.inner), t::linear_tasks, t::kLinearCols);
+}
+
+bool skinny_linear_grad_supports(int64_t rows, int64_t columns) {
+  return rows <= kSkinnyMaxRows && columns % 16 == 0;  // whole vectors on either instruction set
+}
+
+namespace {
+
+template <typename Tasks>
+void run_weight_grad(const SkinnyWeightGrad& problem, int64_t row_tile, Tasks tasks) {
+  const int64_t groups = (problem.a_cols + row_tile - 1) / row_tile;
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    tasks(problem, begin * row_tile, std::min(end * row_tile, problem.a_cols));
+  });
+}
+
+template <typename Pack, typename Tasks>
+void run_input_grad(const SkinnyInputGrad& problem, int64_t width, Pack pack, int64_t transposed_floats, Tasks tasks) {
+  const float* xt = packed_transposed(problem.x, problem.rows, problem.inner, pack, transposed_floats);
+  at::parallel_for(0, problem.outputs / width, 1, [&](int64_t begin, int64_t end) {
+    tasks(problem, xt, begin * width, end * width);
+  });
+}
+
+}  // namespace
+
+void skinny_weight_grad(const SkinnyWeightGrad& problem) {
+#ifdef XCLIP_HAVE_AVX512_TILES
+  if (use_avx512()) return run_weight_grad(problem, tiles_avx512::kGradRowTile, tiles_avx512::weight_grad_tasks);
+#endif
+  run_weight_grad(problem, tiles_avx2::kGradRowTile, tiles_avx2::weight_grad_tasks);
+}
+
+void skinny_input_grad(const SkinnyInputGrad& problem) {
+#ifdef XCLIP_HAVE_AVX512_TILES
+  if (use_avx512()) {
+    namespace t = tiles_avx512;
+    return run_input_grad(problem, t::kWidth, t::pack_x_transposed, t::transposed_x_floats(problem.rows, problem.inner),
+                          t::input_grad_tasks);
+  }
+#endif
+  namespace t = tiles_avx2;
+  run_input_grad(problem, t::kWidth, t::pack_x_transposed, t::transposed_x_floats(problem.rows, problem.inner),
+                 t::input_grad_tasks);
 }
 
 }  // namespace xclip_ext

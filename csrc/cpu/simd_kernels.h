@@ -74,4 +74,31 @@ bool skinny_linear_supports(int64_t rows, int64_t inner);
 // Runs the whole problem in parallel over weight rows.
 void skinny_linear(const SkinnyLinear& problem);
 
+// The backward of a linear layer on few rows, float32, contiguous.
+// Weight gradient: out (a_cols, b_cols) = a^T b for a (rows, a_cols) and b (rows, b_cols); out
+// 64-byte aligned (it is written with streaming stores).
+struct SkinnyWeightGrad {
+  const float* a;
+  const float* b;
+  int64_t rows, a_cols, b_cols;
+  float* out;
+};
+
+// Input gradient: out (rows, outputs) = x weight for x (rows, inner) and weight (inner, outputs).
+struct SkinnyInputGrad {
+  const float* x;
+  int64_t rows, inner;
+  const float* weight;
+  int64_t outputs;
+  float* out;
+};
+
+// Whether the two kernels below are the better choice than BLAS: `rows` few, `columns` (the
+// columns of b, the outputs of the input gradient) whole vectors.
+bool skinny_linear_grad_supports(int64_t rows, int64_t columns);
+
+// Both run in parallel over rows (weight gradient) or columns (input gradient) of out.
+void skinny_weight_grad(const SkinnyWeightGrad& problem);
+void skinny_input_grad(const SkinnyInputGrad& problem);
+
 }  // namespace xclip_ext

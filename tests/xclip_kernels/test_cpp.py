@@ -82,18 +82,28 @@ def test_tiles_match_reference_on_each_instruction_set(isa, shape, monkeypatch):
 @pytest.mark.parametrize("videos, num_frames, width, heads",
                          [(1, 1, 64, 2), (1, 7, 96, 3), (2, 8, 768, 12), (4, 8, 768, 12), (2, 8, 1024, 16),
                           (3, 8, 768, 12), (3, 5, 40, 5), (9, 8, 64, 4)])
-def test_message_path_matches_reference_on_each_instruction_set(isa, videos, num_frames, width, heads, monkeypatch):
+def test_message_path_and_gradients_match_reference_on_each_instruction_set(isa, videos, num_frames, width, heads, monkeypatch):
     # float32 projections of up to 64 rows with W % 8 == 0 run on the skinny-linear tiles:
     # the outer-product form for 16 or 32 rows at W = 768 or 1024 (both instruction sets), the
     # dot-product form otherwise (every band height occurs here); 72 rows and W = 40 on
-    # AVX-512 take BLAS.
+    # AVX-512 take BLAS. The backward's gradient tiles (W % 16 == 0, up to 64 rows) meet
+    # partial row groups (1, 7, 24 rows), tails of their weight-gradient row tiles (W = 64)
+    # and of their column vectors (W = 96).
     if isa == "avx2":
         monkeypatch.setenv("XCLIP_KERNELS_CPU_ISA", "avx2")
     tensors = message_inputs(videos, num_frames, width, torch.float32, seed=12)
-    with torch.no_grad():
-        out = xk.message_attention(*tensors, num_frames=num_frames, num_heads=heads, backend="cpp")
-        truth = reference.message_attention(*(t.double() for t in tensors), num_frames, heads)
-    assert_matches_truth(out, truth, torch.float32, f"messages {videos}x{num_frames}x{width} on {isa}")
+    upstream = torch.randn(videos * num_frames, width, generator=torch.Generator().manual_seed(13))
+    out, grads = output_and_grads(
+        lambda *t: xk.message_attention(*t, num_frames=num_frames, num_heads=heads, backend="cpp"),
+        leaves(tensors), upstream,
+    )
+    truth, truth_grads = output_and_grads(
+        lambda *t: reference.message_attention(*t, num_frames, heads), leaves(tensors, torch.float64), upstream
+    )
+    case = f"messages {videos}x{num_frames}x{width} on {isa}"
+    assert_matches_truth(out, truth, torch.float32, case)
+    for name, grad, expected in zip(MESSAGE_ARG_NAMES, grads, truth_grads, strict=True):
+        assert_matches_truth(grad, expected, torch.float32, f"grad of {name}, {case}")
 
 
 def test_opcheck():
