@@ -58,9 +58,9 @@ def message_attention_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of :func:`message_attention` by recomputation, for the fused backends.
 
-    The message path is T <= 64 tokens per video, so the fused forward kernels (triton, cpp,
-    cuda) take their backward here: recompute with these differentiable ops and let autograd
-    differentiate. ``saved`` are the seven tensor arguments, ``sizes`` the rest
+    The message path is T <= 64 tokens per video, so the fused forward kernels of triton and
+    cuda take their backward here (cpp has a backward op of its own): recompute with these
+    differentiable ops and let autograd differentiate. ``saved`` are the seven tensor arguments, ``sizes`` the rest
     (num_frames, num_heads, eps); returns one gradient per argument (None for the sizes).
     """
     tensors = [t.detach().requires_grad_(needs) for t, needs in zip(saved, needs_input_grad)]
