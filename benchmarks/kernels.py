@@ -155,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("forward", "forward+backward"):
             for variant in variants:
                 by = {r["backend"]: r["ms"] for r in rows if r["op"] == op and r["mode"] == mode and r["variant"] == variant}
+                # The message path's goals are stated against unfused PyTorch (the reference).
+                peers = ("sdpa", "reference") if op == "message_attention" else ("sdpa",)
                 for fused in ("triton", "cuda", "cpp"):
-                    if fused in by and "sdpa" in by:
-                        print(f"{op} {mode} {variant}: {fused} is {by['sdpa'] / by[fused]:.2f}x sdpa")
+                    ratios = [f"{by[peer] / by[fused]:.2f}x {peer}" for peer in peers if fused in by and peer in by]
+                    if ratios:
+                        print(f"{op} {mode} {variant}: {fused} is {', '.join(ratios)}")
     if args.json:
         write_json(args.json, rows)
     return 0
