@@ -79,6 +79,7 @@ def _register_python_parts() -> None:
         _autograd.frame_attention_grad(torch.ops.xclip_ext.frame_attention_backward),
         setup_context=_autograd.frame_attention_setup,
     )
+
     @torch.library.register_fake("xclip_ext::message_attention_backward")
     def _(grad_out, messages, ln_w, ln_b, in_w, in_b, out_w, out_b, *sizes):  # noqa: ANN001, ANN002, ANN202
         return tuple(t.new_empty(t.shape) for t in (messages, ln_w, ln_b, in_w, in_b, out_w, out_b))

@@ -55,8 +55,8 @@ def register(frame_op: object, frame_backward_op: object, message_op: object, me
     if message_backward_op is not None:
 
         @register_flop_formula(message_backward_op)
-        def _(grad_out_shape, messages_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
-            ln_w, ln_b, in_w, in_b, out_w, out_b, num_frames, num_heads, *_ = args
+        def _(grad_out_shape, messages_shape, ln_w, ln_b, in_w, in_b, out_w, out_b, num_frames, num_heads, *args,  # noqa: ANN001
+              **kwargs) -> int:  # noqa: ANN002, ANN003
             return message_attention_backward_flops(messages_shape, num_frames, num_heads)
 
 

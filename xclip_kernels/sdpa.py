@@ -60,8 +60,9 @@ def message_attention_backward(
 
     The message path is T <= 64 tokens per video, so the fused forward kernels of triton and
     cuda take their backward here (cpp has a backward op of its own): recompute with these
-    differentiable ops and let autograd differentiate. ``saved`` are the seven tensor arguments, ``sizes`` the rest
-    (num_frames, num_heads, eps); returns one gradient per argument (None for the sizes).
+    differentiable ops and let autograd differentiate. ``saved`` are the seven tensor
+    arguments, ``sizes`` the rest (num_frames, num_heads, eps); returns one gradient per
+    argument (None for the sizes).
     """
     tensors = [t.detach().requires_grad_(needs) for t, needs in zip(saved, needs_input_grad)]
     wanted = [t for t in tensors if t.requires_grad]
