@@ -78,17 +78,19 @@ void attend_over_frames(const at::Tensor& qkv, at::Tensor& mixed, int64_t num_fr
 }
 
 // The gradient of attend_over_frames: from qkv (F, 3W) and d_mixed (F, W), writes every
-// element of d_qkv (F, 3W). Each (video, head) recomputes its T x T probabilities and owns its
-// q, k and v columns of d_qkv, so the tasks write disjoint memory.
+// element of d_qkv (F, 3W), and the forward's mixed (F, W) again from the same probabilities
+// (the output projection's weight gradient needs it). Each (video, head) recomputes its T x T
+// probabilities and owns its columns of d_qkv and mixed, so the tasks write disjoint memory.
 template <typename T>
 void attend_over_frames_backward(const at::Tensor& qkv, const at::Tensor& d_mixed, at::Tensor& d_qkv,
-                                 int64_t num_frames, int64_t num_heads) {
+                                 at::Tensor& mixed, int64_t num_frames, int64_t num_heads) {
   const int64_t frames = qkv.size(0), width = qkv.size(1) / 3, dim = width / num_heads;
   const int64_t videos = frames / num_frames, row = 3 * width;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(dim)));
   const T* base = qkv.data_ptr<T>();
   const T* grad_base = d_mixed.data_ptr<T>();
   T* d_base = d_qkv.data_ptr<T>();
+  T* mixed_base = mixed.data_ptr<T>();
   at::parallel_for(0, videos * num_heads, 1, [&](int64_t begin, int64_t end) {
     // probs[t][s] and then d_scores[t][s] (already multiplied by the scale), row-major.
     std::vector<T> probs(num_frames * num_frames), d_scores(num_frames * num_frames);
@@ -103,6 +105,12 @@ void attend_over_frames_backward(const at::Tensor& qkv, const at::Tensor& d_mixe
       for (int64_t t = 0; t < num_frames; ++t) {
         T* p = probs.data() + t * num_frames;
         softmax_over_frames(q_of(t), rows, row, width + h * dim, num_frames, dim, scale, p);
+        T* o = mixed_base + (video * num_frames + t) * width + h * dim;
+        std::fill(o, o + dim, T(0));
+        for (int64_t s = 0; s < num_frames; ++s) {
+          const T* value = v_of(s);
+          for (int64_t d = 0; d < dim; ++d) o[d] += p[s] * value[d];
+        }
         // dP[t][s] = dO_t . v_s; the softmax backward subtracts sum_s P dP from every column.
         T* ds = d_scores.data() + t * num_frames;
         const T* g = grads + t * width;
@@ -207,8 +215,7 @@ message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mes
   auto d_qkv = at::empty_like(qkv);
   const auto d_mixed = input_grad(grad, out_w);  // (F, W)
   AT_DISPATCH_FLOATING_TYPES(messages.scalar_type(), "message_attention_backward_cpu", [&] {
-    attend_over_frames<scalar_t>(qkv, mixed, num_frames, num_heads);
-    attend_over_frames_backward<scalar_t>(qkv, d_mixed, d_qkv, num_frames, num_heads);
+    attend_over_frames_backward<scalar_t>(qkv, d_mixed, d_qkv, mixed, num_frames, num_heads);
   });
   auto d_out_proj_weight = weight_grad(grad, mixed);
   auto d_out_proj_bias = grad.sum(0);
