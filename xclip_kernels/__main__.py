@@ -26,6 +26,8 @@ def main() -> int:
                 why = backend.device_reasons(device)
                 status = "runs here" if not why else "not here: " + "; ".join(why)
                 print(f"{'':<10} on {device}: {status}")
+            for note in row["notes"]:
+                print(f"{'':<10} note: {note}")
     for device, names in PRIORITY.items():
         print(f"automatic choice on {device}: {' > '.join(names)}")
     return 0

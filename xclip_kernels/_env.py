@@ -21,3 +21,22 @@ def forced_backend() -> str | None:
     name = os.environ.get("XCLIP_KERNELS_BACKEND", "").strip()
     return name or None
 
+
+
+CPU_ISAS = ("auto", "avx2")
+
+
+def cpu_isa() -> str | None:
+    """Instruction set named by ``XCLIP_KERNELS_CPU_ISA`` for the ``cpp`` tile kernels, or None.
+
+    "auto" (the widest the CPU has) or "avx2" (e.g. to compare with AVX-512). Read once, when
+    the extension is loaded, as oneDNN reads ``ONEDNN_MAX_CPU_ISA``; afterwards
+    :func:`xclip_kernels.backends.cpp.set_cpu_isa` changes it.
+    """
+    raw = os.environ.get("XCLIP_KERNELS_CPU_ISA", "")
+    value = raw.strip().lower()
+    if not value:
+        return None
+    if value not in CPU_ISAS:
+        raise ValueError(f"XCLIP_KERNELS_CPU_ISA: expected one of {', '.join(CPU_ISAS)} or unset, got {raw!r}")
+    return value

@@ -36,25 +36,30 @@ def message_attention_backward_flops(messages_shape: Sequence[int], num_frames: 
     return 2 * message_attention_flops(messages_shape, num_frames, num_heads) + recomputed
 
 
-def register(frame_op: object, frame_backward_op: object, message_op: object, message_backward_op: object = None) -> None:
-    """Register the formulas for one backend's custom ops (``torch.ops`` overload packets); a
-    backend whose message path has no backward op of its own passes none for it."""
+def register_frame_attention(forward_op: object, backward_op: object) -> None:
+    """Register the IFA formulas for one backend's forward and backward ops (``torch.ops``
+    overload packets)."""
 
-    @register_flop_formula(frame_op)
+    @register_flop_formula(forward_op)
     def _(q_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
         return frame_attention_flops(q_shape)
 
-    @register_flop_formula(frame_backward_op)
+    @register_flop_formula(backward_op)
     def _(grad_out_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
         return frame_attention_flops(grad_out_shape) * 5 // 2
 
-    @register_flop_formula(message_op)
+
+def register_message_attention(forward_op: object, backward_op: object | None = None) -> None:
+    """Register the message-path formulas for one backend's ops; a backend whose backward is
+    not an op of its own (PyTorch ops, counted as they run) passes none for it."""
+
+    @register_flop_formula(forward_op)
     def _(messages_shape, ln_w, ln_b, in_w, in_b, out_w, out_b, num_frames, num_heads, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
         return message_attention_flops(messages_shape, num_frames, num_heads)
 
-    if message_backward_op is not None:
+    if backward_op is not None:
 
-        @register_flop_formula(message_backward_op)
+        @register_flop_formula(backward_op)
         def _(grad_out_shape, messages_shape, ln_w, ln_b, in_w, in_b, out_w, out_b, num_frames, num_heads, *args,  # noqa: ANN001
               **kwargs) -> int:  # noqa: ANN002, ANN003
             return message_attention_backward_flops(messages_shape, num_frames, num_heads)

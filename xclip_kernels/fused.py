@@ -1,4 +1,5 @@
-"""Fused epilogues around attention: projection + bias + residual, and the QuickGELU MLP.
+"""Fused epilogues around attention (projection + bias + residual, the QuickGELU MLP) and the
+policy of when a block may write in place or into scratch buffers.
 
 On the CPU, X-CLIP's time outside the matmuls goes to elementwise passes over fresh
 activation buffers: QuickGELU alone (``x * sigmoid(1.702 x)``, three passes and three
@@ -15,6 +16,13 @@ result is accumulated into ``residual`` and no activation-sized buffer is alloca
 a :class:`Workspace` also keeps the MLP's hidden buffer from one call to the next (fresh
 multi-megabyte buffers cost page faults on every first touch, as much as a tenth of the
 GEMM time on the CPU).
+
+The model's blocks follow one policy (:func:`writes_in_place`, :func:`block_mlp_residual`,
+:func:`qkv_projection`): a block never writes its input (its caller and forward hooks may
+hold it); its first residual add (:func:`linear_residual`) makes a fresh tensor that the
+block owns, and later adds accumulate into that one in place only when nothing will
+differentiate through it (no grad) and no autocast is active (autocast casts neither in-place
+nor ``out=`` operations); scratch buffers hold only what never leaves the block.
 """
 
 from __future__ import annotations
@@ -26,8 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import flop_formulas
-
-QUICK_GELU_SLOPE = 1.702
+from .backends.reference import QUICK_GELU_SLOPE
 
 # So that FlopCounterMode sees the in-place accumulating GEMMs below (a dict entry, no work).
 flop_formulas.register_inplace_gemm()
@@ -38,7 +45,9 @@ class Workspace:
 
     ``buffer(name, shape, ...)`` returns a view of a cached tensor that grows as needed. The
     contents are scratch: a buffer is valid until the next request of the same name, so a
-    caller must never let a workspace view escape (outputs are always fresh tensors).
+    caller must never let a workspace view escape (outputs are always fresh tensors). Buffers
+    made under ``torch.inference_mode`` are inference tensors, which only inference mode may
+    write: each mode has buffers of its own.
     """
 
     def __init__(self) -> None:
@@ -46,12 +55,13 @@ class Workspace:
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A tensor of ``shape`` whose memory is reused by the next request for ``name``."""
-        buffers: dict[str, torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
+        buffers: dict[tuple[str, bool], torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
+        key = (name, torch.is_inference_mode_enabled())
         numel = math.prod(shape)
-        cached = buffers.get(name)
+        cached = buffers.get(key)
         if cached is None or cached.numel() < numel or cached.dtype != dtype or cached.device != device:
             cached = torch.empty(numel, dtype=dtype, device=device)
-            buffers[name] = cached
+            buffers[key] = cached
         return cached[:numel].view(shape)
 
     def clear(self) -> None:
@@ -133,3 +143,57 @@ def mlp_residual(
         residual.reshape(-1, residual.shape[-1]) + proj_bias, hidden, proj_weight.t(), alpha=1.0 / QUICK_GELU_SLOPE
     )
     return out.view(residual.shape)
+
+
+# -- the blocks' policy ---------------------------------------------------------------------------
+
+_WORKSPACE = Workspace()
+"""Scratch buffers shared by every block of every model in this process during inference (per
+thread): blocks run one after another, so one set of buffers serves them all."""
+
+
+def writes_in_place(x: torch.Tensor) -> bool:
+    """Whether a block may accumulate into tensors it made itself and use scratch buffers:
+    without grad (nothing keeps them for the backward) and not under autocast (which casts
+    neither in-place nor ``out=`` operations, so they would meet float32 weights with
+    low-precision activations)."""
+    return not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+
+
+def _scratch(x: torch.Tensor) -> Workspace | None:
+    """The shared workspace when :func:`writes_in_place` holds for ``x`` and nothing is traced."""
+    if not writes_in_place(x) or torch.compiler.is_compiling():
+        return None
+    return _WORKSPACE
+
+
+def qkv_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T + bias`` for the fused q/k/v projection: x ``(R, W)``, weight ``(3W, W)``.
+
+    During inference the result lives in the thread's scratch buffer, valid until the next
+    call: the attention reads q, k, v from it and returns a fresh tensor, so it never escapes.
+    """
+    workspace = _scratch(x)
+    if workspace is None:
+        return F.linear(x, weight, bias)
+    qkv = workspace.buffer("qkv", (x.shape[0], weight.shape[0]), x.dtype, x.device)
+    return torch.addmm(bias, x, weight.t(), out=qkv)
+
+
+def block_mlp_residual(
+    x: torch.Tensor,
+    owned_residual: torch.Tensor,
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+) -> torch.Tensor:
+    """A block's MLP add, ``owned_residual + c_proj(QuickGELU(c_fc(x)))``: accumulated into
+    ``owned_residual`` (a tensor the block made, e.g. by :func:`linear_residual`) when
+    :func:`writes_in_place` allows, with the hidden activations in a scratch buffer; else a
+    fresh tensor. x, owned_residual ``(..., W)``."""
+    inplace = writes_in_place(owned_residual)
+    return mlp_residual(
+        x, owned_residual, fc_weight, fc_bias, proj_weight, proj_bias,
+        inplace=inplace, workspace=_scratch(owned_residual) if inplace else None,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import checks
 from .registry import OpInputs, select_backend
 
 
@@ -33,15 +33,15 @@ def frame_attention(
     Returns:
         ``(F, N, H, D)``, differentiable with respect to all five inputs.
     """
-    _checks.tensor("q", q, ndim=4)
+    checks.tensor("q", q, ndim=4)
     frames, tokens, heads, head_dim = q.shape
     for name, t in (("k", k), ("v", v)):
-        _checks.tensor(name, t, ndim=4)
-        _checks.shape(name, t, q.shape, "(F, N, H, D) of q")
+        checks.tensor(name, t, ndim=4)
+        checks.shape(name, t, q.shape, "(F, N, H, D) of q")
     for name, t in (("msg_k", msg_k), ("msg_v", msg_v)):
-        _checks.tensor(name, t, ndim=3)
-        _checks.shape(name, t, (frames, heads, head_dim), "(F, H, D) of q")
-    _checks.same_device_and_dtype("q", q, k=k, v=v, msg_k=msg_k, msg_v=msg_v)
+        checks.tensor(name, t, ndim=3)
+        checks.shape(name, t, (frames, heads, head_dim), "(F, H, D) of q")
+    checks.same_device_and_dtype("q", q, k=k, v=v, msg_k=msg_k, msg_v=msg_v)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
             raise ValueError(f"scale: expected a finite positive float or None, got {scale!r}")
@@ -83,10 +83,10 @@ def message_attention(
     Returns:
         ``(F, W)``, differentiable with respect to every tensor argument.
     """
-    _checks.tensor("messages", messages, ndim=2)
+    checks.tensor("messages", messages, ndim=2)
     frames, width = messages.shape
-    num_frames = _checks.positive_int("num_frames", num_frames)
-    num_heads = _checks.positive_int("num_heads", num_heads)
+    num_frames = checks.positive_int("num_frames", num_frames)
+    num_heads = checks.positive_int("num_heads", num_heads)
     if frames % num_frames:
         raise ValueError(
             f"messages: expected F = b * num_frames rows with num_frames={num_frames}, got F={frames}"
@@ -102,9 +102,9 @@ def message_attention(
         "out_proj_bias": (out_proj_bias, (width,), "(W,)"),
     }
     for name, (t, want, meaning) in expected.items():
-        _checks.tensor(name, t)
-        _checks.shape(name, t, want, meaning)
-    _checks.same_device_and_dtype("messages", messages, **{n: t for n, (t, _, _) in expected.items()})
+        checks.tensor(name, t)
+        checks.shape(name, t, want, meaning)
+    checks.same_device_and_dtype("messages", messages, **{n: t for n, (t, _, _) in expected.items()})
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps: expected a positive float, got {eps!r}")
     tensors = (messages, *(t for t, _, _ in expected.values()))

@@ -58,7 +58,7 @@ def test_mlp_unfused_reference(benchmark):
     x, residual = torch.randn(FRAMES * TOKENS, WIDTH), torch.randn(FRAMES * TOKENS, WIDTH)
     weights = [torch.randn(4 * WIDTH, WIDTH) * 0.03, torch.zeros(4 * WIDTH), torch.randn(WIDTH, 4 * WIDTH) * 0.02,
                torch.zeros(WIDTH)]
-    from xclip_kernels import reference
+    from xclip_kernels.backends import reference
 
     with torch.inference_mode():
         benchmark(reference.mlp_residual, x, residual, *weights)

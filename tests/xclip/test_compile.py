@@ -22,6 +22,7 @@ import torch
 
 import xclip
 from xclip_kernels import registry
+from xclip_kernels.backends import base
 from xclip_kernels.integrations import patch_hf_xclip
 from xclip_kernels.registry import OPS, OpInputs, get_backend
 
@@ -120,8 +121,9 @@ def test_compiled_training_step_takes_a_new_batch_size_without_recompiling(confi
 def test_automatic_backend_compiles_before_any_eager_call(config, text, monkeypatch):
     """The backend choice needs imports and the extension's loading, which Dynamo cannot trace:
     with the registry's caches empty (a fresh process), the first call may be a compiled one."""
-    monkeypatch.setattr(registry, "_AVAILABILITY", {})
-    monkeypatch.setattr(registry, "_IMPLEMENTATIONS", {})
+    monkeypatch.setattr(base, "_AVAILABILITY", {})
+    monkeypatch.setattr(base, "_IMPLEMENTATIONS", {})
+    monkeypatch.setattr(registry, "_BY_NAME", {})
     model = make_model(config, None)
     (video,) = videos(config, 2)
     with torch.no_grad():

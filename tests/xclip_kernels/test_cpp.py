@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import xclip_kernels as xk
-from xclip_kernels import compiled, reference
+from xclip_kernels import autograd
+from xclip_kernels.backends import _extension, reference
 from xk_helpers import (
     MESSAGE_ARG_NAMES,
     assert_matches_truth,
@@ -134,7 +135,8 @@ def test_message_backward_returns_gradients_only_where_autograd_asks():
     tensors = message_inputs(2, 4, 64, torch.float32)
     ctx = SimpleNamespace(saved_tensors=tuple(tensors), sizes=(4, 2, 1e-5),
                           needs_input_grad=(True, False, False, True, False, False, True, False, False, False))
-    grads = compiled._message_attention_grad(ctx, torch.ones(8, 64))
+    grad = autograd.message_attention_grad(torch.ops.xclip_ext.message_attention_backward)
+    grads = grad(ctx, torch.ones(8, 64))
     assert len(grads) == 10
     assert [g is not None for g in grads] == list(ctx.needs_input_grad)
     assert grads[3].shape == (192, 64) and grads[6].shape == (64,)
@@ -178,7 +180,7 @@ def test_float64_forward_matches_reference_tightly():
     ids=["k-shape", "msg_k-shape", "msg_v-dtype", "q-rank", "v-strides"],
 )
 def test_cpp_boundary_checks_name_the_tensor(change, pattern):
-    compiled._require()
+    _extension._require()
     args = frame_inputs(2, 5, 3, 8, torch.float32, seed=7)
     change(args)
     with pytest.raises((ValueError, RuntimeError), match=pattern):
@@ -186,7 +188,7 @@ def test_cpp_boundary_checks_name_the_tensor(change, pattern):
 
 
 def test_cpp_boundary_checks_message_arguments():
-    compiled._require()
+    _extension._require()
     messages = message_inputs(2, 3, 16, torch.float32)
     with pytest.raises(ValueError, match=r"num_frames: expected a divisor of F = 6, got 4"):
         torch.ops.xclip_ext.message_attention(*messages, 4, 2, 1e-5)

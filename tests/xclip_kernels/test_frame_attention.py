@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import xclip_kernels as xk
-from xclip_kernels import reference
+from xclip_kernels.backends import reference
 from xclip_kernels.registry import OpInputs
 from xk_helpers import (
     DTYPES,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xclip_kernels import fused, reference
+from xclip_kernels import fused
+from xclip_kernels.backends import reference
 from xk_helpers import DTYPES, assert_matches_truth, leaves, output_and_grads
 
 LINEAR_NAMES = ("x", "residual", "weight", "bias")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import xclip_kernels as xk
-from xclip_kernels import reference
+from xclip_kernels.backends import reference
 from xclip_kernels.registry import OpInputs
 from xk_helpers import (
     automatic_cpu_backend,

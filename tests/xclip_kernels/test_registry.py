@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import xclip_kernels as xk
-import xclip_kernels.reference
-import xclip_kernels.sdpa
 from xclip_kernels import registry
+from xclip_kernels.backends import base, reference, sdpa
 from xclip_kernels.registry import Backend, BackendNotSupportedError, OpInputs, get_backend, select_backend
 from xk_helpers import automatic_cpu_backend, frame_inputs, message_inputs
 
@@ -38,8 +37,8 @@ def spies(monkeypatch):
     """Record which backend module's implementation ran, by wrapping reference and sdpa."""
     calls: list[str] = []
     # The registry caches the functions it resolved: start from an empty cache so the spies are found.
-    monkeypatch.setattr(registry, "_IMPLEMENTATIONS", {})
-    for name, module in (("reference", xclip_kernels.reference), ("sdpa", xclip_kernels.sdpa)):
+    monkeypatch.setattr(base, "_IMPLEMENTATIONS", {})
+    for name, module in (("reference", reference), ("sdpa", sdpa)):
         for op in registry.OPS:
             original = getattr(module, op)
 
@@ -267,7 +266,7 @@ def _declared(**fields) -> Backend:
     spec = dict(
         name="sdpa",
         description="declared in a test",
-        module="xclip_kernels.sdpa",
+        load=lambda: {"frame_attention": sdpa.frame_attention},
         ops=("frame_attention",),
         devices=("cpu",),
         dtypes=(torch.float32,),
@@ -346,10 +345,12 @@ def test_module_prints_every_backend_and_why_not():
 
 
 def test_import_prints_nothing_and_loads_no_backend_module():
+    # The declarations' shared types (backends.base) are all the registry needs at import.
     code = (
         "import sys, xclip_kernels\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith(('xclip_kernels.sdpa', 'xclip_kernels.reference',"
-        " 'xclip_kernels.xformers_backend', 'xformers', 'triton')))\n"
+        "infrastructure = ('xclip_kernels.backends', 'xclip_kernels.backends.base')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('xclip_kernels.backends', 'xclip_kernels._C',"
+        " 'xformers', 'triton')) and m not in infrastructure)\n"
         "sys.stderr.write(repr(loaded))\n"
     )
     result = _run_python("-c", code)

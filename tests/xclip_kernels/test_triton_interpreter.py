@@ -14,7 +14,7 @@ import torch
 
 import xclip
 import xclip_kernels as xk
-from xclip_kernels import reference
+from xclip_kernels.backends import reference
 from xclip_kernels.registry import OpInputs, get_backend, select_backend
 from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs, nan_padded, output_and_grads
 

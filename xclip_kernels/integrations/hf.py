@@ -32,9 +32,9 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
-from . import _checks
-from .ops import frame_attention, message_attention
-from .registry import get_backend, preload
+from .. import checks
+from ..ops import frame_attention, message_attention
+from ..registry import get_backend, preload
 
 __all__ = ["patch_hf_xclip", "unpatch", "unpatch_hf_xclip"]
 
@@ -171,7 +171,7 @@ def _patched_forward(
             f"attention_dropout: the xclip_kernels ops have no attention dropout, got "
             f"{layer.self_attn.dropout} in training; set config.attention_dropout = 0 or unpatch"
         )
-    _checks.tensor("hidden_states", hidden_states, ndim=3)
+    checks.tensor("hidden_states", hidden_states, ndim=3)
     body = functools.partial(_cross_frame_block, layer, patch.backend)
     # transformers 5 checkpoints inside the class's forward, which this one replaces.
     if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():

@@ -1,5 +1,5 @@
-"""Argument checks shared by the public ops: each error names the argument, what was
-expected and what came."""
+"""Argument checks of the public ops and of ``xclip``'s public functions: each error names the
+argument, what was expected and what came."""
 
 from __future__ import annotations
 
