@@ -20,10 +20,9 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from . import saved
 from .config import XCLIPConfig
 from .model import XCLIP
-
-OUR_FORMAT = "xclip-kernels/1"
 
 
 class CheckpointError(ValueError):
@@ -340,7 +339,7 @@ def _config_from_metadata(metadata: Mapping[str, str], path: str) -> XCLIPConfig
             raise TypeError(f"expected a JSON object, got {type(values).__name__}")
         return XCLIPConfig.from_dict(values)
     except KeyError:
-        raise CheckpointError(f"path: {path} is marked {OUR_FORMAT} but its metadata has no 'config'") from None
+        raise CheckpointError(f"path: {path} is marked {saved.FORMAT} but its metadata has no 'config'") from None
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"path: {path} has an invalid config in its metadata ({exc})") from exc
 
@@ -396,7 +395,7 @@ def load_checkpoint(
         state = hf_to_official(state)
     elif kind == "safetensors":
         state, metadata = _read_safetensors(path)
-        if metadata.get("format") == OUR_FORMAT:
+        if metadata.get("format") == saved.FORMAT:
             config = _config_from_metadata(metadata, path)
         else:
             if any(k.startswith("vision_model.") for k in state):
@@ -409,12 +408,3 @@ def load_checkpoint(
         config = config_from_official(state)
     config = _set_frames(config, state, num_frames, interpolate_frames)
     return _build(config, state, path, backend).to(map_location)
-
-
-def save_model(model: XCLIP, path: str | os.PathLike) -> None:
-    """Write ``model``'s weights and config to one safetensors file (our format)."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"format": OUR_FORMAT, "config": json.dumps(model.config.to_dict())}
-    save_file(state, os.fspath(path), metadata=metadata)

@@ -5,13 +5,14 @@ the official sequence-first layout). The two X-CLIP attentions go through ``xcli
 cross-frame fusion over the message tokens (:func:`xclip_kernels.message_attention`) and
 intra-frame diffusion over each frame's tokens plus its message token
 (:func:`xclip_kernels.frame_attention`), so the model runs on any backend. Module and
-parameter names are the official keys (ANCHORS §2): an official ``state_dict`` loads with
-``strict=True``.
+parameter names are the official checkpoint keys (``docs/xclip-math.md``): an official
+``state_dict`` loads with ``strict=True``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -22,8 +23,10 @@ from torch import nn
 
 import xclip_kernels as xk
 from xclip_kernels import fused
+from xclip_kernels.backends.reference import quick_gelu
 from xclip_kernels.registry import get_backend, preload
 
+from . import saved
 from .config import XCLIPConfig, resolve_config
 
 
@@ -31,7 +34,7 @@ class QuickGELU(nn.Module):
     """CLIP's activation, ``x * sigmoid(1.702 x)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return quick_gelu(x)
 
 
 class DropPath(nn.Module):
@@ -49,30 +52,12 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
-# Scratch buffers shared by every block of every model in this process during inference
-# (per thread): the blocks run one after another, so one set of buffers serves them all.
-_WORKSPACE = fused.Workspace()
-
-
-def _in_place(x: torch.Tensor) -> bool:
-    """Whether the blocks may update the residual stream ``x`` in place and write into scratch
-    buffers: without grad, and not under autocast (which casts neither in-place nor ``out=``
-    operations, so they would meet float32 weights with low-precision activations)."""
-    return not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-
-
-def _inference_workspace(x: torch.Tensor) -> fused.Workspace | None:
-    """The shared workspace when :func:`_in_place` holds for ``x`` and nothing is being traced."""
-    if not _in_place(x) or torch.compiler.is_compiling():
-        return None
-    return _WORKSPACE
-
-
-def _mlp_residual(mlp: nn.Sequential, x: torch.Tensor, residual: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """``residual + mlp(x)`` for a CLIP MLP, fused (see :mod:`xclip_kernels.fused`)."""
-    return fused.mlp_residual(
-        x, residual, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
-        inplace=inplace, workspace=_inference_workspace(x) if inplace else None,
+def _add_mlp(mlp: nn.Sequential, x: torch.Tensor, owned_residual: torch.Tensor) -> torch.Tensor:
+    """``owned_residual + mlp(x)`` for a CLIP MLP on fused epilogues; ``owned_residual`` is a
+    tensor the calling block made itself (see :mod:`xclip_kernels.fused` for when it is
+    updated in place)."""
+    return fused.block_mlp_residual(
+        x, owned_residual, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias
     )
 
 
@@ -103,20 +88,16 @@ class PackedAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(
-        self, x: torch.Tensor, causal: bool = False, residual: torch.Tensor | None = None, inplace: bool = False
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: ``(B, S, W)`` -> ``(B, S, W)``, self-attention, optionally causal, plus ``residual``
-        if given (accumulated into it when ``inplace``)."""
+        if given (added by the output projection's GEMM, into a fresh tensor)."""
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
+        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(batch, length, width)
         if residual is None:
-            return self.out_proj(mixed.reshape(batch, length, width))
-        return fused.linear_residual(
-            mixed.reshape(batch, length, width), residual, self.out_proj.weight, self.out_proj.bias, inplace=inplace
-        )
+            return self.out_proj(mixed)
+        return fused.linear_residual(mixed, residual, self.out_proj.weight, self.out_proj.bias)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -131,10 +112,9 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``(B, S, W)``. Without grad, ``x`` is updated in place (the model owns it)."""
-        inplace = _in_place(x)
-        x = self.attn(self.ln_1(x), causal=self.causal, residual=x, inplace=inplace)
-        return _mlp_residual(self.mlp, self.ln_2(x), x, inplace)
+        """x: ``(B, S, W)`` -> ``(B, S, W)``: ``x + attn(ln_1(x))``, then ``+ mlp(ln_2(x))``."""
+        x = self.attn(self.ln_1(x), causal=self.causal, residual=x)
+        return _add_mlp(self.mlp, self.ln_2(x), x)
 
 
 class CrossFrameBlock(nn.Module):
@@ -163,50 +143,55 @@ class CrossFrameBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(F, L, W)`` -> ``(F, L, W)``, ``F = b * num_frames``."""
-        frames, tokens, width = x.shape
-        head_dim = width // self.heads
-        messages = self.message_fc(x[:, 0])
-        # CFA; with drop path the residual is taken apart so that only the branch is dropped.
-        attend = dict(num_frames=self.num_frames, num_heads=self.heads, eps=self.eps, backend=self.attention_backend)
-        # Under autocast the messages come out of message_fc in the autocast dtype while the
-        # weights stay float32; the op takes one dtype, so the weights follow the messages
-        # (a no-op without autocast).
-        cfa_weights = tuple(
-            w.to(messages.dtype)
-            for w in (
-                self.message_ln.weight, self.message_ln.bias,
-                self.message_attn.in_proj_weight, self.message_attn.in_proj_bias,
-                self.message_attn.out_proj.weight, self.message_attn.out_proj.bias,
-            )
-        )
-        if isinstance(self.drop_path, nn.Identity):
-            messages = xk.message_attention(messages, *cfa_weights, **attend)
-        else:
-            messages = messages + self.drop_path(xk.message_attention(messages, *cfa_weights, **attend) - messages)
-
-        # IFA: queries, keys and values of the frame tokens from one fused projection; the
-        # message token contributes only a key and a value, read from its own tensors.
-        normed = self.ln_1(x).view(frames * tokens, width)
-        workspace = _inference_workspace(x)
-        if workspace is None:
-            qkv = F.linear(normed, self.attn.in_proj_weight, self.attn.in_proj_bias)
-        else:  # the attention reads q, k, v and returns a fresh tensor: the buffer never escapes
-            qkv = workspace.buffer("qkv", (frames * tokens, 3 * width), normed.dtype, normed.device)
-            torch.addmm(self.attn.in_proj_bias, normed, self.attn.in_proj_weight.t(), out=qkv)
-        q, k, v = qkv.view(frames, tokens, 3, self.heads, head_dim).unbind(dim=2)
-        message_kv = F.linear(
-            self.ln_1(messages), self.attn.in_proj_weight[width:], self.attn.in_proj_bias[width:]
-        )
-        msg_k, msg_v = message_kv.view(frames, 2, self.heads, head_dim).unbind(dim=1)
-        attended = xk.frame_attention(q, k, v, msg_k, msg_v, backend=self.attention_backend)
-        attended = attended.reshape(frames, tokens, width)
-        if isinstance(self.drop_path, DropPath) and self.training:
+        # One message token per frame, from its class token; they attend over their video's T (CFA).
+        messages = self._cross_frame_fusion(self.message_fc(x[:, 0]))
+        # Each frame's L tokens attend over themselves plus the frame's message token (IFA).
+        attended = self._intra_frame_diffusion(self.ln_1(x), self.ln_1(messages))
+        if self._drops_paths():  # stochastic depth in training: each branch dropped per frame
             x = x + self.drop_path(self.attn.out_proj(attended))
             return x + self.drop_path(self.mlp(self.ln_2(x)))
-        # Without grad the block owns x (the model made it) and updates it in place.
-        inplace = _in_place(x)
-        x = fused.linear_residual(attended, x, self.attn.out_proj.weight, self.attn.out_proj.bias, inplace=inplace)
-        return _mlp_residual(self.mlp, self.ln_2(x), x, inplace)
+        # The output projection adds the residual in its GEMM, into a fresh tensor (x, the
+        # block's input, is never written); the MLP then adds into that one.
+        x = fused.linear_residual(attended, x, self.attn.out_proj.weight, self.attn.out_proj.bias)
+        return _add_mlp(self.mlp, self.ln_2(x), x)
+
+    def _cross_frame_fusion(self, messages: torch.Tensor) -> torch.Tensor:
+        """``m + message_attn(message_ln(m))`` over each video's T messages: ``(F, W)`` -> ``(F, W)``."""
+        attn = self.message_attn
+        # Under autocast message_fc gives low-precision messages while the weights stay float32;
+        # the op takes one dtype, so the weights follow the messages (no-ops without autocast).
+        weights = [
+            w.to(messages.dtype)
+            for w in (self.message_ln.weight, self.message_ln.bias, attn.in_proj_weight, attn.in_proj_bias,
+                      attn.out_proj.weight, attn.out_proj.bias)
+        ]
+        fused_messages = xk.message_attention(
+            messages, *weights, num_frames=self.num_frames, num_heads=self.heads, eps=self.eps,
+            backend=self.attention_backend,
+        )
+        if not self._drops_paths():
+            return fused_messages
+        return messages + self.drop_path(fused_messages - messages)  # only the attention branch is dropped
+
+    def _intra_frame_diffusion(self, normed: torch.Tensor, normed_messages: torch.Tensor) -> torch.Tensor:
+        """Attention of each frame's L tokens over those tokens plus the frame's message token,
+        before the output projection: normed ``(F, L, W)`` and normed_messages ``(F, W)`` ->
+        ``(F, L, W)``. Only the L token rows are queries: the official code drops the message
+        token's output row anyway."""
+        frames, tokens, width = normed.shape
+        head_dim = width // self.heads
+        # q, k, v of the frame tokens from one fused projection (views, no copies); the message
+        # token contributes only a key and a value, projected on their own.
+        qkv = fused.qkv_projection(normed.view(frames * tokens, width), self.attn.in_proj_weight, self.attn.in_proj_bias)
+        q, k, v = qkv.view(frames, tokens, 3, self.heads, head_dim).unbind(dim=2)
+        message_kv = F.linear(normed_messages, self.attn.in_proj_weight[width:], self.attn.in_proj_bias[width:])
+        msg_k, msg_v = message_kv.view(frames, 2, self.heads, head_dim).unbind(dim=1)
+        attended = xk.frame_attention(q, k, v, msg_k, msg_v, backend=self.attention_backend)
+        return attended.reshape(frames, tokens, width)
+
+    def _drops_paths(self) -> bool:
+        """Whether stochastic depth is on: training, with a drop-path rate above 0."""
+        return self.training and isinstance(self.drop_path, DropPath)
 
 
 class CrossFrameTransformer(nn.Module):
@@ -522,11 +507,10 @@ class XCLIP(nn.Module):
         """video ``(b, T, 3, S, S)`` float, text ``(K, 77)`` int64 -> logits ``(b, K)``."""
         return self.logits(self.encode_video_features(video), self.encode_text(text))
 
-    def save(self, path: str) -> None:
-        """Write weights and config to one safetensors file, loadable by :func:`xclip.load_checkpoint`."""
-        from .checkpoint import save_model
-
-        save_model(self, path)
+    def save(self, path: str | os.PathLike) -> None:
+        """Write weights and config to one safetensors file, loadable by :func:`xclip.load_checkpoint`
+        (written to a temporary name beside ``path``, then renamed: never half a file)."""
+        saved.write(self.state_dict(), self.config, path)
 
 
 def build_model(

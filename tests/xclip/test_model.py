@@ -83,6 +83,50 @@ def test_inference_does_not_modify_inputs() -> None:
     assert torch.equal(video, video_copy) and torch.equal(text, text_copy)
 
 
+@pytest.mark.parametrize(
+    "first, second",
+    [(torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode), (torch.inference_mode, torch.enable_grad)],
+    ids=["inference_mode-then-no_grad", "no_grad-then-inference_mode", "inference_mode-then-grad"],
+)
+def test_grad_modes_follow_each_other_in_one_thread(first, second) -> None:
+    # The blocks' scratch buffers live per thread: one made under inference_mode is an
+    # inference tensor, which a later no_grad forward may not write.
+    model = randomized(TINY)
+    video, text = inputs(TINY)
+    with first():
+        expected = model(video, text)
+    with second():
+        got = model(video, text)
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_forward_hooks_capture_each_blocks_own_input_and_output(mode) -> None:
+    # Hooks on the blocks are a common way to extract features: every captured tensor must
+    # keep the value it had when its hook ran (no block may write into its input afterwards).
+    model = randomized(TINY)
+    video, text = inputs(TINY)
+    blocks = [*model.visual.transformer.resblocks, *model.mit.resblocks, *model.transformer.resblocks]
+
+    def capture(context):  # noqa: ANN001, ANN202
+        captured = []
+        handles = [b.register_forward_hook(lambda m, i, o: captured.append((i[0], o))) for b in blocks]
+        try:
+            with context():
+                model(video, text)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    expected = capture(torch.enable_grad)  # nothing is written in place while autograd records
+    got = capture(mode)
+    assert len(got) == len(expected) == len(blocks)
+    for index, ((got_in, got_out), (want_in, want_out)) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(got_in, want_in.detach(), rtol=1e-5, atol=1e-5, msg=f"input of block {index}")
+        torch.testing.assert_close(got_out, want_out.detach(), rtol=1e-5, atol=1e-5, msg=f"output of block {index}")
+
+
 def test_text_padding_after_end_token_is_ignored() -> None:
     # The text tower skips tokens after the last end token; that must not change the features.
     model = randomized(TINY)
