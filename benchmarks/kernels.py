@@ -18,16 +18,11 @@ import torch
 
 import xclip
 import xclip_kernels as xk
-from xclip_kernels.registry import OPS, OpInputs
+from xclip_kernels.flop_formulas import frame_attention_flops
+from xclip_kernels.registry import OPS
 
+from .backends import DTYPES, runnable_backends
 from .timing import environment, interleaved, write_json
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def ifa_flops(frames: int, tokens: int, heads: int, head_dim: int) -> float:
-    """Forward FLOPs of IFA: QK^T and PV over N queries and N + 1 keys."""
-    return 4.0 * frames * heads * tokens * (tokens + 1) * head_dim
 
 
 def _time(fns: dict[str, Callable[[], object]], device: str, rounds: int) -> dict[str, tuple[float, float, float]]:
@@ -41,17 +36,6 @@ def _time(fns: dict[str, Callable[[], object]], device: str, rounds: int) -> dic
     return {name: (timings.median(name), timings.quantile(name, 0.2), timings.quantile(name, 0.8)) for name in fns}
 
 
-def runnable(op: str, device: str, dtype: torch.dtype, head_dim: int, grad: bool, frames: int | None = None) -> list[str]:
-    """Backends that can run ``op`` here (the Triton interpreter is never timed)."""
-    names = []
-    for name in xk.BACKENDS:
-        if device == "cpu" and name == "triton":
-            continue
-        if not xk.get_backend(name).not_supported_reasons(OpInputs(op, device, dtype, head_dim, grad, frames)):
-            names.append(name)
-    return names
-
-
 def bench_ifa(variant: str, batch: int, frames: int, device: str, dtype: torch.dtype, rounds: int) -> list[dict]:
     config = xclip.VARIANTS[variant]
     count, tokens, heads = batch * frames, config.frame_tokens, config.vision_heads
@@ -63,13 +47,13 @@ def bench_ifa(variant: str, batch: int, frames: int, device: str, dtype: torch.d
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, msg_k, msg_v)]
     grad_out = torch.randn(count, tokens, heads, head_dim, device=device, dtype=dtype)
     rows = []
-    flops = ifa_flops(count, tokens, heads, head_dim)
+    flops = frame_attention_flops((count, tokens, heads, head_dim))
     size = torch.finfo(dtype).bits // 8
     moved = size * (4 * count * tokens * heads * head_dim + 2 * count * heads * head_dim)
     for mode in ("forward", "forward+backward"):
         grad = mode != "forward"
         fns = {}
-        for name in runnable("frame_attention", device, dtype, head_dim, grad):
+        for name in runnable_backends(("frame_attention",), device, dtype, head_dim, grad):
             if grad:
                 def fn(name: str = name) -> None:
                     out = xk.frame_attention(*leaves, backend=name)
@@ -105,7 +89,7 @@ def bench_message(variant: str, batch: int, frames: int, device: str, dtype: tor
     for mode in ("forward", "forward+backward"):
         grad = mode != "forward"
         fns = {}
-        for name in runnable("message_attention", device, dtype, width // heads, grad, frames):
+        for name in runnable_backends(("message_attention",), device, dtype, width // heads, grad, frames):
             kwargs = dict(num_frames=frames, num_heads=heads, backend=name)
             if grad:
                 def fn(kwargs: dict = kwargs) -> None:
@@ -126,14 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device)
-    parser.add_argument("--dtype", default="bfloat16" if default_device == "cuda" else "float32", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", default="bfloat16" if default_device == "cuda" else "float32", choices=sorted(DTYPES))
     parser.add_argument("--variants", nargs="+", default=None, help="default: b16 on GPU, b32 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="clips (default 32 on GPU, 2 on CPU)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=9, help="CPU rounds")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     variants = args.variants or (["xclip-b16"] if args.device == "cuda" else ["xclip-b32"])
     batch = args.batch or (32 if args.device == "cuda" else 2)
     env = environment()

@@ -14,26 +14,11 @@ import sys
 import torch
 
 import xclip
-import xclip_kernels as xk
-from xclip_kernels.registry import OpInputs
+from xclip_kernels.registry import OPS
 
+from .backends import DTYPES, runnable_backends
 from .flops import xclip_gmacs
 from .timing import environment, interleaved, matmul_candidate, write_json
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def runnable_backends(device: str, dtype: torch.dtype, head_dim: int) -> list[str]:
-    """Backends that can run both X-CLIP ops on ``device``/``dtype`` here (the Triton
-    interpreter is left out on the CPU: it is a correctness tool, far too slow to time)."""
-    names = []
-    for name in xk.BACKENDS:
-        backend = xk.get_backend(name)
-        if device == "cpu" and name == "triton":
-            continue
-        if all(not backend.not_supported_reasons(OpInputs(op, device, dtype, head_dim, False)) for op in xk.registry.OPS):
-            names.append(name)
-    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,18 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     model = xclip.build_model(args.variant, num_frames=args.frames).eval().to(args.device, dtype)
     config = model.config
     video = torch.randn(args.batch, args.frames, 3, config.image_size, config.image_size, device=args.device, dtype=dtype)
     labels = ["archery", "bowling", "juggling balls", "playing violin", "surfing water"]
     text = xclip.tokenize([labels[i % len(labels)] for i in range(args.labels)]).to(args.device)
-    backends = runnable_backends(args.device, dtype, config.vision_width // config.vision_heads)
+    backends = runnable_backends(OPS, args.device, dtype, config.vision_width // config.vision_heads)
     gmacs = xclip_gmacs(config)
 
     def run(name: str):  # noqa: ANN202 - a closure per backend

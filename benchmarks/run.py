@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 import xclip
+from xclip_kernels.registry import OPS
 
 from . import baselines
+from .backends import runnable_backends
 from .flops import xclip_gmacs
-from .kernels import runnable
 from .timing import environment, interleaved, matmul_candidate, write_json
 
 
@@ -73,8 +74,8 @@ def _xclip_candidates(variant: str, frames: int, batch: int, device: str, dtype:
     text = xclip.tokenize(["archery"]).to(device)
     head_dim = config.vision_width // config.vision_heads
     out = []
-    for backend in runnable("frame_attention", device, dtype, head_dim, train, frames):
-        if backend == "reference" or backend not in runnable("message_attention", device, dtype, head_dim, train, frames):
+    for backend in runnable_backends(OPS, device, dtype, head_dim, train, frames):
+        if backend == "reference":
             continue
 
         def step(backend: str = backend) -> None:
