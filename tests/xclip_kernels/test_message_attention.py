@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import xclip_kernels as xk
+from xclip_kernels import autograd
 from xclip_kernels.backends import reference
 from xclip_kernels.registry import OpInputs
 from xk_helpers import (
@@ -107,6 +108,20 @@ def test_gradcheck_fp64(backend):
     assert torch.autograd.gradcheck(
         lambda *t: _call(xk.message_attention, t, 3, 2, backend=backend), tensors, fast_mode=True
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_backward_formula_matches_float64_autograd_of_the_reference(dtype, case):
+    # The message backward of the triton and cuda backends (the CPU extension has its own).
+    videos, num_frames, width, heads = case
+    tensors = message_inputs(videos, num_frames, width, dtype, seed=3)
+    upstream = torch.randn(videos * num_frames, width, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grads = autograd.message_attention_backward(upstream.to(dtype), *tensors, num_frames, heads, 1e-5)
+    inputs = leaves(tensors, torch.float64)
+    truth = torch.autograd.grad(reference.message_attention(*inputs, num_frames, heads), inputs, upstream)
+    for name, grad, expected in zip(MESSAGE_ARG_NAMES, grads, truth, strict=True):
+        assert_matches_truth(grad, expected, dtype, f"grad of {name}")
 
 
 def test_reference_backend_is_the_reference_function():
