@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import xclip
+from video_helpers import write_video
 from xclip import classify as xc
 from xclip import video as xv
 from xclip.__main__ import main, parse_views
@@ -57,9 +58,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "dir": root / "folder.mp4",
         "missing": root / "missing.mp4",
     }
-    xv.write_video(out["a"], torch.randint(0, 256, (20, 48, 64, 3), generator=g, dtype=torch.uint8))
-    xv.write_video(out["b"], torch.randint(0, 256, (12, 64, 40, 3), generator=g, dtype=torch.uint8))
-    xv.write_video(out["short"], torch.randint(0, 256, (2, 48, 64, 3), generator=g, dtype=torch.uint8))
+    write_video(out["a"], torch.randint(0, 256, (20, 48, 64, 3), generator=g, dtype=torch.uint8))
+    write_video(out["b"], torch.randint(0, 256, (12, 64, 40, 3), generator=g, dtype=torch.uint8))
+    write_video(out["short"], torch.randint(0, 256, (2, 48, 64, 3), generator=g, dtype=torch.uint8))
     out["text"].write_text("not a video at all\n" * 50)
     out["dir"].mkdir()
     return out
