@@ -17,8 +17,11 @@ import torch
 import xclip
 from video_helpers import write_video
 from xclip import classify as xc
+from xclip import cli
+from xclip import text_cache as tc
 from xclip import video as xv
-from xclip.__main__ import main, parse_views
+from xclip.cli import main, parse_views
+from xclip.labels import parse_labels
 
 pytest.importorskip("av")
 
@@ -238,18 +241,18 @@ def test_text_features_are_cached_on_disk_and_invalidated(capsys, monkeypatch, c
 
 
 def test_cache_key_depends_on_checkpoint_and_exact_labels(tmp_path, checkpoint) -> None:
-    identity = xc.checkpoint_identity(checkpoint)
+    identity = tc.checkpoint_identity(checkpoint)
     assert identity["path"] == os.path.realpath(checkpoint)
-    key = xc.cache_key(identity, LABELS, 77)
-    assert key == xc.cache_key(xc.checkpoint_identity(checkpoint), list(LABELS), 77)
-    assert key != xc.cache_key(identity, LABELS[:-1], 77)
-    assert key != xc.cache_key(identity, [*LABELS[:-1], LABELS[-1] + " "], 77)
-    assert key != xc.cache_key(identity, LABELS, 76)
+    key = tc.cache_key(identity, LABELS, 77)
+    assert key == tc.cache_key(tc.checkpoint_identity(checkpoint), list(LABELS), 77)
+    assert key != tc.cache_key(identity, LABELS[:-1], 77)
+    assert key != tc.cache_key(identity, [*LABELS[:-1], LABELS[-1] + " "], 77)
+    assert key != tc.cache_key(identity, LABELS, 76)
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text("{}")
     (hf_dir / "model.safetensors").write_bytes(b"1234")
-    files = xc.checkpoint_identity(hf_dir)["files"]
+    files = tc.checkpoint_identity(hf_dir)["files"]
     assert sorted(files) == ["config.json", "model.safetensors"] and files["model.safetensors"][0] == 4
 
 
@@ -322,7 +325,7 @@ class FakeTerminal(io.StringIO):
 def test_progress_bar_on_a_terminal_only(checkpoint, files, tmp_path) -> None:
     def classify(stderr: io.StringIO, **kw: object) -> str:
         stdout = io.StringIO()
-        status = xc.run_classify(
+        status = cli.run_classify(
             videos=[str(files["a"]), str(files["b"])], checkpoint=str(checkpoint), labels=LABELS,
             cache_dir=tmp_path, stdout=stdout, stderr=stderr, **kw,
         )
@@ -341,7 +344,7 @@ def test_progress_bar_on_a_terminal_only(checkpoint, files, tmp_path) -> None:
 
 def test_progress_bar_clears_before_other_output() -> None:
     stream = FakeTerminal()
-    bar = xc.ProgressBar(3, stream, enabled=True)
+    bar = cli.ProgressBar(3, stream, enabled=True)
     bar.start("x.mp4")
     bar.clear()
     bar.advance()
@@ -351,7 +354,7 @@ def test_progress_bar_clears_before_other_output() -> None:
         + "\r\x1b[K" + "\r[######--------------] 1/3 \x1b[K" + "\r\x1b[K"
     )
     silent = FakeTerminal()
-    off = xc.ProgressBar(3, silent, enabled=False)
+    off = cli.ProgressBar(3, silent, enabled=False)
     off.start("x")
     off.advance()
     off.close()
@@ -362,11 +365,11 @@ def test_progress_bar_clears_before_other_output() -> None:
 
 
 def test_label_parsing() -> None:
-    assert xc.parse_labels(" archery, bowling ,,playing the violin ") == ["archery", "bowling", "playing the violin"]
+    assert parse_labels(" archery, bowling ,,playing the violin ") == ["archery", "bowling", "playing the violin"]
     with pytest.raises(ValueError, match=r"labels: expected distinct labels, got repeats of \['a'\]"):
-        xc.parse_labels("a,b,a")
+        parse_labels("a,b,a")
     with pytest.raises(ValueError, match="labels: expected at least one label"):
-        xc.parse_labels(" , ")
+        parse_labels(" , ")
 
 
 def test_top_k_sorts_and_keeps_label_order_on_ties() -> None:

@@ -307,6 +307,7 @@ def test_missing_pyav_gives_an_install_hint(monkeypatch, lossless_mp4) -> None:
 
 
 def test_importing_xclip_does_not_import_av() -> None:
-    code = "import sys, xclip, xclip.video, xclip.classify, xclip.__main__; assert 'av' not in sys.modules"
+    modules = "xclip, xclip.video, xclip.labels, xclip.text_cache, xclip.classify, xclip.cli, xclip.__main__"
+    code = f"import sys, {modules}; assert 'av' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
