@@ -9,7 +9,8 @@ them once (:mod:`xclip.text_cache`), then classifies the files in order
 A file that fails (missing, not a video, too few frames) is reported on stderr and the others
 still run; the exit status is then 1. Errors in the arguments or the run settings exit with 2.
 
-On a terminal a progress bar goes to stderr.
+On a terminal a progress bar (tqdm) goes to stderr; tqdm is imported when the command runs,
+not when :mod:`xclip` is.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 from xclip_kernels import get_backend
@@ -31,6 +31,9 @@ from .classify import Result, classify_file
 from .labels import check_labels, parse_labels, read_labels_file
 from .text_cache import TextFeatureCache, default_cache_dir, text_features
 from .video import CROP_COUNTS
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 VIEWS_HELP = (
     "views per video as CLIPSxCROPS (e.g. 4x3, the paper's multi-view evaluation) or a count N "
@@ -138,48 +141,47 @@ def format_result(result: Result, as_json: bool) -> str:
     return "\n".join(lines)
 
 
-class ProgressBar:
-    """A one-line progress bar on a terminal (``[#####-----] 3/10 name``); does nothing when
-    disabled. :meth:`clear` before printing other lines to the same terminal."""
+def import_tqdm() -> type[tqdm]:
+    """The ``tqdm`` class; an ``ImportError`` with the install command when it is missing."""
+    try:
+        from tqdm import tqdm
+    except ImportError as exc:
+        raise ImportError(
+            "the progress bar of python -m xclip needs tqdm: install it with `pip install tqdm` "
+            "(the pinned version is in requirements.txt)"
+        ) from exc
+    return tqdm
 
-    def __init__(self, total: int, stream: TextIO, enabled: bool) -> None:
-        self.total = total
-        self.stream = stream
-        self.enabled = enabled and total > 0
-        self.done = 0
-        self.current = ""
-        self._shown = False
 
-    def _width(self) -> int:
-        return max(20, min(shutil.get_terminal_size((80, 24)).columns, 200) - 1)
+def progress_bar(total: int, stream: TextIO, enabled: bool) -> tqdm:
+    """A progress bar of ``total`` files on ``stream`` (the file being classified at its end);
+    when not ``enabled`` (or ``total`` is 0) it writes nothing at all.
 
-    def draw(self) -> None:
-        if not self.enabled:
-            return
-        slots = 20
-        filled = slots * self.done // self.total
-        line = f"[{'#' * filled}{'-' * (slots - filled)}] {self.done}/{self.total} {self.current}"
-        self.stream.write("\r" + line[: self._width()] + "\x1b[K")
-        self.stream.flush()
-        self._shown = True
+    Print other lines to the same terminal with :func:`write_line`. Closing the bar (``with``
+    or ``close()``) erases it, leaving the cursor at the start of an empty line.
+    """
+    tqdm = import_tqdm()
+    return tqdm(
+        total=total,
+        file=stream,
+        disable=not (enabled and total > 0),
+        leave=False,  # erased when closed: the results and errors are the lasting output
+        unit="file",
+        dynamic_ncols=True,  # the width of the stream's terminal at every draw: a wrapped line cannot be redrawn
+        # Redraw at every file (few, each taking a while), not tqdm's at most every 0.1 s.
+        mininterval=0,
+        miniters=1,
+    )
 
-    def start(self, name: str) -> None:
-        self.current = name
-        self.draw()
 
-    def advance(self) -> None:
-        self.done += 1
-        self.current = ""
-        self.draw()
-
-    def clear(self) -> None:
-        if self.enabled and self._shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._shown = False
-
-    def close(self) -> None:
-        self.clear()
+def write_line(bar: tqdm, text: str, stream: TextIO) -> None:
+    """Print ``text`` and a newline to ``stream`` with ``bar`` out of the way: the bar is erased
+    first and drawn again below the line. ``stream`` may be another stream than the bar's (stdout
+    and stderr share one terminal), so the bar is always erased, not only when the streams are
+    the same object (as ``tqdm.write`` decides)."""
+    bar.clear()
+    print(text, file=stream, flush=True)
+    bar.refresh()
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -210,7 +212,7 @@ def run_classify(
     terminal, there is more than one file and not ``quiet``.
 
     Raises ``ValueError`` / ``TypeError`` for bad settings (labels, ``k``, views, device,
-    backend, a label longer than the context).
+    backend, a label longer than the context) and ``ImportError`` when tqdm is missing.
     """
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
@@ -223,6 +225,7 @@ def run_classify(
         raise ValueError(f"clips: expected an int >= 1, got {num_clips!r}")
     if num_crops not in CROP_COUNTS:
         raise ValueError(f"crops: expected one of {CROP_COUNTS}, got {num_crops!r}")
+    import_tqdm()  # a missing tqdm fails here, not after the checkpoint and labels are loaded
 
     def note(message: str) -> None:
         if not quiet:
@@ -253,24 +256,20 @@ def run_classify(
         note(f"text features of {len(labels)} labels {where} {cache.directory}")
 
     show = progress if progress is not None else (not quiet and len(videos) > 1 and stderr.isatty())
-    bar = ProgressBar(len(videos), stderr, show)
     failed = 0
-    try:
+    with progress_bar(len(videos), stderr, show) as bar:  # closed (erased) also on an exception
         for path in videos:
-            bar.start(os.path.basename(path))
+            bar.set_postfix_str(os.path.basename(path))  # draws the bar, naming the file in work
             result = classify_file(
                 model, features, labels, path,
                 k=k, num_clips=num_clips, num_crops=num_crops, allow_short=allow_short,
             )
-            bar.clear()
             if result.error is not None:
                 failed += 1
-                print(f"xclip classify: error: {result.error}", file=stderr, flush=True)
+                write_line(bar, f"xclip classify: error: {result.error}", stderr)
             else:
-                print(format_result(result, as_json), file=stdout, flush=True)
-            bar.advance()
-    finally:
-        bar.close()
+                write_line(bar, format_result(result, as_json), stdout)
+            bar.update(1)
     if failed:
         note(f"{failed} of {len(videos)} files failed")
     return 1 if failed else 0
