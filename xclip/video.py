@@ -373,42 +373,6 @@ def load_views(
     return torch.cat(views)
 
 
-def write_video(
-    path: str | os.PathLike,
-    frames: torch.Tensor,
-    *,
-    fps: int = 10,
-    codec: str = "mpeg4",
-    pix_fmt: str = "yuv420p",
-    options: dict[str, str] | None = None,
-) -> None:
-    """Encode RGB frames into a video file with PyAV (small synthetic clips for tests and demos).
-
-    Args:
-        frames: uint8 ``(N, H, W, 3)`` RGB (numpy arrays work too).
-        codec: an FFmpeg encoder in the PyAV wheel, e.g. "mpeg4", "libx264", "libx264rgb"
-            (with ``pix_fmt="rgb24"`` and ``options={"crf": "0"}``: lossless RGB).
-        pix_fmt: the stream's pixel format; 4:2:0 formats need even H and W.
-        options: encoder options (strings).
-    """
-    av = _import_av()
-    frames = torch.as_tensor(frames)
-    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise ValueError(f"frames: expected uint8 (N >= 1, H, W, 3) RGB, got {frames.dtype} {tuple(frames.shape)}")
-    _check_int("fps", fps, 1)
-    with av.open(os.fspath(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.height, stream.width = int(frames.shape[1]), int(frames.shape[2])
-        stream.pix_fmt = pix_fmt
-        if options:
-            stream.options = dict(options)
-        for image in frames.numpy():
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():  # flush the encoder's delayed frames
-            container.mux(packet)
-
-
 def load_clip(path: str | os.PathLike, num_frames: int, image_size: int, *, allow_short: bool = False) -> torch.Tensor:
     """One view of a video file as the official single-view evaluation prepares it: T centre
     frames of equal segments, short side resized to ``int(256/224 * S)``, centre crop ``S``,

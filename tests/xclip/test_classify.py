@@ -15,9 +15,13 @@ import pytest
 import torch
 
 import xclip
+from video_helpers import write_video
 from xclip import classify as xc
+from xclip import cli
+from xclip import text_cache as tc
 from xclip import video as xv
-from xclip.__main__ import main, parse_views
+from xclip.cli import main, parse_views
+from xclip.labels import parse_labels
 
 pytest.importorskip("av")
 
@@ -57,9 +61,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "dir": root / "folder.mp4",
         "missing": root / "missing.mp4",
     }
-    xv.write_video(out["a"], torch.randint(0, 256, (20, 48, 64, 3), generator=g, dtype=torch.uint8))
-    xv.write_video(out["b"], torch.randint(0, 256, (12, 64, 40, 3), generator=g, dtype=torch.uint8))
-    xv.write_video(out["short"], torch.randint(0, 256, (2, 48, 64, 3), generator=g, dtype=torch.uint8))
+    write_video(out["a"], torch.randint(0, 256, (20, 48, 64, 3), generator=g, dtype=torch.uint8))
+    write_video(out["b"], torch.randint(0, 256, (12, 64, 40, 3), generator=g, dtype=torch.uint8))
+    write_video(out["short"], torch.randint(0, 256, (2, 48, 64, 3), generator=g, dtype=torch.uint8))
     out["text"].write_text("not a video at all\n" * 50)
     out["dir"].mkdir()
     return out
@@ -237,18 +241,18 @@ def test_text_features_are_cached_on_disk_and_invalidated(capsys, monkeypatch, c
 
 
 def test_cache_key_depends_on_checkpoint_and_exact_labels(tmp_path, checkpoint) -> None:
-    identity = xc.checkpoint_identity(checkpoint)
+    identity = tc.checkpoint_identity(checkpoint)
     assert identity["path"] == os.path.realpath(checkpoint)
-    key = xc.cache_key(identity, LABELS, 77)
-    assert key == xc.cache_key(xc.checkpoint_identity(checkpoint), list(LABELS), 77)
-    assert key != xc.cache_key(identity, LABELS[:-1], 77)
-    assert key != xc.cache_key(identity, [*LABELS[:-1], LABELS[-1] + " "], 77)
-    assert key != xc.cache_key(identity, LABELS, 76)
+    key = tc.cache_key(identity, LABELS, 77)
+    assert key == tc.cache_key(tc.checkpoint_identity(checkpoint), list(LABELS), 77)
+    assert key != tc.cache_key(identity, LABELS[:-1], 77)
+    assert key != tc.cache_key(identity, [*LABELS[:-1], LABELS[-1] + " "], 77)
+    assert key != tc.cache_key(identity, LABELS, 76)
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text("{}")
     (hf_dir / "model.safetensors").write_bytes(b"1234")
-    files = xc.checkpoint_identity(hf_dir)["files"]
+    files = tc.checkpoint_identity(hf_dir)["files"]
     assert sorted(files) == ["config.json", "model.safetensors"] and files["model.safetensors"][0] == 4
 
 
@@ -313,59 +317,216 @@ def test_an_unwritable_cache_costs_only_the_cache(capsys, checkpoint, files, tmp
 # -- progress bar -------------------------------------------------------------------------------
 
 
-class FakeTerminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+class Terminal:
+    """One terminal behind two streams, as a shell gives a command: ``stdout`` and ``stderr``
+    are different objects that both report a terminal and write to the same screen."""
+
+    class Stream(io.TextIOBase):
+        def __init__(self, received: io.StringIO) -> None:
+            self.received = received
+
+        def write(self, text: str) -> int:
+            return self.received.write(text)
+
+        def isatty(self) -> bool:
+            return True
+
+    def __init__(self) -> None:
+        self.received = io.StringIO()
+        self.stdout = Terminal.Stream(self.received)
+        self.stderr = Terminal.Stream(self.received)
+
+    def text(self) -> str:
+        """Everything written to either stream, in order."""
+        return self.received.getvalue()
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal shows after receiving ``text``: ``\\r`` returns to the start of the
+    line, ``\\x1b[K`` erases to its end, ``\\n`` goes to a new line, any other character
+    overwrites the one under the cursor; trailing spaces are invisible. Any other escape
+    sequence fails (the bar must not move the cursor to other lines)."""
+    lines: list[str] = []
+    line: list[str] = []
+    col = 0
+    i = 0
+    while i < len(text):
+        if text.startswith("\x1b[K", i):
+            del line[col:]
+            i += 3
+            continue
+        char = text[i]
+        assert char != "\x1b", f"unexpected escape sequence {text[i : i + 8]!r}"
+        if char == "\r":
+            col = 0
+        elif char == "\n":
+            lines.append("".join(line).rstrip())
+            line, col = [], 0
+        else:
+            if col < len(line):
+                line[col] = char
+            else:
+                line.append(char)
+            col += 1
+        i += 1
+    return [*lines, "".join(line).rstrip()]
+
+
+def test_screen_shows_what_a_terminal_would() -> None:
+    # The checker of the bar tests must itself catch leftovers and garbling.
+    assert screen("\r 50%|#####| 1/2\r" + " " * 15 + "\rresult\n") == ["result", ""]
+    assert screen("\r 50%|#####| 1/2\r" + " " * 8 + "\rresult\n") == ["result  ##| 1/2", ""]
+    assert screen("\r 50%|#####| 1/2result\n") == [" 50%|#####| 1/2result", ""]
+    assert screen("\r 50%|#####| 1/2\r\x1b[Kdone") == ["done"]
+    assert screen("\r 50%|#####| 1/2\rok") == ["ok0%|#####| 1/2"]
 
 
 def test_progress_bar_on_a_terminal_only(checkpoint, files, tmp_path) -> None:
-    def classify(stderr: io.StringIO, **kw: object) -> str:
-        stdout = io.StringIO()
-        status = xc.run_classify(
-            videos=[str(files["a"]), str(files["b"])], checkpoint=str(checkpoint), labels=LABELS,
+    def classify(stdout: io.TextIOBase, stderr: io.TextIOBase, videos: tuple[Path, ...], **kw: object) -> None:
+        status = cli.run_classify(
+            videos=[str(v) for v in videos], checkpoint=str(checkpoint), labels=LABELS,
             cache_dir=tmp_path, stdout=stdout, stderr=stderr, **kw,
         )
         assert status == 0
-        return stderr.getvalue()
 
-    shown = classify(FakeTerminal())
-    assert "[----------------------------------------]" not in shown
-    assert "[--------------------] 0/2 a.mp4" in shown
-    assert "[##########----------] 1/2 b clip.mkv" in shown
-    assert "[####################] 2/2" in shown
-    assert shown.endswith("\r\x1b[K")  # the bar is cleared at the end
-    assert "\r" not in classify(FakeTerminal(), quiet=True)
-    assert "\r" not in classify(io.StringIO())  # not a terminal
+    two = (files["a"], files["b"])
+    terminal = Terminal()
+    classify(io.StringIO(), terminal.stderr, two)
+    shown = terminal.text()
+    draws = shown.split("\r")
+    # Drawn at every step, naming the file being classified.
+    assert any("0/2" in draw and "a.mp4" in draw for draw in draws), draws
+    assert any("1/2" in draw and "b clip.mkv" in draw for draw in draws), draws
+    assert any("2/2" in draw for draw in draws), draws
+    # Erased at the end: the note printed before the bar is all that is left, on an empty line.
+    (note,) = [line for line in screen(shown) if line]
+    assert note.startswith("xclip classify: text features of 4 labels") and screen(shown)[-1] == ""
+
+    for videos, kw in [(two, {"quiet": True}), ((files["a"],), {}), (two, {"progress": False})]:
+        terminal = Terminal()  # quiet, one file (nothing to show progress of), or turned off
+        classify(terminal.stdout, terminal.stderr, videos, **kw)
+        assert "\r" not in terminal.text(), kw
+    classify(io.StringIO(), stderr := io.StringIO(), two)  # not a terminal
+    assert "\r" not in stderr.getvalue()
+    classify(io.StringIO(), bar := io.StringIO(), two, progress=True)  # forced on
+    assert "2/2" in bar.getvalue()
+
+
+def test_progress_bar_leaves_results_and_errors_intact(checkpoint, files) -> None:
+    # stdout and stderr on one terminal, a failing file between two good ones: the screen must
+    # show exactly what the same run prints without a bar.
+    videos = [str(files["a"]), str(files["missing"]), str(files["b"])]
+
+    def classify(stdout: io.TextIOBase, stderr: io.TextIOBase, **kw: object) -> None:
+        status = cli.run_classify(
+            videos=videos, checkpoint=str(checkpoint), labels=LABELS, use_cache=False,
+            stdout=stdout, stderr=stderr, **kw,
+        )
+        assert status == 1
+
+    plain = io.StringIO()
+    classify(plain, plain)
+    plain = plain.getvalue()
+    assert "\r" not in plain and plain.count("error:") == 1 and plain.endswith("1 of 3 files failed\n")
+    terminal = Terminal()
+    classify(terminal.stdout, terminal.stderr)
+    assert "3/3" in terminal.text()  # the bar was drawn
+    assert screen(terminal.text()) == plain.split("\n")
+    # With --json too (one line per result).
+    plain_json = io.StringIO()
+    classify(plain_json, plain_json, as_json=True)
+    terminal = Terminal()
+    classify(terminal.stdout, terminal.stderr, as_json=True)
+    assert "3/3" in terminal.text() and screen(terminal.text()) == plain_json.getvalue().split("\n")
 
 
 def test_progress_bar_clears_before_other_output() -> None:
-    stream = FakeTerminal()
-    bar = xc.ProgressBar(3, stream, enabled=True)
-    bar.start("x.mp4")
-    bar.clear()
-    bar.advance()
-    bar.close()
-    assert stream.getvalue() == (
-        "\r[--------------------] 0/3 x.mp4\x1b[K"
-        + "\r\x1b[K" + "\r[######--------------] 1/3 \x1b[K" + "\r\x1b[K"
+    terminal = Terminal()
+    with cli.progress_bar(3, terminal.stderr, enabled=True) as bar:
+        bar.set_postfix_str("x.mp4")
+        (drawn,) = screen(terminal.text())
+        assert "0/3" in drawn and drawn.endswith("x.mp4]")
+        cli.write_line(bar, "x.mp4 result", terminal.stdout)  # another stream, the same screen
+        first, drawn = screen(terminal.text())
+        assert first == "x.mp4 result" and "0/3" in drawn  # the line intact, the bar below it
+        bar.update(1)
+        assert "1/3" in screen(terminal.text())[-1]
+    assert screen(terminal.text()) == ["x.mp4 result", ""]  # closed: nothing left on the line
+
+    silent = Terminal()
+    with cli.progress_bar(3, silent.stderr, enabled=False) as off:
+        off.set_postfix_str("x")
+        cli.write_line(off, "line", silent.stdout)
+        off.update(1)
+    assert silent.text() == "line\n"
+    empty = Terminal()
+    with cli.progress_bar(0, empty.stderr, enabled=True) as none:  # no files: no bar
+        none.update(0)
+    assert empty.text() == ""
+
+
+def test_progress_bar_fits_the_terminal_width() -> None:
+    # A real pseudo-terminal 40 columns wide: a line that wrapped could not be redrawn in place
+    # by "\r", so every draw must stay within one row, however long the file name.
+    termios = pytest.importorskip("termios")
+    import fcntl
+    import struct
+    import threading
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+    received = bytearray()
+
+    def drain() -> None:  # keeps the pty buffer from filling up and blocking the writer
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the slave side is closed
+                return
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    with open(slave, "w", encoding="utf-8", closefd=True) as tty:
+        assert tty.isatty()
+        with cli.progress_bar(2, tty, enabled=True) as bar:
+            bar.set_postfix_str("a very long file name of a holiday video " * 3 + ".mp4")
+            bar.update(1)
+    reader.join(timeout=10)
+    os.close(master)
+    text = received.decode("utf-8")
+    draws = [part for part in text.replace("\n", "\r").split("\r") if part.strip()]
+    assert any("1/2" in draw for draw in draws), text
+    assert max(len(draw) for draw in draws) < 40, draws
+    assert screen(text)[-1] == ""
+
+
+def test_xclip_imports_without_tqdm_and_the_command_names_it(tmp_path) -> None:
+    # tqdm is imported when the command runs, never by `import xclip` (torch.hub imports it
+    # when it is installed, so its absence from sys.modules cannot be the check: it is hidden).
+    code = (
+        "import sys; sys.modules['tqdm'] = None\n"  # makes `import tqdm` raise ImportError
+        "import xclip, xclip.video, xclip.labels, xclip.text_cache, xclip.classify, xclip.cli, xclip.__main__\n"
+        f"argv = ['classify', 'a.mp4', '--checkpoint', {str(tmp_path / 'x.pth')!r}, '--labels', 'a']\n"
+        "sys.exit(xclip.cli.main(argv))\n"
     )
-    silent = FakeTerminal()
-    off = xc.ProgressBar(3, silent, enabled=False)
-    off.start("x")
-    off.advance()
-    off.close()
-    assert silent.getvalue() == ""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and "xclip classify: error: " in result.stderr and "pip install tqdm" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # -- arguments ----------------------------------------------------------------------------------
 
 
 def test_label_parsing() -> None:
-    assert xc.parse_labels(" archery, bowling ,,playing the violin ") == ["archery", "bowling", "playing the violin"]
+    assert parse_labels(" archery, bowling ,,playing the violin ") == ["archery", "bowling", "playing the violin"]
     with pytest.raises(ValueError, match=r"labels: expected distinct labels, got repeats of \['a'\]"):
-        xc.parse_labels("a,b,a")
+        parse_labels("a,b,a")
     with pytest.raises(ValueError, match="labels: expected at least one label"):
-        xc.parse_labels(" , ")
+        parse_labels(" , ")
 
 
 def test_top_k_sorts_and_keeps_label_order_on_ties() -> None:
