@@ -20,6 +20,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from xclip_kernels import checks
+
 from . import saved
 from .config import XCLIPConfig
 from .model import XCLIP
@@ -286,8 +288,8 @@ def _official_state(raw: object, path: str) -> dict[str, torch.Tensor]:
 def _set_frames(
     config: XCLIPConfig, state: dict[str, torch.Tensor], num_frames: int | None, interpolate_frames: bool
 ) -> XCLIPConfig:
-    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
-        raise ValueError(f"num_frames: expected an int >= 1 or None, got {num_frames!r}")
+    if num_frames is not None:
+        checks.integer("num_frames", num_frames)
     if num_frames is None or num_frames == config.num_frames:
         return config
     pos = state.get("mit.positional_embedding")

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 import torch
-from xclip_kernels import get_backend
+
+from xclip_kernels import checks, get_backend
 
 from .checkpoint import load_checkpoint
 from .classify import Result, classify_file
@@ -61,13 +62,15 @@ def parse_views(text: str) -> tuple[int, int]:
 
 
 def _positive(text: str) -> int:
+    """argparse ``type`` of the count flags: the text as an int >= 1 (argparse names the flag)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
+    try:
+        return checks.integer("value", value)
+    except ValueError as exc:  # argparse puts the flag's name in front
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,10 +222,8 @@ def run_classify(
     labels = check_labels(labels)
     if k is None:
         k = min(5, len(labels))
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"top_k: expected an int >= 1, got {k!r}")
-    if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
-        raise ValueError(f"clips: expected an int >= 1, got {num_clips!r}")
+    checks.integer("top_k", k)
+    checks.integer("clips", num_clips)
     if num_crops not in CROP_COUNTS:
         raise ValueError(f"crops: expected one of {CROP_COUNTS}, got {num_crops!r}")
     import_tqdm()  # a missing tqdm fails here, not after the checkpoint and labels are loaded

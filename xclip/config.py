@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from xclip_kernels import checks
+
 
 @dataclass(frozen=True)
 class XCLIPConfig:
@@ -52,8 +54,7 @@ class XCLIPConfig:
                 continue
             if value is None and f.name.endswith("_mlp_dim"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"XCLIPConfig.{f.name}: expected an int >= 1, got {value!r}")
+            checks.integer(f"XCLIPConfig.{f.name}", value)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"XCLIPConfig.image_size: expected a multiple of patch_size={self.patch_size}, "

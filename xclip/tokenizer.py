@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from xclip_kernels import checks
+
 START_OF_TEXT = 49406
 END_OF_TEXT = 49407
 
@@ -46,8 +48,7 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77, *, truncate: 
         raise TypeError(f"texts: expected a string or a sequence of strings, got {type(texts).__name__}")
     if len(texts) == 0:
         raise ValueError("texts: expected at least one string, got an empty sequence")
-    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
-        raise ValueError(f"context_length: expected an int >= 2, got {context_length!r}")
+    checks.integer("context_length", context_length, minimum=2)
     result = torch.zeros(len(texts), context_length, dtype=torch.long)
     for row, text in enumerate(texts):
         ids = [START_OF_TEXT, *_tokenizer().encode(_clean(text)), END_OF_TEXT]

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from xclip_kernels import checks
+
 MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 """Per-channel RGB mean of the official configs (``img_norm_cfg``), on the 0..255 scale."""
 STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
@@ -53,12 +55,6 @@ CROP_COUNTS = (1, 3)
 
 class VideoError(ValueError):
     """A file that cannot be used as a video: not decodable, no video stream, too few frames."""
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
 
 
 # -- sampling -----------------------------------------------------------------------------------
@@ -76,10 +72,10 @@ def segment_indices(num_frames_in_video: int, num_segments: int, clip_index: int
     Returns:
         ``T`` non-decreasing indices in ``[0, n)``.
     """
-    n = _check_int("num_frames_in_video", num_frames_in_video, 1)
-    t = _check_int("num_segments", num_segments, 1)
-    k_count = _check_int("num_clips", num_clips, 1)
-    k = _check_int("clip_index", clip_index, 0)
+    n = checks.integer("num_frames_in_video", num_frames_in_video)
+    t = checks.integer("num_segments", num_segments)
+    k_count = checks.integer("num_clips", num_clips)
+    k = checks.integer("clip_index", clip_index, 0)
     if k >= k_count:
         raise ValueError(f"clip_index: expected 0 <= clip_index < num_clips = {k_count}, got {k}")
     # (i + (2k+1)/(2K)) * n / T, exactly: numerator < 2KT * n, so every index is < n.
@@ -103,9 +99,9 @@ def _check_frames(frames: object, name: str = "frames") -> torch.Tensor:
 def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
     """``(h, w)`` after scaling ``height x width`` so that its short side is ``short_side``;
     the long side is rounded half up (as the official resize)."""
-    _check_int("height", height, 1)
-    _check_int("width", width, 1)
-    _check_int("short_side", short_side, 1)
+    checks.integer("height", height)
+    checks.integer("width", width)
+    checks.integer("short_side", short_side)
     if height <= width:
         return short_side, (2 * width * short_side + height) // (2 * height)
     return (2 * height * short_side + width) // (2 * width), short_side
@@ -124,7 +120,7 @@ def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
     """
     frames = _check_frames(frames)
     height, width = frames.shape[-2:]
-    new_h, new_w = resized_shape(height, width, _check_int("size", size, 1))
+    new_h, new_w = resized_shape(height, width, checks.integer("size", size))
     lead = frames.shape[:-3]
     x = frames.reshape(-1, 3, height, width).to(torch.float32)
     if (new_h, new_w) != (height, width):
@@ -139,7 +135,7 @@ def crop_boxes(height: int, width: int, size: int, num_crops: int = 1) -> list[t
     side (left, centre, right; or top, centre, bottom), which needs the short side to equal
     ``size`` (resize first).
     """
-    _check_int("size", size, 1)
+    checks.integer("size", size)
     if num_crops not in CROP_COUNTS:
         raise ValueError(f"num_crops: expected one of {CROP_COUNTS}, got {num_crops!r}")
     if size > height or size > width:
@@ -184,7 +180,7 @@ def normalize(frames: torch.Tensor) -> torch.Tensor:
 def resize_for_crops(image_size: int, num_crops: int = 1) -> int:
     """The short side the official pipeline resizes to before cropping ``image_size``:
     ``int(256 / 224 * image_size)`` for one crop, ``image_size`` for three."""
-    _check_int("image_size", image_size, 1)
+    checks.integer("image_size", image_size)
     if num_crops not in CROP_COUNTS:
         raise ValueError(f"num_crops: expected one of {CROP_COUNTS}, got {num_crops!r}")
     return int(SINGLE_CROP_RESIZE_RATIO * image_size) if num_crops == 1 else image_size
@@ -298,7 +294,7 @@ def read_frames(
     """
     path = os.fspath(path)
     for position, index in enumerate(indices):
-        _check_int(f"indices[{position}]", index, 0)
+        checks.integer(f"indices[{position}]", index, 0)
     kept, decoded = _decode(path, indices, transform, count_all=False)
     missing = sorted(set(indices) - set(kept))
     if missing:
@@ -340,9 +336,9 @@ def load_views(
         file that is not a usable video.
     """
     path = os.fspath(path)
-    num_frames = _check_int("num_frames", num_frames, 1)
-    image_size = _check_int("image_size", image_size, 1)
-    num_clips = _check_int("num_clips", num_clips, 1)
+    num_frames = checks.integer("num_frames", num_frames)
+    image_size = checks.integer("image_size", image_size)
+    num_clips = checks.integer("num_clips", num_clips)
     short_side = resize_for_crops(image_size, num_crops)
 
     def resize(frame: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,12 @@ def same_device_and_dtype(reference_name: str, reference: torch.Tensor, **others
             )
 
 
-def positive_int(name: str, value: object) -> int:
-    """``value`` if it is an int >= 1, else ``TypeError``/``ValueError``."""
+def integer(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``; ``TypeError`` for anything that
+    is not an int, ``ValueError`` for one below ``minimum``. The one integer check of both
+    packages (flags and config fields pass their own names)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value}")
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value

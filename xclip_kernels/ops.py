@@ -85,8 +85,8 @@ def message_attention(
     """
     checks.tensor("messages", messages, ndim=2)
     frames, width = messages.shape
-    num_frames = checks.positive_int("num_frames", num_frames)
-    num_heads = checks.positive_int("num_heads", num_heads)
+    num_frames = checks.integer("num_frames", num_frames)
+    num_heads = checks.integer("num_heads", num_heads)
     if frames % num_frames:
         raise ValueError(
             f"messages: expected F = b * num_frames rows with num_frames={num_frames}, got F={frames}"

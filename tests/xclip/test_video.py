@@ -100,12 +100,13 @@ def test_segment_indices_of_several_clips_spread_evenly_inside_each_segment() ->
 
 
 @pytest.mark.parametrize(
-    "args, name",
-    [((0, 8), "num_frames_in_video"), ((10, 0), "num_segments"), ((10, 8, 2, 2), "clip_index"),
-     ((10, 8, 0, 0), "num_clips"), ((10, 8, -1, 2), "clip_index"), ((10.0, 8), "num_frames_in_video")],
+    "args, error, name",
+    [((0, 8), ValueError, "num_frames_in_video"), ((10, 0), ValueError, "num_segments"),
+     ((10, 8, 2, 2), ValueError, "clip_index"), ((10, 8, 0, 0), ValueError, "num_clips"),
+     ((10, 8, -1, 2), ValueError, "clip_index"), ((10.0, 8), TypeError, "num_frames_in_video: expected an int, got float")],
 )
-def test_segment_indices_refuse_bad_arguments_by_name(args: tuple, name: str) -> None:
-    with pytest.raises(ValueError, match=name):
+def test_segment_indices_refuse_bad_arguments_by_name(args: tuple, error: type, name: str) -> None:
+    with pytest.raises(error, match=name):
         xv.segment_indices(*args)
 
 

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from xclip_kernels import checks
+
 
 def write_video(
     path: str | os.PathLike,
@@ -36,8 +38,7 @@ def write_video(
     frames = torch.as_tensor(frames)
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise ValueError(f"frames: expected uint8 (N >= 1, H, W, 3) RGB, got {frames.dtype} {tuple(frames.shape)}")
-    if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
-        raise ValueError(f"fps: expected an int >= 1, got {fps!r}")
+    checks.integer("fps", fps)
     with av.open(os.fspath(path), mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = int(frames.shape[1]), int(frames.shape[2])
