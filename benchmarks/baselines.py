@@ -1,4 +1,6 @@
-"""Video transformer baselines with other space-time attention styles (ANCHORS §5).
+"""Video transformer baselines with other space-time attention styles.
+
+How they are matched to X-CLIP and counted: ``docs/benchmarking.md#baselines``.
 
 Four plain-PyTorch models to compare X-CLIP against. The first three share ViT-B/16's width
 (768), depth (12), heads (12), MLP (3072, GELU) and patching (16x16 on 224x224 frames, N = 196

@@ -2,9 +2,10 @@
 
 The paper's "GFLOPs" are multiply-accumulates (MACs) of the official model for one video
 and one label, text encoder included, counting matmuls, linears, the patch convolution and
-the attention products (ANCHORS §4). This module counts them for any :class:`XCLIPConfig`,
-following the official computation literally (L+1 query rows in IFA, every frame's patches
-projected, 77 text tokens), so it is the number to compare with the paper. FLOPs = 2 x MACs.
+the attention products (``docs/benchmarking.md#macs-and-flops``). This module counts them
+for any :class:`XCLIPConfig`, following the official computation literally (L+1 query rows
+in IFA, every frame's patches projected, 77 text tokens), so it is the number to compare
+with the paper. FLOPs = 2 x MACs.
 
 ``python -m benchmarks.flops --json`` prints ``{"<variant>-<T>f": GMACs}`` for the paper's rows.
 """

@@ -118,7 +118,7 @@ VARIANTS: dict[str, XCLIPConfig] = {
     "xclip-l14": XCLIPConfig(**_LARGE),
     "xclip-l14-336": XCLIPConfig(image_size=336, **_LARGE),
 }
-"""The released sizes (ANCHORS §4), at 8 frames; ``replace(num_frames=...)`` for others."""
+"""The released sizes (``docs/xclip-math.md#variants``), at 8 frames; ``replace(num_frames=...)`` for others."""
 
 
 def resolve_config(name_or_config: "str | XCLIPConfig", num_frames: int | None = None) -> XCLIPConfig:

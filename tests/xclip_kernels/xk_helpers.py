@@ -1,9 +1,9 @@
 """Shared helpers of the xclip_kernels tests: random inputs, the tolerance rule, gradients.
 
-The ground truth is always :mod:`xclip_kernels.reference` run in float64 on the *same*
-(already rounded) values the op under test received, so only the op's own arithmetic is
-measured. Tolerances follow DESIGN.md: fp32 within 1e-5 relative to the tensor's scale,
-fp64 within 1e-10.
+The ground truth is always :mod:`xclip_kernels.backends.reference` run in float64 on the
+*same* (already rounded) values the op under test received, so only the op's own arithmetic
+is measured. Tolerances follow ``docs/testing.md#tolerances``: fp32 within 1e-5 relative to
+the tensor's scale, fp64 within 1e-10.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def tolerance(dtype: torch.dtype, truth: torch.Tensor) -> dict[str, float]:
 
 
 def assert_matches_truth(actual: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """``actual`` (of ``dtype``) equals the float64 ``truth`` within the DESIGN.md tolerance."""
+    """``actual`` (of ``dtype``) equals the float64 ``truth`` within the tolerance of ``docs/testing.md``."""
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
     assert actual.shape == truth.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(truth.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
