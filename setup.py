@@ -45,13 +45,14 @@ def _extensions() -> tuple[list, dict]:
         extension = CUDAExtension(
             "xclip_kernels._C",
             sources + sorted(glob.glob("csrc/cuda/*.cu")),
-            define_macros=[("XCLIP_WITH_CUDA", None)],
+            define_macros=[("XCLIP_WITH_CUDA", None), ("XCLIP_CPU_TILES", None)],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
             extra_link_args=["-fopenmp"],
         )
     else:
         extension = CppExtension(
-            "xclip_kernels._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]
+            "xclip_kernels._C", sources, define_macros=[("XCLIP_CPU_TILES", None)],
+            extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]
         )
     return [extension], {"build_ext": BuildExtension}
 
