@@ -21,3 +21,22 @@ def forced_backend() -> str | None:
     name = os.environ.get("XCLIP_KERNELS_BACKEND", "").strip()
     return name or None
 
+
+CPU_ISA_CHOICES = ("auto", "avx2")
+
+
+def cpu_isa() -> str | None:
+    """Widest instruction set for the cpp backend's CPU tile kernels, from ``XCLIP_KERNELS_CPU_ISA``.
+
+    ``"auto"`` (the widest the CPU has) or ``"avx2"`` (AVX2 even on an AVX-512 CPU); None when
+    unset or empty. Applied once, when the extension loads; later changes go through the
+    extension's ``set_cpu_isa``. Any other value raises ValueError naming the variable.
+    """
+    value = os.environ.get("XCLIP_KERNELS_CPU_ISA", "").strip()
+    if not value:
+        return None
+    if value not in CPU_ISA_CHOICES:
+        raise ValueError(
+            f"XCLIP_KERNELS_CPU_ISA: expected one of {', '.join(CPU_ISA_CHOICES)} (or unset), got {value!r}"
+        )
+    return value

@@ -16,7 +16,7 @@ import importlib
 
 import torch
 
-from . import _autograd, flop_formulas
+from . import _autograd, _env, flop_formulas
 
 BUILD_HINT = "build it with `python setup.py build_ext --inplace` (make test does)"
 
@@ -28,6 +28,8 @@ def _extension():  # type: ignore[no-untyped-def]
         module = importlib.import_module("xclip_kernels._C")
     except ImportError as exc:
         return exc
+    # The extension reads no environment variable itself: the one reading happens here, once.
+    module.set_cpu_isa(_env.cpu_isa() or "auto")
     _register_python_parts()
     return module
 
@@ -39,7 +41,7 @@ def unavailable_reasons(device: str) -> list[str]:
         return [f"the xclip_kernels._C extension is not built ({loaded}); {BUILD_HINT}"]
     if device == "cuda" and not loaded.has_cuda():
         return ["xclip_kernels._C was built without CUDA (needs nvcc and a CUDA build of torch at build time)"]
-    if device == "cpu" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+    if device == "cpu" and loaded.has_cpu_tiles() and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         return ["this CPU lacks AVX2, which the cpp kernels are compiled for"]
     if device == "cpu" and not loaded.has_blas():
         return ["this torch build exports no sgemm_/dgemm_ BLAS entry points for the cpp kernels"]
