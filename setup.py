@@ -22,6 +22,7 @@ or looks at the CPU's features.
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import json
 import os
@@ -228,6 +229,11 @@ def _extensions() -> list[Extension]:
     if os.environ.get("XCLIP_NO_EXTENSION") == "1":
         return []
     sources = _value("cpu_sources") + BUILD["x86_64"]["sources"] + _value("cuda_sources")
+    present = {os.path.relpath(path, ROOT) for pattern in ("*.cpp", "*.cu")
+               for path in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True)}
+    unlisted = sorted(present - set(sources))
+    if unlisted:
+        raise SystemExit(f"setup.py: {', '.join(unlisted)} not listed in csrc/build_flags.json (no build would compile it)")
     return [Extension(EXTENSION, sources)]
 
 
