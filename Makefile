@@ -17,13 +17,13 @@ PY := $(PYTHON)
 ENV_BENCH := build/.stamp-ext
 ENV_TEST := build/.stamp-ext
 endif
-CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+CSRC := $(wildcard csrc/*.json csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 RUN := PYTHONPATH=$(CURDIR) $(PY)
 # Large CPU tensors on transparent huge pages (read by PyTorch at start-up); set for every
 # model a benchmark compares, so ratios stay fair.
 BENCH_ENV := THP_MEM_ALLOC_ENABLE=1
 
-.PHONY: test bench bench-hf bench-kernels bench-micro cuda-compile device-wheels env clean
+.PHONY: test bench bench-hf bench-kernels bench-micro cuda-compile cmake-check package-check device-wheels env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -74,6 +74,26 @@ bench-micro: $(ENV_BENCH)
 # Every .cu compiled with nvcc for sm_80 and sm_90a; needs no GPU (CI runs it where nvcc is).
 cuda-compile: $(if $(PYTHON),,$(VENV)/.stamp-bench)
 	$(RUN) scripts/cuda_compile.py
+
+# The CMake build (C++17, csrc/build_flags.json like setup.py) into build/cmake, smoke-tested from
+# there (scripts/check_extension.py: torch version, OpenMP, both forward ops against the
+# reference); then the portable configuration (no x86-64 tile kernels) the same way.
+TILES_HERE := $(if $(filter x86_64 amd64 AMD64,$(shell uname -m)),yes,no)
+CMAKE_CONFIGURE = cmake -S . -DPython_EXECUTABLE="$$($(PY) -c 'import sys; print(sys.executable)')" -DCMAKE_BUILD_TYPE=Release
+cmake-check: $(if $(PYTHON),,$(VENV)/.stamp-bench)
+	$(CMAKE_CONFIGURE) -B build/cmake
+	cmake --build build/cmake -j $$(nproc)
+	$(RUN) scripts/check_extension.py build/cmake --tiles $(TILES_HERE)
+	$(CMAKE_CONFIGURE) -B build/cmake-portable -DXCLIP_CPU_TILES=OFF
+	cmake --build build/cmake-portable -j $$(nproc)
+	$(RUN) scripts/check_extension.py build/cmake-portable --tiles no
+
+# The package as a new user gets it (scripts/check_package.py): from a clean copy, the sdist
+# (built without torch), a wheel from it against this torch, that wheel installed and used
+# outside the source tree; and the default isolated `pip wheel .` failing at once with the
+# command that works. Not through $(RUN): the source tree must not be on the path.
+package-check: $(if $(PYTHON),,$(VENV)/.stamp-bench)
+	$(PY) scripts/check_package.py
 
 # Wheels the GPU image lacks (it has no network), for scripts/device_check.sh: Python 3.12.
 device-wheels:

@@ -1,12 +1,23 @@
 // The one binding file: op schemas (namespace xclip_ext), argument checks at the C++ boundary,
-// and the CPU and CUDA implementations registered with the dispatcher. Python adds fake
-// (meta) implementations and autograd in xclip_kernels/compiled.py.
+// and the implementations registered with the dispatcher, each under its own device's key: the
+// dispatcher picks the device once, and each registered wrapper is that device's checks plus
+// its function. Python adds fake (meta) implementations and autograd in
+// xclip_kernels/compiled.py.
 #include <torch/extension.h>
+#include <torch/version.h>
 
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "cpu/simd_kernels.h"
 #include "xclip_ops.h"
 
 namespace xclip_ext {
 namespace {
+
+// Every check names the tensor or argument, what was expected and what came, and throws
+// c10::ValueError (a Python ValueError).
 
 std::string shape_of(const at::Tensor& t) {
   std::ostringstream out;
@@ -31,74 +42,8 @@ void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef expected
                     shape_of(t));
 }
 
-std::tuple<at::Tensor, at::Tensor> frame_attention(const at::Tensor& q, const at::Tensor& k,
-                                                   const at::Tensor& v, const at::Tensor& msg_k,
-                                                   const at::Tensor& msg_v, double scale) {
-  check_frame_attention(q, k, v, msg_k, msg_v);
-  TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale: expected a finite positive float, got ", scale);
-#ifdef XCLIP_WITH_CUDA
-  if (q.is_cuda()) return frame_attention_forward_cuda(q, k, v, msg_k, msg_v, scale);
-#endif
-  return frame_attention_forward_cpu(q, k, v, msg_k, msg_v, scale);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& msg_k, const at::Tensor& msg_v, const at::Tensor& out, const at::Tensor& lse,
-    double scale) {
-  check_frame_attention(q, k, v, msg_k, msg_v);
-  check_float("grad_out", grad_out, q, 4);
-  check_shape("grad_out", grad_out, q.sizes(), "(F, N, H, D) of q");
-  check_float("out", out, q, 4);
-  check_shape("out", out, q.sizes(), "(F, N, H, D) of q");
-  // float32; float64 where the CPU kernels ran on float64 inputs.
-  const auto lse_type = q.scalar_type() == at::kDouble && q.is_cpu() ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(lse.scalar_type() == lse_type && lse.dim() == 3 && lse.size(0) == q.size(0) &&
-                        lse.size(1) == q.size(2) && lse.size(2) == q.size(1) && lse.is_contiguous(),
-                    "lse: expected a contiguous ", lse_type, " tensor (F, H, N) = (", q.size(0), ", ", q.size(2),
-                    ", ", q.size(1), "), got ", lse.scalar_type(), " ", shape_of(lse));
-#ifdef XCLIP_WITH_CUDA
-  if (q.is_cuda()) return frame_attention_backward_cuda(grad_out, q, k, v, msg_k, msg_v, out, lse, scale);
-#endif
-  return frame_attention_backward_cpu(grad_out, q, k, v, msg_k, msg_v, out, lse, scale);
-}
-
-at::Tensor message_attention(const at::Tensor& messages, const at::Tensor& ln_weight,
-                             const at::Tensor& ln_bias, const at::Tensor& in_proj_weight,
-                             const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
-                             const at::Tensor& out_proj_bias, int64_t num_frames, int64_t num_heads,
-                             double eps) {
-  check_message_attention(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight,
-                          out_proj_bias, num_frames, num_heads);
-  TORCH_CHECK_VALUE(eps > 0, "eps: expected a positive float, got ", eps);
-#ifdef XCLIP_WITH_CUDA
-  if (messages.is_cuda())
-    return message_attention_forward_cuda(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias,
-                                          out_proj_weight, out_proj_bias, num_frames, num_heads, eps);
-#endif
-  return message_attention_forward_cpu(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias,
-                                       out_proj_weight, out_proj_bias, num_frames, num_heads, eps);
-}
-
-// CPU only: on CUDA the message path's backward recomputes through PyTorch (compiled.py).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-message_attention_backward(const at::Tensor& grad_out, const at::Tensor& messages, const at::Tensor& ln_weight,
-                           const at::Tensor& ln_bias, const at::Tensor& in_proj_weight,
-                           const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
-                           const at::Tensor& out_proj_bias, int64_t num_frames, int64_t num_heads, double eps) {
-  check_message_attention(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight,
-                          out_proj_bias, num_frames, num_heads);
-  TORCH_CHECK_VALUE(eps > 0, "eps: expected a positive float, got ", eps);
-  check_float("grad_out", grad_out, messages, 2);
-  check_shape("grad_out", grad_out, messages.sizes(), "(F, W) of messages");
-  return message_attention_backward_cpu(grad_out, messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias,
-                                        out_proj_weight, num_frames, num_heads, eps);
-}
-
-}  // namespace
-
 void check_frame_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& msg_k, const at::Tensor& msg_v) {
+                           const at::Tensor& msg_k, const at::Tensor& msg_v, double scale) {
   check_float("q", q, q, 4);
   TORCH_CHECK_VALUE(at::isFloatingType(q.scalar_type()), "q: expected a floating-point tensor, got ",
                     q.scalar_type());
@@ -110,12 +55,29 @@ void check_frame_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   check_shape("msg_k", msg_k, {q.size(0), q.size(2), q.size(3)}, "(F, H, D) of q");
   check_float("msg_v", msg_v, q, 3);
   check_shape("msg_v", msg_v, {q.size(0), q.size(2), q.size(3)}, "(F, H, D) of q");
+  TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale: expected a finite positive float, got ", scale);
+}
+
+// lse_type: what the device's forward returned (float32, or float64 for float64 inputs on the CPU).
+void check_frame_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& msg_k, const at::Tensor& msg_v,
+                                    const at::Tensor& out, const at::Tensor& lse, double scale,
+                                    at::ScalarType lse_type) {
+  check_frame_attention(q, k, v, msg_k, msg_v, scale);
+  check_float("grad_out", grad_out, q, 4);
+  check_shape("grad_out", grad_out, q.sizes(), "(F, N, H, D) of q");
+  check_float("out", out, q, 4);
+  check_shape("out", out, q.sizes(), "(F, N, H, D) of q");
+  TORCH_CHECK_VALUE(lse.scalar_type() == lse_type && lse.dim() == 3 && lse.size(0) == q.size(0) &&
+                        lse.size(1) == q.size(2) && lse.size(2) == q.size(1) && lse.is_contiguous(),
+                    "lse: expected a contiguous ", lse_type, " tensor (F, H, N) = (", q.size(0), ", ", q.size(2),
+                    ", ", q.size(1), "), got ", lse.scalar_type(), " ", shape_of(lse));
 }
 
 void check_message_attention(const at::Tensor& messages, const at::Tensor& ln_weight,
                              const at::Tensor& ln_bias, const at::Tensor& in_proj_weight,
                              const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
-                             const at::Tensor& out_proj_bias, int64_t num_frames, int64_t num_heads) {
+                             const at::Tensor& out_proj_bias, int64_t num_frames, int64_t num_heads, double eps) {
   check_float("messages", messages, messages, 2);
   TORCH_CHECK_VALUE(at::isFloatingType(messages.scalar_type()), "messages: expected a floating-point tensor, got ",
                     messages.scalar_type());
@@ -124,8 +86,6 @@ void check_message_attention(const at::Tensor& messages, const at::Tensor& ln_we
                     frames, ", got ", num_frames);
   TORCH_CHECK_VALUE(num_heads >= 1 && width % num_heads == 0, "num_heads: expected a divisor of W = ", width,
                     ", got ", num_heads);
-  TORCH_CHECK_VALUE(!messages.is_cuda() || num_frames <= 64,
-                    "num_frames: the CUDA message kernel holds at most 64 frames per video, got ", num_frames);
   check_float("ln_weight", ln_weight, messages, 1);
   check_shape("ln_weight", ln_weight, {width}, "(W,)");
   check_float("ln_bias", ln_bias, messages, 1);
@@ -138,8 +98,119 @@ void check_message_attention(const at::Tensor& messages, const at::Tensor& ln_we
   check_shape("out_proj_weight", out_proj_weight, {width, width}, "(W, W)");
   check_float("out_proj_bias", out_proj_bias, messages, 1);
   check_shape("out_proj_bias", out_proj_bias, {width}, "(W,)");
+  TORCH_CHECK_VALUE(eps > 0, "eps: expected a positive float, got ", eps);
 }
 
+// What the dispatcher calls for CPU tensors.
+namespace on_cpu {
+
+std::tuple<at::Tensor, at::Tensor> frame_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& msg_k, const at::Tensor& msg_v, double scale) {
+  check_frame_attention(q, k, v, msg_k, msg_v, scale);
+  return frame_attention_forward_cpu(q, k, v, msg_k, msg_v, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& msg_k, const at::Tensor& msg_v, const at::Tensor& out, const at::Tensor& lse,
+    double scale) {
+  // The CPU kernels keep lse in their compute type: float64 for float64 inputs.
+  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_frame_attention_backward(grad_out, q, k, v, msg_k, msg_v, out, lse, scale, lse_type);
+  return frame_attention_backward_cpu(grad_out, q, k, v, msg_k, msg_v, out, lse, scale);
+}
+
+at::Tensor message_attention(const at::Tensor& messages, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                             const at::Tensor& in_proj_weight, const at::Tensor& in_proj_bias,
+                             const at::Tensor& out_proj_weight, const at::Tensor& out_proj_bias, int64_t num_frames,
+                             int64_t num_heads, double eps) {
+  check_message_attention(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight,
+                          out_proj_bias, num_frames, num_heads, eps);
+  return message_attention_forward_cpu(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias,
+                                       out_proj_weight, out_proj_bias, num_frames, num_heads, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+message_attention_backward(const at::Tensor& grad_out, const at::Tensor& messages, const at::Tensor& ln_weight,
+                           const at::Tensor& ln_bias, const at::Tensor& in_proj_weight,
+                           const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
+                           const at::Tensor& out_proj_bias, int64_t num_frames, int64_t num_heads, double eps) {
+  check_message_attention(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight,
+                          out_proj_bias, num_frames, num_heads, eps);
+  check_float("grad_out", grad_out, messages, 2);
+  check_shape("grad_out", grad_out, messages.sizes(), "(F, W) of messages");
+  return message_attention_backward_cpu(grad_out, messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias,
+                                        out_proj_weight, num_frames, num_heads, eps);
+}
+
+}  // namespace on_cpu
+
+#ifdef XCLIP_WITH_CUDA
+// What the dispatcher calls for CUDA tensors. The message path's backward has no CUDA kernel
+// here: xclip_kernels/compiled.py provides it.
+namespace on_cuda {
+
+std::tuple<at::Tensor, at::Tensor> frame_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& msg_k, const at::Tensor& msg_v, double scale) {
+  check_frame_attention(q, k, v, msg_k, msg_v, scale);
+  return frame_attention_forward_cuda(q, k, v, msg_k, msg_v, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& msg_k, const at::Tensor& msg_v, const at::Tensor& out, const at::Tensor& lse,
+    double scale) {
+  // The CUDA kernels keep lse in float32 for every input dtype.
+  check_frame_attention_backward(grad_out, q, k, v, msg_k, msg_v, out, lse, scale, at::kFloat);
+  return frame_attention_backward_cuda(grad_out, q, k, v, msg_k, msg_v, out, lse, scale);
+}
+
+at::Tensor message_attention(const at::Tensor& messages, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                             const at::Tensor& in_proj_weight, const at::Tensor& in_proj_bias,
+                             const at::Tensor& out_proj_weight, const at::Tensor& out_proj_bias, int64_t num_frames,
+                             int64_t num_heads, double eps) {
+  check_message_attention(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight,
+                          out_proj_bias, num_frames, num_heads, eps);
+  TORCH_CHECK_VALUE(num_frames <= 64, "num_frames: the CUDA message kernel holds at most 64 frames per video, got ",
+                    num_frames);
+  return message_attention_forward_cuda(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias,
+                                        out_proj_weight, out_proj_bias, num_frames, num_heads, eps);
+}
+
+}  // namespace on_cuda
+#endif  // XCLIP_WITH_CUDA
+
+void set_cpu_isa(const std::string& name) {
+  if (name != "auto" && name != "avx2")
+    throw pybind11::value_error("set_cpu_isa: name: expected \"auto\" (the widest the CPU has) or \"avx2\", got \"" +
+                                name + "\"");
+  limit_tiles_to_avx2(name == "avx2");
+}
+
+constexpr bool built_with_cuda() {
+#ifdef XCLIP_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+constexpr bool built_with_cpu_tiles() {
+#ifdef XCLIP_CPU_TILES
+  return true;
+#else
+  return false;
+#endif
+}
+
+#define XCLIP_STRINGIFY_VALUE(x) #x
+#define XCLIP_STRINGIFY(x) XCLIP_STRINGIFY_VALUE(x)
+// From the version macros (every torch 2 release has them), without the local tag (+cpu, +cu130).
+constexpr const char kTorchVersion[] =
+    XCLIP_STRINGIFY(TORCH_VERSION_MAJOR) "." XCLIP_STRINGIFY(TORCH_VERSION_MINOR) "." XCLIP_STRINGIFY(
+        TORCH_VERSION_PATCH);
+
+}  // namespace
 }  // namespace xclip_ext
 
 TORCH_LIBRARY(xclip_ext, m) {
@@ -158,28 +229,34 @@ TORCH_LIBRARY(xclip_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(xclip_ext, CPU, m) {
-  m.impl("frame_attention", &xclip_ext::frame_attention);
-  m.impl("frame_attention_backward", &xclip_ext::frame_attention_backward);
-  m.impl("message_attention", &xclip_ext::message_attention);
-  m.impl("message_attention_backward", &xclip_ext::message_attention_backward);
+  m.impl("frame_attention", &xclip_ext::on_cpu::frame_attention);
+  m.impl("frame_attention_backward", &xclip_ext::on_cpu::frame_attention_backward);
+  m.impl("message_attention", &xclip_ext::on_cpu::message_attention);
+  m.impl("message_attention_backward", &xclip_ext::on_cpu::message_attention_backward);
 }
 
 #ifdef XCLIP_WITH_CUDA
 TORCH_LIBRARY_IMPL(xclip_ext, CUDA, m) {
-  m.impl("frame_attention", &xclip_ext::frame_attention);
-  m.impl("frame_attention_backward", &xclip_ext::frame_attention_backward);
-  m.impl("message_attention", &xclip_ext::message_attention);
+  m.impl("frame_attention", &xclip_ext::on_cuda::frame_attention);
+  m.impl("frame_attention_backward", &xclip_ext::on_cuda::frame_attention_backward);
+  m.impl("message_attention", &xclip_ext::on_cuda::message_attention);
 }
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  namespace py = pybind11;
   module.doc() = "xclip_kernels compiled ops (registered as torch.ops.xclip_ext.*)";
-  module.def("has_blas", &xclip_ext::cpu_blas_available);
-  module.def("has_cuda", []() {
-#ifdef XCLIP_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-  });
+  module.def("has_blas", &xclip_ext::cpu_blas_available,
+             "Whether torch's BLAS exports the sgemm_/dgemm_ entry points the CPU kernels call.");
+  module.def("has_cuda", &xclip_ext::built_with_cuda, "Whether the CUDA kernels are compiled in.");
+  module.def("has_cpu_tiles", &xclip_ext::built_with_cpu_tiles,
+             "Whether the x86-64 register-tile kernels (AVX2 and AVX-512) are compiled in; without them every "
+             "CPU shape takes the BLAS path.");
+  module.def("torch_version", []() { return std::string(xclip_ext::kTorchVersion); },
+             "The torch version this extension was compiled against (major.minor.patch).");
+  module.def("set_cpu_isa", &xclip_ext::set_cpu_isa, py::arg("name"),
+             "The widest instruction set the CPU tile kernels may use: \"auto\" (the widest the CPU has) or "
+             "\"avx2\". Thread-safe; a no-op where has_cpu_tiles() is false.");
+  module.def("cpu_isa", []() { return std::string(xclip_ext::tile_isa()); },
+             "What the CPU tile kernels run on now: \"avx512\", \"avx2\", or \"none\" without them.");
 }

@@ -1,5 +1,6 @@
-// The compiled ops of xclip_kernels: declarations shared by the binding, the CPU sources and
-// the CUDA sources. Layouts follow the frame-batched contract of DESIGN.md.
+// The compiled ops of xclip_kernels: the device implementations, shared by the binding (which
+// checks the arguments and registers each under its device's dispatch key), the CPU sources
+// and the CUDA sources. Layouts are frame-batched: F = videos x frames leads every tensor.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -53,14 +54,5 @@ at::Tensor message_attention_forward_cuda(
     const at::Tensor& out_proj_weight, const at::Tensor& out_proj_bias,
     int64_t num_frames, int64_t num_heads, double eps);
 #endif
-
-// Argument checks at the C++ boundary (binding.cpp): each names the tensor, what was
-// expected and what came, and throws c10::Error (a Python RuntimeError/ValueError).
-void check_frame_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& msg_k, const at::Tensor& msg_v);
-void check_message_attention(const at::Tensor& messages, const at::Tensor& ln_weight,
-                             const at::Tensor& ln_bias, const at::Tensor& in_proj_weight,
-                             const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
-                             const at::Tensor& out_proj_bias, int64_t num_frames, int64_t num_heads);
 
 }  // namespace xclip_ext

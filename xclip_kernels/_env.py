@@ -38,5 +38,5 @@ def cpu_isa() -> str | None:
     if not value:
         return None
     if value not in CPU_ISAS:
-        raise ValueError(f"XCLIP_KERNELS_CPU_ISA: expected one of {', '.join(CPU_ISAS)} or unset, got {raw!r}")
+        raise ValueError(f"XCLIP_KERNELS_CPU_ISA: expected one of {', '.join(CPU_ISAS)} (or unset), got {raw!r}")
     return value

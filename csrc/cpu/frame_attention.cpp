@@ -1,8 +1,9 @@
 // IFA on the CPU: one task per (frame, head), run in parallel with at::parallel_for.
 //
 // float32 with a head dim that is a multiple of 16 (every X-CLIP variant) runs forward and
-// backward on the register tiles of simd_kernels.cpp (AVX-512 or AVX2). This file holds the
-// general path for the rest (float64 for gradcheck, other head dims) and the entry points.
+// backward on the register tiles of simd_kernels.cpp (AVX-512 or AVX2) where the build has them
+// (x86-64). This file holds the general path for the rest (float64 for gradcheck, other head
+// dims, and every shape of a build without the tiles) and the entry points.
 //
 // In the general path a frame-head is small (N <= 577 rows of D = 64), so each task works on dense N x N score
 // tiles with the BLAS that torch itself uses (the sgemm_/dgemm_ entry points exported by

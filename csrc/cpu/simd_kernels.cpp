@@ -5,17 +5,22 @@
 // one translation unit, built with the project's AVX2 flags, holds both: nothing outside the
 // pragma (torch's inline functions included) is ever compiled for AVX-512, so the library
 // still loads and runs on AVX2-only CPUs.
+//
+// An x86-64 source: the build compiles it, with XCLIP_CPU_TILES defined, only for that target.
 #include "simd_kernels.h"
+
+#ifndef XCLIP_CPU_TILES
+#error "simd_kernels.cpp is built only together with XCLIP_CPU_TILES (the headers then declare its functions)"
+#endif
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 namespace xclip_ext {
@@ -50,13 +55,15 @@ namespace {
 
 constexpr int64_t kSkinnyMaxRows = 64;
 
+// Set from Python (set_cpu_isa, once at load time from the environment, and by tests); read
+// once per call. Relaxed order: nothing else is published through it.
+std::atomic<bool> tiles_limited_to_avx2{false};
+
 bool use_avx512() {
 #ifdef XCLIP_HAVE_AVX512_TILES
-  const char* forced = std::getenv("XCLIP_KERNELS_CPU_ISA");
-  if (forced != nullptr && std::string(forced) == "avx2") return false;
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
-  return has;
+  return has && !tiles_limited_to_avx2.load(std::memory_order_relaxed);
 #else
   return false;
 #endif
@@ -77,6 +84,10 @@ void run_parallel(const Problem& problem, Tasks tasks, Scratch scratch_floats) {
 }
 
 }  // namespace
+
+void limit_tiles_to_avx2(bool limit) { tiles_limited_to_avx2.store(limit, std::memory_order_relaxed); }
+
+const char* tile_isa() { return use_avx512() ? "avx512" : "avx2"; }
 
 bool fused_forward_supports(int64_t dim) { return dim % tiles_avx2::kPanel == 0; }
 

@@ -1,8 +1,18 @@
 // float32 kernels on register tiles, built for AVX2 and for AVX-512 and chosen at run time:
 // the IFA forward (ifa_tiles.inc) and a linear layer for few rows (linear_tiles.inc). Plain pointers and strides, so the tile code needs no ATen.
+//
+// The tiles are x86-64 code (simd_kernels.cpp), compiled only where the build defines
+// XCLIP_CPU_TILES. Elsewhere (another architecture, or a build asked for the portable
+// configuration) every *_supports below answers false, so the callers take their BLAS path
+// for every shape and never reach the run functions.
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+
+#if defined(XCLIP_CPU_TILES) && !defined(__x86_64__)
+#error "XCLIP_CPU_TILES: the register-tile kernels are x86-64 code; build without them on this target"
+#endif
 
 namespace xclip_ext {
 
@@ -29,13 +39,6 @@ struct FusedForward {
 
 inline int64_t padded_tokens(int64_t tokens, int64_t panel) { return (tokens + panel - 1) / panel * panel; }
 
-// Whether the tiles handle this head dim (a multiple of 16; others take the BLAS path).
-bool fused_forward_supports(int64_t dim);
-
-// Runs the whole problem in parallel over frame-heads on the widest instruction set the CPU
-// has (XCLIP_KERNELS_CPU_ISA=avx2 forces the AVX2 tiles, for tests and comparisons).
-void fused_forward(const FusedForward& problem);
-
 // The IFA backward: the forward's inputs, its output and lse, and grad_out (any row strides);
 // dq, dk, dv (F, N, H, D) and dmsg_k, dmsg_v (F, H, D) contiguous, all written.
 struct FusedBackward {
@@ -47,8 +50,6 @@ struct FusedBackward {
   float *dq, *dk, *dv, *dmsg_k, *dmsg_v;
   int64_t grad_row_stride;  // heads * dim
 };
-
-void fused_backward(const FusedBackward& problem);
 
 // out = x weight^T + bias (+ residual), all float32 and contiguous: x (rows, inner), weight
 // (outputs, inner), bias (outputs) or null, residual and out (rows, outputs); residual may be
@@ -67,12 +68,6 @@ struct SkinnyLinear {
             out + m * outputs};
   }
 };
-
-// Whether skinny_linear is the better choice than BLAS for this shape.
-bool skinny_linear_supports(int64_t rows, int64_t inner);
-
-// Runs the whole problem in parallel over weight rows.
-void skinny_linear(const SkinnyLinear& problem);
 
 // The backward of a linear layer on few rows, float32, contiguous.
 // Weight gradient: out (a_cols, b_cols) = a^T b for a (rows, a_cols) and b (rows, b_cols); out
@@ -93,6 +88,21 @@ struct SkinnyInputGrad {
   float* out;
 };
 
+#ifdef XCLIP_CPU_TILES
+
+// Whether the tiles handle this head dim (a multiple of 16; others take the BLAS path).
+bool fused_forward_supports(int64_t dim);
+
+// Both run the whole problem in parallel over frame-heads on the instruction set tile_isa() names.
+void fused_forward(const FusedForward& problem);
+void fused_backward(const FusedBackward& problem);
+
+// Whether skinny_linear is the better choice than BLAS for this shape.
+bool skinny_linear_supports(int64_t rows, int64_t inner);
+
+// Runs the whole problem in parallel over weight rows.
+void skinny_linear(const SkinnyLinear& problem);
+
 // Whether the two kernels below are the better choice than BLAS: `rows` few, `columns` (the
 // columns of b, the outputs of the input gradient) whole vectors.
 bool skinny_linear_grad_supports(int64_t rows, int64_t columns);
@@ -100,5 +110,35 @@ bool skinny_linear_grad_supports(int64_t rows, int64_t columns);
 // Both run in parallel over rows (weight gradient) or columns (input gradient) of out.
 void skinny_weight_grad(const SkinnyWeightGrad& problem);
 void skinny_input_grad(const SkinnyInputGrad& problem);
+
+// The widest instruction set the tiles may use: the CPU's widest (the default), or AVX2 even
+// where the CPU has AVX-512 (to compare the two, or to match another machine). Thread-safe;
+// calls already running keep the instruction set they started on.
+void limit_tiles_to_avx2(bool limit);
+
+// What the tiles run on now: "avx512" or "avx2".
+const char* tile_isa();
+
+#else
+
+inline bool fused_forward_supports(int64_t) { return false; }
+inline bool skinny_linear_supports(int64_t, int64_t) { return false; }
+inline bool skinny_linear_grad_supports(int64_t, int64_t) { return false; }
+
+// Unreachable behind the answers above; they throw rather than compute nothing if a caller
+// ever forgets to ask.
+[[noreturn]] inline void no_tiles_in_this_build() {
+  throw std::logic_error("xclip_kernels was built without the CPU tile kernels (XCLIP_CPU_TILES)");
+}
+inline void fused_forward(const FusedForward&) { no_tiles_in_this_build(); }
+inline void fused_backward(const FusedBackward&) { no_tiles_in_this_build(); }
+inline void skinny_linear(const SkinnyLinear&) { no_tiles_in_this_build(); }
+inline void skinny_weight_grad(const SkinnyWeightGrad&) { no_tiles_in_this_build(); }
+inline void skinny_input_grad(const SkinnyInputGrad&) { no_tiles_in_this_build(); }
+
+inline void limit_tiles_to_avx2(bool) {}  // nothing to limit
+inline const char* tile_isa() { return "none"; }
+
+#endif  // XCLIP_CPU_TILES
 
 }  // namespace xclip_ext

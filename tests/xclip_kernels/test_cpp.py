@@ -3,6 +3,10 @@ out-of-bounds safety, determinism, opcheck, fp64 gradcheck and the C++ argument 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +14,7 @@ import torch
 
 import xclip_kernels as xk
 from xclip_kernels import autograd
-from xclip_kernels.backends import _extension, reference
+from xclip_kernels.backends import _extension, cpp, reference
 from xk_helpers import (
     MESSAGE_ARG_NAMES,
     assert_matches_truth,
@@ -23,6 +27,22 @@ from xk_helpers import (
 
 _REASONS = xk.get_backend("cpp").unavailable_reasons()
 pytestmark = pytest.mark.skipif(bool(_REASONS), reason=f"cpp: {'; '.join(_REASONS)}")
+
+NO_TILES = "this build has no CPU tile kernels (has_cpu_tiles() is False): every shape takes the BLAS path"
+
+
+@pytest.fixture
+def isa(request):  # noqa: ANN001, ANN201
+    """The tile kernels on the instruction set of the test's parameter for its duration: "native"
+    (the widest the CPU has) or "avx2" (AVX2 even on an AVX-512 CPU); "auto" again afterwards."""
+    extension = _extension.extension()
+    if request.param == "avx2" and not extension.has_cpu_tiles():
+        pytest.skip(NO_TILES)
+    extension.set_cpu_isa("avx2" if request.param == "avx2" else "auto")
+    if request.param == "avx2":
+        assert extension.cpu_isa() == "avx2"
+    yield request.param
+    extension.set_cpu_isa("auto")
 
 
 def test_ignores_memory_beyond_n():
@@ -63,15 +83,14 @@ def test_repeated_calls_are_bitwise_identical():
     assert torch.equal(xk.message_attention(*messages, **call), xk.message_attention(*messages, **call))
 
 
-@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("isa", ["native", "avx2"], indirect=True)
 @pytest.mark.parametrize("shape", [(2, 1, 3, 64), (2, 17, 3, 64), (3, 50, 2, 64), (1, 197, 2, 64), (1, 577, 1, 64),
                                    (2, 33, 2, 32), (2, 45, 2, 80), (2, 9, 2, 48)])
-def test_tiles_match_reference_on_each_instruction_set(isa, shape, monkeypatch):
+def test_tiles_match_reference_on_each_instruction_set(isa, shape):
     # float32 with D % 16 == 0 runs forward and backward on register tiles: AVX-512 where the
-    # CPU has it, AVX2 when XCLIP_KERNELS_CPU_ISA=avx2 (read on every call), so both builds
-    # are checked here, with every tail height of both tile sizes among these N.
-    if isa == "avx2":
-        monkeypatch.setenv("XCLIP_KERNELS_CPU_ISA", "avx2")
+    # CPU has it, AVX2 under set_cpu_isa("avx2") (the isa fixture), so both builds are checked
+    # here, with every tail height of both tile sizes among these N. A build without the tiles
+    # runs the native case on its BLAS path.
     inputs = frame_inputs(*shape, torch.float32, seed=11)
     upstream = torch.randn(shape, generator=torch.Generator().manual_seed(12))
     out, grads = output_and_grads(lambda *t: xk.frame_attention(*t, backend="cpp"), leaves(inputs), upstream)
@@ -81,19 +100,17 @@ def test_tiles_match_reference_on_each_instruction_set(isa, shape, monkeypatch):
         assert_matches_truth(grad, expected, torch.float32, f"d{name} {shape} on {isa}")
 
 
-@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("isa", ["native", "avx2"], indirect=True)
 @pytest.mark.parametrize("videos, num_frames, width, heads",
                          [(1, 1, 64, 2), (1, 7, 96, 3), (2, 8, 768, 12), (4, 8, 768, 12), (2, 8, 1024, 16),
                           (3, 8, 768, 12), (3, 5, 40, 5), (9, 8, 64, 4)])
-def test_message_path_and_gradients_match_reference_on_each_instruction_set(isa, videos, num_frames, width, heads, monkeypatch):
+def test_message_path_and_gradients_match_reference_on_each_instruction_set(isa, videos, num_frames, width, heads):
     # float32 projections of up to 64 rows with W % 8 == 0 run on the skinny-linear tiles:
     # the outer-product form for 16 or 32 rows at W = 768 or 1024 (both instruction sets), the
     # dot-product form otherwise (every band height occurs here); 72 rows and W = 40 on
     # AVX-512 take BLAS. The backward's gradient tiles (W % 16 == 0, up to 64 rows) meet
     # partial row groups (1, 7, 24 rows), tails of their weight-gradient row tiles (W = 64)
     # and of their column vectors (W = 96).
-    if isa == "avx2":
-        monkeypatch.setenv("XCLIP_KERNELS_CPU_ISA", "avx2")
     tensors = message_inputs(videos, num_frames, width, torch.float32, seed=12)
     upstream = torch.randn(videos * num_frames, width, generator=torch.Generator().manual_seed(13))
     out, grads = output_and_grads(
@@ -107,6 +124,54 @@ def test_message_path_and_gradients_match_reference_on_each_instruction_set(isa,
     assert_matches_truth(out, truth, torch.float32, case)
     for name, grad, expected in zip(MESSAGE_ARG_NAMES, grads, truth_grads, strict=True):
         assert_matches_truth(grad, expected, torch.float32, f"grad of {name}, {case}")
+
+
+def test_cpu_isa_is_set_and_reported():
+    extension = _extension.extension()
+    try:
+        extension.set_cpu_isa("avx2")
+        assert extension.cpu_isa() == ("avx2" if extension.has_cpu_tiles() else "none")
+        extension.set_cpu_isa("auto")
+        if not extension.has_cpu_tiles():
+            assert extension.cpu_isa() == "none"
+        else:
+            widest = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+            assert extension.cpu_isa() == widest
+        with pytest.raises(ValueError, match=r'set_cpu_isa: name: expected "auto" .* or "avx2", got "avx512"'):
+            extension.set_cpu_isa("avx512")
+    finally:
+        extension.set_cpu_isa("auto")
+
+
+def _cpu_isa_in_a_fresh_process(value: str) -> subprocess.CompletedProcess:
+    root = Path(xk.__file__).resolve().parent.parent
+    env = {**os.environ, "XCLIP_KERNELS_CPU_ISA": value,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    code = "from xclip_kernels.backends import cpp; print(cpp.cpu_isa())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cpu_isa_variable_is_applied_when_the_extension_loads():
+    result = _cpu_isa_in_a_fresh_process("avx2")
+    assert result.returncode == 0, result.stderr
+    expected = "avx2" if _extension.extension().has_cpu_tiles() else "none"
+    assert result.stdout.strip() == expected
+    bad = _cpu_isa_in_a_fresh_process("sse4")
+    assert bad.returncode != 0
+    assert "ValueError: XCLIP_KERNELS_CPU_ISA: expected one of auto, avx2 (or unset), got 'sse4'" in bad.stderr
+
+
+def test_message_backward_has_a_kernel_for_each_device():
+    # The extension compiles it for the CPU; its CUDA kernel is autograd's PyTorch formula,
+    # registered when the extension loads (checkable without a GPU).
+    _extension.extension()
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("xclip_ext::message_attention_backward", key), key
+
+
+def test_extension_reports_the_torch_it_was_compiled_against():
+    assert _extension.extension().torch_version() == torch.__version__.split("+")[0]
+    assert _extension.load_error() is None
 
 
 def test_opcheck():

@@ -51,21 +51,27 @@ def _built_for() -> str | None:
 
 def extension() -> types.ModuleType:
     """The loaded extension, its Python half registered; loads it on the first call (any
-    thread), raises ``RuntimeError`` with the reason and the build command if it cannot."""
-    loaded = _load()
-    if isinstance(loaded, ImportError):
-        raise RuntimeError(f"the cpp/cuda backends need the compiled extension: {describe(loaded)}")
-    return loaded
+    thread), raises ``RuntimeError`` with the reason and the build command if it cannot be used."""
+    error = load_error()
+    if error is not None:
+        raise RuntimeError(f"the cpp/cuda backends need the compiled extension: {error}")
+    return _loaded  # type: ignore[return-value]
 
 
 def load_error() -> str | None:
-    """Why the extension cannot be loaded here (with the command that fixes it), or None."""
+    """Why the extension cannot be used here (with the command that fixes it), or None: it is
+    not built, does not load, or was compiled against another torch than the one running."""
     loaded = _load()
-    return describe(loaded) if isinstance(loaded, ImportError) else None
+    if isinstance(loaded, ImportError):
+        return describe(loaded)
+    built_for, running = loaded.torch_version(), torch.__version__.split("+")[0]
+    if built_for != running:
+        return f"xclip_kernels._C was compiled against torch {built_for}, this is torch {torch.__version__}; {build_hint()}"
+    return None
 
 
 def describe(error: ImportError) -> str:
-    """``error`` of loading the extension, with the torch it was built for and the fix."""
+    """``error`` of loading the extension, with the torch an installed wheel was built for and the fix."""
     built_for = _built_for()
     running = torch.__version__.split("+")[0]
     mismatch = f"; it was built for torch {built_for}, this is torch {torch.__version__}" if (
@@ -86,8 +92,7 @@ def _load() -> types.ModuleType | ImportError:
                     _loaded = exc
                 else:
                     _register_python_parts()
-                    if hasattr(module, "set_cpu_isa"):  # TEMP until the C++ interface lands
-                        module.set_cpu_isa(cpu_isa or "auto")
+                    module.set_cpu_isa(cpu_isa or "auto")
                     _loaded = module
     return _loaded
 

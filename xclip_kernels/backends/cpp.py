@@ -36,7 +36,7 @@ def _availability() -> list[str]:
     if error is not None:
         return [error]
     module = _extension.extension()
-    if getattr(module, 'has_cpu_tiles', lambda: True)() and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+    if module.has_cpu_tiles() and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         return ["this CPU lacks AVX2, which this x86-64 build of the cpp kernels is compiled for"]
     if not module.has_blas():
         return ["this torch build exports no sgemm_/dgemm_ BLAS entry points for the cpp kernels"]
@@ -47,9 +47,9 @@ def _notes() -> list[str]:
     if _extension.load_error() is not None:
         return []
     module = _extension.extension()
-    if not getattr(module, 'has_cpu_tiles', lambda: True)():
+    if not module.has_cpu_tiles():
         return ["built without the x86-64 register-tile kernels: every shape takes the BLAS path"]
-    return [f"float32 tile kernels run on {getattr(module, 'cpu_isa', lambda: '?')()} (XCLIP_KERNELS_CPU_ISA=avx2 forces AVX2)"]
+    return [f"float32 tile kernels run on {module.cpu_isa()} (XCLIP_KERNELS_CPU_ISA=avx2 forces AVX2)"]
 
 
 def _implementations() -> Mapping[str, Callable]:
