@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 
 import xclip
+from xclip_kernels import checks
 
 PROG = "finetune.py"
 """The program name ``--help`` and argparse errors show: the script users run
@@ -107,13 +108,12 @@ def check_args(args: argparse.Namespace) -> None:
         num_frames=args.num_frames, log_every=args.log_every,
     )
     for name, value in positive.items():
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value}")
+        if value is not None:
+            checks.integer(f"--{name.replace('_', '-')}", value)
     if args.synthetic is not None and args.synthetic_classes < 2:
         raise ValueError(f"--synthetic-classes: expected at least 2 classes, got {args.synthetic_classes}")
     for name in ("workers", "save_every"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {getattr(args, name)}")
+        checks.integer(f"--{name.replace('_', '-')}", getattr(args, name), minimum=0)
     for name in ("lr", "new_lr_scale"):
         value = getattr(args, name)
         if not (value > 0 and math.isfinite(value)):

@@ -40,7 +40,7 @@ def _bad_trees(tmp_path: Path) -> dict[str, Path]:
         (["--data", "{hollow}"], ValueError, r"--data: class folder .*no_videos_here.* has no video files"),
         ([], ValueError, r"--data / --synthetic: expected exactly one .* got neither"),
         (["--data", "{empty}", "--synthetic", "4"], ValueError, r"--data / --synthetic: .* got both"),
-        (["--synthetic", "0"], ValueError, r"--synthetic: expected an integer >= 1, got 0"),
+        (["--synthetic", "0"], ValueError, r"--synthetic: expected an int >= 1, got 0"),
         (["--synthetic", "4", "--synthetic-classes", "1"], ValueError, r"--synthetic-classes: expected at least 2"),
         (["--synthetic", "4", "--batch-size", "3", "--accumulation-steps", "2"], ValueError,
          r"--accumulation-steps: expected a divisor of --batch-size 3, got 2"),
