@@ -6,7 +6,8 @@
 //
 // Why this shape. The message path is b * T rows (tens to hundreds): unfused it is a chain of
 // tiny launches (LayerNorm, in-proj GEMM, reshapes, softmax, two batched matmuls, out-proj,
-// residual add) dominated by launch latency (docs/benchmarking.md#hardware-limits). Here it is two launches:
+// residual add) dominated by launch latency (docs/benchmarking.md#hardware-limits). Here it is
+// two launches:
 //   1. one block per (video, head): fp32 LayerNorm statistics of the video's T rows, that
 //      head's q, k, v = LN(m) W^T + b (the normalised rows are produced on the fly, chunk by
 //      chunk, so no normalised copy ever goes to global memory), softmax(q k^T / sqrt(hd)) v
