@@ -18,8 +18,8 @@
 // scalar fp32 math in shared memory is the variant that is easy to get right, and at X-CLIP's
 // sizes (N = 50..577, D = 64) IFA is a few percent of the model's FLOPs and is bound by memory
 // and latency rather than by the multiply rate (docs/benchmarking.md#hardware-limits). All
-// math is in the accumulation type (fp32; fp64 for double inputs), inputs are converted once when a tile is
-// staged into shared memory.
+// math is in the accumulation type (fp32; fp64 for double inputs), inputs are converted once
+// when a tile is staged into shared memory.
 //
 // Why these tiles. 128 threads = 4 warps laid out as 8 row groups (ty) x 16 lanes (tx); a
 // half-warp owns whole tile rows, so row max/sum reductions are 4 xor-shuffles that never
