@@ -54,14 +54,14 @@ XCLIP_CUDA_ARCHS=90a MAX_JOBS=16 timeout 200 "$PY" setup.py --quiet build_ext --
 echo "== CUDA parity tests" | tee "$out_dir/pytest.log"
 set +e
 timeout 180 "$PY" -m pytest -q -m "not triton_interpreter" \
-    tests/xclip_kernels/test_triton_cuda.py tests/xclip/test_checkpoint.py::test_map_location_cuda \
+    tests/xclip_kernels/backends/test_triton_cuda.py tests/xclip/test_checkpoint.py::test_map_location_cuda \
     --junitxml="$out_dir/pytest.xml" 2>&1 | tee -a "$out_dir/pytest.log"
 tests_status=${PIPESTATUS[0]}
 set -e
 
 echo "== torch.compile (dynamic batch) and patched Hugging Face XCLIPModel on triton and cuda" | tee "$out_dir/pytest_compile_hf.log"
 set +e
-timeout 150 "$PY" -m pytest -q -m cuda tests/xclip/test_compile.py tests/xclip_kernels/test_integrations.py \
+timeout 150 "$PY" -m pytest -q -m cuda tests/xclip/test_compile.py tests/xclip_kernels/integrations/test_hf.py \
     --junitxml="$out_dir/pytest_compile_hf.xml" 2>&1 | tee -a "$out_dir/pytest_compile_hf.log"
 compile_hf_status=${PIPESTATUS[0]}
 set -e
