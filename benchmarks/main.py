@@ -16,20 +16,15 @@ import torch
 import xclip
 from xclip_kernels.registry import OPS
 
-from .backends import DTYPES, runnable_backends
+from .backends import DTYPES, add_model_arguments, model_inputs, runnable_backends
 from .flops import xclip_gmacs
 from .timing import environment, interleaved, matmul_candidate, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="xclip-b32", choices=sorted(xclip.VARIANTS))
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--labels", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=7)
+    add_model_arguments(parser, rounds=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
@@ -37,9 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     model = xclip.build_model(args.variant, num_frames=args.frames).eval().to(args.device, dtype)
     config = model.config
-    video = torch.randn(args.batch, args.frames, 3, config.image_size, config.image_size, device=args.device, dtype=dtype)
-    labels = ["archery", "bowling", "juggling balls", "playing violin", "surfing water"]
-    text = xclip.tokenize([labels[i % len(labels)] for i in range(args.labels)]).to(args.device)
+    video, text = model_inputs(config, args.batch, args.labels, args.device, dtype)
     backends = runnable_backends(OPS, args.device, dtype, config.vision_width // config.vision_heads)
     gmacs = xclip_gmacs(config)
 

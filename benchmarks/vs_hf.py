@@ -17,6 +17,7 @@ import torch
 
 import xclip
 
+from .backends import DTYPES, add_model_arguments, model_inputs
 from .flops import xclip_gmacs
 from .timing import environment, interleaved, matmul_candidate, write_json
 
@@ -48,29 +49,22 @@ def hf_model(variant: str, num_frames: int):  # noqa: ANN201 - transformers is o
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="xclip-b32", choices=sorted(xclip.VARIANTS))
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--labels", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=15)
+    add_model_arguments(parser, rounds=15)
     parser.add_argument("--backend", default=None, help="our backend (default: automatic)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (HF stays eager)")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype]
     hf = hf_model(args.variant, args.frames)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = xclip.load_checkpoint(tmp, backend=args.backend, map_location=args.device).to(dtype)
     hf = hf.to(args.device, dtype)
     config = ours.config
-    video = torch.randn(args.batch, args.frames, 3, config.image_size, config.image_size, device=args.device, dtype=dtype)
-    labels = ["archery", "bowling", "juggling balls", "playing violin", "surfing water"]
-    text = xclip.tokenize([labels[i % len(labels)] for i in range(args.labels)]).to(args.device)
+    video, text = model_inputs(config, args.batch, args.labels, args.device, dtype)
     model = torch.compile(ours) if args.compile else ours
 
     def synchronized(out: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 // and the implementations registered with the dispatcher, each under its own device's key: the
 // dispatcher picks the device once, and each registered wrapper is that device's checks plus
 // its function. Python adds fake (meta) implementations and autograd in
-// xclip_kernels/compiled.py.
+// xclip_kernels/backends/_extension.py.
 #include <torch/extension.h>
 #include <torch/version.h>
 
@@ -147,7 +147,8 @@ message_attention_backward(const at::Tensor& grad_out, const at::Tensor& message
 
 #ifdef XCLIP_WITH_CUDA
 // What the dispatcher calls for CUDA tensors. The message path's backward has no CUDA kernel
-// here: xclip_kernels/compiled.py provides it.
+// here: xclip_kernels/backends/_extension.py registers the PyTorch formula of
+// xclip_kernels/autograd.py as its CUDA kernel.
 namespace on_cuda {
 
 std::tuple<at::Tensor, at::Tensor> frame_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

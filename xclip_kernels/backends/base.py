@@ -9,6 +9,7 @@ implementations (and with them Triton, xformers or the compiled extension) on fi
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -49,8 +50,15 @@ class OpInputs:
         return OpInputs(op, first.device.type, first.dtype, head_dim, requires_grad, num_frames)
 
 
-def _nothing_to_load() -> Mapping[str, Callable]:
-    return {}
+def functions_of(module_name: str) -> Callable[[], Mapping[str, Callable]]:
+    """``Backend.load`` for a backend whose functions live in module ``module_name`` under the
+    ops' names (looked up when loading, so a module can be its own declaration's target)."""
+
+    def load() -> Mapping[str, Callable]:
+        module = importlib.import_module(module_name)
+        return {op: getattr(module, op) for op in OPS if hasattr(module, op)}
+
+    return load
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ class Backend:
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     supports_backward: bool
-    load: Callable[[], Mapping[str, Callable]] = field(default=_nothing_to_load, compare=False)
+    load: Callable[[], Mapping[str, Callable]] = field(compare=False)
     max_head_dim: int | None = None
     min_head_dim: int = 1
     head_dim_multiple: int = 1

@@ -11,12 +11,10 @@ availability is first asked.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
-
 import torch
 
 from . import _extension
-from .base import Backend
+from .base import OPS, Backend, functions_of
 
 
 def set_cpu_isa(name: str) -> None:
@@ -52,18 +50,14 @@ def _notes() -> list[str]:
     return [f"float32 tile kernels run on {module.cpu_isa()} (XCLIP_KERNELS_CPU_ISA=avx2 forces AVX2)"]
 
 
-def _implementations() -> Mapping[str, Callable]:
-    return {"frame_attention": _extension.frame_attention, "message_attention": _extension.message_attention}
-
-
 BACKEND = Backend(
     name="cpp",
     description="C++ CPU kernels from csrc/",
-    ops=("frame_attention", "message_attention"),
+    ops=OPS,
     devices=("cpu",),
     dtypes=(torch.float32, torch.float64),
     supports_backward=True,
-    load=_implementations,
+    load=functions_of(_extension.__name__),
     availability=_availability,
     notes=_notes,
 )

@@ -8,12 +8,10 @@ CUDA kernel of ``xclip_ext::message_attention_backward``. This declaration loads
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
-
 import torch
 
 from . import _extension
-from .base import OPS, Backend, torch_cuda_reasons
+from .base import OPS, Backend, functions_of, torch_cuda_reasons
 
 
 def _availability() -> list[str]:
@@ -25,10 +23,6 @@ def _availability() -> list[str]:
     return []
 
 
-def _implementations() -> Mapping[str, Callable]:
-    return {"frame_attention": _extension.frame_attention, "message_attention": _extension.message_attention}
-
-
 BACKEND = Backend(
     name="cuda",
     description="CUDA kernels from csrc/",
@@ -36,7 +30,7 @@ BACKEND = Backend(
     devices=("cuda",),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     supports_backward=True,
-    load=_implementations,
+    load=functions_of(_extension.__name__),
     # csrc/cuda/frame_attention.cu pads the head dim to one of 32, 64, 96, 128 (compiled
     # tiles); message_attention.cu gives a video's T rows to 8 row groups of 8 rows: T <= 64.
     max_head_dim=128,

@@ -9,12 +9,12 @@ re-declares them. The math itself: ``docs/xclip-math.md``.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .base import FLOAT_DTYPES, OPS, Backend, torch_cuda_reasons
+from .base import FLOAT_DTYPES, OPS, Backend, functions_of, torch_cuda_reasons
 
 QUICK_GELU_SLOPE = 1.702
 """CLIP's activation is ``x * sigmoid(QUICK_GELU_SLOPE * x)``."""
@@ -101,10 +101,6 @@ def mlp_residual(
     return residual + (quick_gelu(x @ fc_weight.t() + fc_bias) @ proj_weight.t() + proj_bias)
 
 
-def _implementations() -> Mapping[str, Callable]:
-    return {"frame_attention": frame_attention, "message_attention": message_attention}
-
-
 BACKEND = Backend(
     name="reference",
     description="naive literal port of the official math (cat of the message token)",
@@ -112,6 +108,6 @@ BACKEND = Backend(
     devices=("cpu", "cuda"),
     dtypes=FLOAT_DTYPES,
     supports_backward=True,
-    load=_implementations,
+    load=functions_of(__name__),
     device_reasons=torch_cuda_reasons,
 )

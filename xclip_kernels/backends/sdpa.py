@@ -8,13 +8,11 @@ are only the frame's N tokens: no query row is spent on the message token.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping
-
 import torch
 import torch.nn.functional as F
 
 from . import reference
-from .base import FLOAT_DTYPES, OPS, Backend, torch_cuda_reasons
+from .base import FLOAT_DTYPES, OPS, Backend, functions_of, torch_cuda_reasons
 
 
 def frame_attention(
@@ -41,10 +39,6 @@ message_attention = functools.partial(reference.message_attention, attention=F.s
 projections around ``scaled_dot_product_attention``. messages ``(F, W)`` -> ``(F, W)``."""
 
 
-def _implementations() -> Mapping[str, Callable]:
-    return {"frame_attention": frame_attention, "message_attention": message_attention}
-
-
 BACKEND = Backend(
     name="sdpa",
     description="torch scaled_dot_product_attention on the frame-batched layout",
@@ -52,6 +46,6 @@ BACKEND = Backend(
     devices=("cpu", "cuda"),
     dtypes=FLOAT_DTYPES,
     supports_backward=True,
-    load=_implementations,
+    load=functions_of(__name__),
     device_reasons=torch_cuda_reasons,
 )

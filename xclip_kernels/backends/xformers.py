@@ -9,11 +9,9 @@ first call, never when this declaration is read.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Mapping
-
 import torch
 
-from .base import Backend, torch_cuda_reasons
+from .base import Backend, functions_of, torch_cuda_reasons
 
 
 def frame_attention(
@@ -40,10 +38,6 @@ def _availability() -> list[str]:
     return []
 
 
-def _implementations() -> Mapping[str, Callable]:
-    return {"frame_attention": frame_attention}
-
-
 BACKEND = Backend(
     name="xformers",
     description="xformers memory_efficient_attention with Nq != Nkv",
@@ -51,7 +45,7 @@ BACKEND = Backend(
     devices=("cuda",),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     supports_backward=True,
-    load=_implementations,
+    load=functions_of(__name__),
     max_head_dim=128,
     availability=_availability,
     device_reasons=torch_cuda_reasons,
