@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import dataclass, replace
 from typing import Callable
 

@@ -357,3 +357,18 @@ def test_import_prints_nothing_and_loads_no_backend_module():
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert result.stderr == "[]"
+
+
+def test_reading_every_declaration_imports_no_extension_triton_or_xformers():
+    # Declarations sit beside the code they describe; reading them must stay free.
+    code = (
+        "import sys\n"
+        "from xclip_kernels import registry\n"
+        "declared = [registry.get_backend(name).name for name in registry.BACKENDS]\n"
+        "assert declared == list(registry.BACKENDS), declared\n"
+        "heavy = ('xclip_kernels._C', 'xformers', 'triton', 'xclip_kernels.backends.triton.')\n"
+        "sys.stderr.write(repr(sorted(m for m in sys.modules if m.startswith(heavy))))\n"
+    )
+    result = _run_python("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "[]"

@@ -37,7 +37,8 @@ reads, with the class labels beside them in ``labels.txt``.
 Modules, by job:
 
 - :mod:`xclip.train.data`: the video folder, synthetic clips, mixup / CutMix, the sharded loader;
-- :mod:`xclip.train.recipe`: parameter groups, text freezing, the schedule, the classifier, one step;
+- :mod:`xclip.train.classifier`: the module a step trains (X-CLIP with its class prompts);
+- :mod:`xclip.train.recipe`: parameter groups, text freezing, the schedule, one step;
 - :mod:`xclip.train.distributed`: the process group, DDP / FSDP2 wrapping, gradient and loss sync;
 - :mod:`xclip.train.cli`: the flags and their checks;
 - :mod:`xclip.train.finetune`: the run (:func:`main`): building, the epoch loop, logging, checkpoints.
@@ -63,11 +64,11 @@ from .distributed import (
     teardown_distributed,
     wrap_for_training,
 )
+from .classifier import VideoClassifier
 from .finetune import FinetuneResult, load_model, main, save_checkpoint, train
 from .recipe import (
     NEW_MODULE_MARKERS,
     TEXT_TOWER_PREFIXES,
-    VideoClassifier,
     build_optimizer,
     freeze_text_tower,
     is_new_parameter,

@@ -11,14 +11,12 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-if TYPE_CHECKING:
-    from .recipe import VideoClassifier
+from .classifier import VideoClassifier
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,8 @@ from xclip.model import XCLIP
 from .cli import PROG, parse_args
 from .data import ClipLoader, SyntheticVideos, VideoFolder, default_clip_loader, mix_batch, no_clip_loader, sharded_loader
 from .distributed import Distributed, mean_over_processes, setup_distributed, teardown_distributed, wrap_for_training
-from .recipe import VideoClassifier, build_optimizer, freeze_text_tower, param_groups, train_step, warmup_cosine_scheduler
+from .classifier import VideoClassifier
+from .recipe import build_optimizer, freeze_text_tower, param_groups, train_step, warmup_cosine_scheduler
 
 
 @dataclasses.dataclass
@@ -95,7 +96,7 @@ class Training:
     model: XCLIP
     """The X-CLIP whose parameters train (sharded in place under FSDP); what is saved."""
     step_module: nn.Module
-    """What a step calls: the :class:`~xclip.train.recipe.VideoClassifier` (FSDP or one
+    """What a step calls: the :class:`~xclip.train.classifier.VideoClassifier` (FSDP or one
     process) or DDP around it."""
     replicated: list[nn.Parameter]
     """Parameters whose gradients no wrapper averages (FSDP's scalar ``logit_scale``)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import _env, autograd, flop_formulas
+from .. import _env, autograd
 
 _lock = threading.Lock()
 _loaded: types.ModuleType | ImportError | None = None
@@ -99,6 +99,7 @@ def _load() -> types.ModuleType | ImportError:
 
 def _register_python_parts() -> None:
     """Fake implementations, autograd, FLOP formulas and the CUDA message backward (once)."""
+    from .. import flop_formulas  # imports torch's FLOP counter (and with it Triton): not before loading
 
     @torch.library.register_fake("xclip_ext::frame_attention")
     def _(q, k, v, msg_k, msg_v, scale):  # noqa: ANN001, ANN202

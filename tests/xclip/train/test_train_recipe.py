@@ -11,7 +11,8 @@ import torch
 import xclip
 from xclip.train import main
 from xclip.train.data import SyntheticVideos
-from xclip.train.recipe import VideoClassifier, freeze_text_tower, param_groups, train_step, warmup_cosine
+from xclip.train.classifier import VideoClassifier
+from xclip.train.recipe import freeze_text_tower, param_groups, train_step, warmup_cosine
 from train_helpers import PLAIN, TEXT_PREFIXES, TINY, tiny_model
 
 

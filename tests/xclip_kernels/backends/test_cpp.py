@@ -38,11 +38,11 @@ def isa(request):  # noqa: ANN001, ANN201
     extension = _extension.extension()
     if request.param == "avx2" and not extension.has_cpu_tiles():
         pytest.skip(NO_TILES)
-    extension.set_cpu_isa("avx2" if request.param == "avx2" else "auto")
+    cpp.set_cpu_isa("avx2" if request.param == "avx2" else "auto")
     if request.param == "avx2":
-        assert extension.cpu_isa() == "avx2"
+        assert cpp.cpu_isa() == "avx2"
     yield request.param
-    extension.set_cpu_isa("auto")
+    cpp.set_cpu_isa("auto")
 
 
 def test_ignores_memory_beyond_n():
@@ -129,18 +129,18 @@ def test_message_path_and_gradients_match_reference_on_each_instruction_set(isa,
 def test_cpu_isa_is_set_and_reported():
     extension = _extension.extension()
     try:
-        extension.set_cpu_isa("avx2")
-        assert extension.cpu_isa() == ("avx2" if extension.has_cpu_tiles() else "none")
-        extension.set_cpu_isa("auto")
+        cpp.set_cpu_isa("avx2")
+        assert cpp.cpu_isa() == ("avx2" if extension.has_cpu_tiles() else "none")
+        cpp.set_cpu_isa("auto")
         if not extension.has_cpu_tiles():
-            assert extension.cpu_isa() == "none"
+            assert cpp.cpu_isa() == "none"
         else:
             widest = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
-            assert extension.cpu_isa() == widest
+            assert cpp.cpu_isa() == widest
         with pytest.raises(ValueError, match=r'set_cpu_isa: name: expected "auto" .* or "avx2", got "avx512"'):
-            extension.set_cpu_isa("avx512")
+            cpp.set_cpu_isa("avx512")
     finally:
-        extension.set_cpu_isa("auto")
+        cpp.set_cpu_isa("auto")
 
 
 def _cpu_isa_in_a_fresh_process(value: str) -> subprocess.CompletedProcess:
