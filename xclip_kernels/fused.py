@@ -82,6 +82,21 @@ def _inplace_allowed(inplace: bool, x: torch.Tensor, residual: torch.Tensor, *we
     return True
 
 
+def _fresh_sum(
+    residual: torch.Tensor, bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """``residual + bias + alpha * a @ b`` in one fresh tensor of ``residual``'s shape (residual
+    itself is not written): the GEMM accumulates into the sum of the other two in place, one
+    activation-sized allocation instead of two. Under autocast (which casts no in-place op)
+    the GEMM runs out of place."""
+    out = residual.reshape(-1, residual.shape[-1]) + bias
+    if torch.is_autocast_enabled(a.device.type):
+        out = torch.addmm(out, a, b, alpha=alpha)
+    else:
+        out.addmm_(a, b, alpha=alpha)
+    return out.view(residual.shape)
+
+
 def linear_residual(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -101,8 +116,7 @@ def linear_residual(
         out = residual.view(-1, residual.shape[-1])
         out.add_(bias).addmm_(rows, weight.t())
         return residual
-    out = torch.addmm(residual.reshape(-1, residual.shape[-1]) + bias, rows, weight.t())
-    return out.view(residual.shape)
+    return _fresh_sum(residual, bias, rows, weight.t())
 
 
 def mlp_residual(
@@ -139,10 +153,7 @@ def mlp_residual(
         out = residual.view(-1, residual.shape[-1])
         out.add_(proj_bias).addmm_(hidden, proj_weight.t(), alpha=1.0 / QUICK_GELU_SLOPE)
         return residual
-    out = torch.addmm(
-        residual.reshape(-1, residual.shape[-1]) + proj_bias, hidden, proj_weight.t(), alpha=1.0 / QUICK_GELU_SLOPE
-    )
-    return out.view(residual.shape)
+    return _fresh_sum(residual, proj_bias, hidden, proj_weight.t(), alpha=1.0 / QUICK_GELU_SLOPE)
 
 
 # -- the blocks' policy ---------------------------------------------------------------------------
