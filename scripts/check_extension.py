@@ -9,7 +9,7 @@ another build of the ops first), then checks what a build can get wrong without 
 suite noticing: that it was compiled against the torch running it, that it calls into
 OpenMP (without it at::parallel_for silently runs on one thread), whether it has the x86-64
 tile kernels, the instruction-set switch, and both forward ops against
-``xclip_kernels.reference`` on small random inputs (tile and BLAS paths). Prints what it
+``xclip_kernels.backends.reference`` on small random inputs (tile and BLAS paths). Prints what it
 checked; exits non-zero on the first failure.
 """
 
@@ -59,7 +59,7 @@ def main() -> int:
     args.path = module_file(args.path)
     print(f"check_extension: {args.path} ({os.path.getsize(args.path) / 1e6:.1f} MB)")
     module = load(args.path)
-    from xclip_kernels import reference  # after the load above: the package must see this build
+    from xclip_kernels.backends import reference  # after the load above: the package must see this build
 
     running = torch.__version__.split("+")[0]
     check(module.torch_version() == running, f"compiled against torch {module.torch_version()}, running {running}")

@@ -149,7 +149,7 @@ def check_wheel(sdist: str, work: str) -> str:
 USE_INSTALLED = """
 import sys, torch
 import xclip_kernels as xk
-from xclip_kernels import reference
+from xclip_kernels.backends import reference
 assert xk.__file__.startswith(sys.argv[1]), f"imported {xk.__file__}, not the installed wheel"
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, 17, 2, 64, generator=g) for _ in range(3))
