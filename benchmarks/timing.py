@@ -13,7 +13,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -90,19 +90,63 @@ def matmul_candidate(
     return call, 2.0 * size**3
 
 
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+"""Dtypes of oneDNN's CPU linear."""
+
+
+def limit_candidates(
+    size: int = MATMUL_SIZE, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[dict[str, Callable[[], torch.Tensor]], float]:
+    """The machine's GEMM limit, to time beside the models: the same ``size``³ product ``a @ b``
+    on every provider a model could run on here, and the FLOPs of one call (``2 size³``).
+
+    "matmul" is ``torch.mm`` (MKL on the CPU, cuBLAS on a GPU); on a CPU with oneDNN, "onednn"
+    is oneDNN's linear with its weight prepacked once (what Inductor's freezing runs; on some
+    CPUs far above MKL's rate). The limit of a round is its fastest provider (:func:`limit_gflops`).
+    """
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    out = torch.empty(size, size, dtype=dtype, device=device)
+
+    def matmul() -> torch.Tensor:
+        torch.mm(a, b, out=out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    candidates: dict[str, Callable[[], torch.Tensor]] = {"matmul": matmul}
+    if device == "cpu" and dtype in ONEDNN_DTYPES and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), size)  # linear takes (out, in)
+
+        def onednn() -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+
+        candidates["onednn"] = onednn
+    return candidates, 2.0 * size**3
+
+
+def limit_gflops(timings: Timings, providers: Sequence[str], flops: float) -> list[float]:
+    """Per round, the GFLOP/s of the fastest of ``providers`` (timed in the same rounds)."""
+    rounds = zip(*(timings.seconds[name] for name in providers))
+    return [flops / min(seconds) / 1e9 for seconds in rounds]
+
+
 def environment() -> dict[str, object]:
     """What a benchmark record must say about where it ran."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        cpu = fields.get("model name", cpu)
+        flags = set(fields.get("flags", "").split())
     except OSError:
         pass
     return {
         "device": cpu,
+        # bf16 is fast only with these instructions; without them it runs hundreds of times slower.
+        "native_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
