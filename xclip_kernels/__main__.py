@@ -6,10 +6,27 @@ import sys
 
 import torch
 
-from .registry import PRIORITY, backend_table, get_backend
+from . import _env
+from .registry import BACKENDS, PRIORITY, backend_table, get_backend
+
+
+def _settings_error() -> str | None:
+    """What is wrong with the environment variables the library reads, or None."""
+    forced = _env.forced_backend()
+    if forced is not None and forced not in BACKENDS:
+        return f"XCLIP_KERNELS_BACKEND: expected one of {', '.join(BACKENDS)} or unset, got {forced!r}"
+    try:
+        _env.cpu_isa()
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def main() -> int:
+    error = _settings_error()
+    if error is not None:  # every op call would raise it: say so here too, in one line
+        print(f"python -m xclip_kernels: error: {error}", file=sys.stderr)
+        return 2
     rows = backend_table()
     print(f"xclip_kernels backends (torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
     print(f"{'backend':<10} {'available':<9} {'devices':<10} {'dtypes':<33} {'backward':<8} ops")
@@ -30,6 +47,9 @@ def main() -> int:
                 print(f"{'':<10} note: {note}")
     for device, names in PRIORITY.items():
         print(f"automatic choice on {device}: {' > '.join(names)}")
+    forced = _env.forced_backend()
+    if forced is not None:
+        print(f"XCLIP_KERNELS_BACKEND={forced}: calls with backend=None use {forced}")
     return 0
 
 

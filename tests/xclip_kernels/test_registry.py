@@ -372,3 +372,29 @@ def test_reading_every_declaration_imports_no_extension_triton_or_xformers():
     result = _run_python("-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "[]"
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("XCLIP_KERNELS_BACKEND", "fastest", "XCLIP_KERNELS_BACKEND: expected one of reference, sdpa"),
+        ("XCLIP_KERNELS_CPU_ISA", "bogus", "XCLIP_KERNELS_CPU_ISA: expected one of auto, avx2 (or unset), got 'bogus'"),
+    ],
+)
+def test_module_names_a_bad_setting_in_one_line(variable, value, message):
+    env = {k: v for k, v in os.environ.items() if k != "XCLIP_KERNELS_BACKEND"}
+    env[variable] = value
+    result = subprocess.run([sys.executable, "-m", "xclip_kernels"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m xclip_kernels: error: "), result.stderr
+    assert message in lines[0]
+
+
+def test_module_says_which_backend_the_environment_forces():
+    env = {**os.environ, "XCLIP_KERNELS_BACKEND": "sdpa"}
+    result = subprocess.run([sys.executable, "-m", "xclip_kernels"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "XCLIP_KERNELS_BACKEND=sdpa: calls with backend=None use sdpa" in result.stdout
