@@ -174,6 +174,32 @@ def test_extension_reports_the_torch_it_was_compiled_against():
     assert _extension.load_error() is None
 
 
+def test_first_use_from_several_threads_at_once():
+    # The extension is loaded (and its Python half registered) by whichever thread asks first;
+    # the others must wait for it, not register the ops a second time.
+    code = """
+import threading, torch, xclip_kernels as xk
+gen = torch.Generator().manual_seed(0)
+inputs = [torch.randn(2, 9, 2, 64, generator=gen) for _ in range(3)] + [torch.randn(2, 2, 64, generator=gen) for _ in range(2)]
+start, results, errors = threading.Barrier(4), [None] * 4, []
+def run(i):
+    start.wait()
+    try:
+        results[i] = xk.frame_attention(*inputs, backend="cpp")
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+[t.start() for t in threads]; [t.join() for t in threads]
+assert not errors, errors
+assert all(torch.equal(r, results[0]) for r in results), "threads disagree"
+print("ok")
+"""
+    root = Path(xk.__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
 def test_opcheck():
     q, k, v, msg_k, msg_v = leaves(frame_inputs(2, 17, 2, 32, torch.float32, seed=4))
     torch.library.opcheck(torch.ops.xclip_ext.frame_attention.default, (q, k, v, msg_k, msg_v, 0.2))
