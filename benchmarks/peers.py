@@ -181,6 +181,12 @@ def _logits(out: object) -> torch.Tensor:
     return (out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))).float()
 
 
+def _first_line(exc: Exception) -> str:
+    """``Type: first line of the message``: exporter and compiler errors run to pages, and a row is one line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -213,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     bf16 = dtype == torch.bfloat16
     threads = torch.get_num_threads()
+    if import_modules(MODULES["hf"])[1]:
+        # Not a row like the peers: every engine's weights come from the Hugging Face model.
+        raise SystemExit("benchmarks.peers: the weights come from a Hugging Face XCLIPModel, and transformers is "
+                         "not installed (pip install -r requirements-test.txt)")
     torch.manual_seed(0)
 
     hf = hf_model(args.variant, args.frames)  # fp32: saved, exported, then cast
@@ -257,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 onnx_path = export_onnx(hf, text, video.float(), Path(tmp) / "onnx")
             except Exception as exc:  # noqa: BLE001 - reported in both ONNX engines' rows
-                export_error = f"ONNX export failed: {type(exc).__name__}: {exc}"
+                export_error = f"ONNX export failed: {_first_line(exc)}"
 
         for name, modules in ready.items():
             try:
@@ -271,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     engines[name] = openvino_engine(modules["openvino"], onnx_path, feeds, threads,
                                                     "bf16" if bf16 else "f32")
             except Exception as exc:  # noqa: BLE001 - one broken peer must not hide the others' rows
-                engines[name] = Engine(name, status=f"failed: {type(exc).__name__}: {exc}")
+                engines[name] = Engine(name, status=f"failed: {_first_line(exc)}")
         engines = {name: engines[name] for name in ("ours", *args.peers)}  # table order
 
         return _measure(args, command, engines, threads)
@@ -306,7 +316,7 @@ def _measure(args: argparse.Namespace, command: str, engines: dict[str, Engine],
         try:
             diffs[name] = (_logits(engine.call()) - reference).abs().max().item()
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run is a row, not a crash
-            engines[name] = Engine(name, status=f"failed: {type(exc).__name__}: {exc}", version=engine.version)
+            engines[name] = Engine(name, status=f"failed: {_first_line(exc)}", version=engine.version)
 
     running = {name: engine.call for name, engine in engines.items() if engine.runs}
     timings = interleaved(running, args.rounds,

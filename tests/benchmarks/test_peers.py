@@ -99,6 +99,17 @@ def test_missing_peers_are_rows_not_errors(tmp_path, monkeypatch):
     assert record["engines"]["hf"]["status"] == "ok"
 
 
+def test_a_failing_peer_is_a_row_and_the_exit_code(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("engine broke\n(a long traceback-like tail)")
+
+    monkeypatch.setattr(peers, "_hf_engine", broken)
+    code, record = run_peers(tmp_path, "--peers", "hf")
+    assert code == 1
+    assert record["engines"]["hf"]["status"] == "failed: RuntimeError: engine broke"
+    assert record["engines"]["ours"]["status"] == "ok" and record["engines"]["ours"]["clips_per_s"] > 0
+
+
 def test_bfloat16_runs_openvino_in_bf16_and_says_onnxruntime_cannot(tmp_path):
     code, record = run_peers(tmp_path, "--dtype", "bfloat16", "--peers", "openvino", "onnxruntime")
     assert code == 0 and record["dtype"] == "bfloat16"
