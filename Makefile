@@ -12,10 +12,12 @@ ifeq ($(PYTHON),)
 PY := $(VENV)/bin/python
 ENV_BENCH := $(VENV)/.stamp-bench build/.stamp-ext
 ENV_TEST := $(VENV)/.stamp-test build/.stamp-ext
+ENV_PEERS := $(VENV)/.stamp-peers build/.stamp-ext
 else
 PY := $(PYTHON)
 ENV_BENCH := build/.stamp-ext
 ENV_TEST := build/.stamp-ext
+ENV_PEERS := build/.stamp-ext
 endif
 CSRC := $(wildcard csrc/*.json csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 RUN := PYTHONPATH=$(CURDIR) $(PY)
@@ -23,7 +25,7 @@ RUN := PYTHONPATH=$(CURDIR) $(PY)
 # model a benchmark compares, so ratios stay fair.
 BENCH_ENV := THP_MEM_ALLOC_ENABLE=1
 
-.PHONY: test bench bench-hf bench-kernels bench-micro cuda-compile cmake-check package-check device-wheels env clean
+.PHONY: test bench bench-hf bench-peers bench-kernels bench-micro cuda-compile cmake-check package-check device-wheels env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -44,6 +46,12 @@ $(VENV)/.stamp-test: requirements-test.txt $(VENV)/.stamp-bench
 	$(VENV)/bin/pip install --quiet -r requirements-test.txt
 	touch $@
 
+# The optional peers of bench-peers (ONNX Runtime, OpenVINO, the ONNX exporter's packages);
+# `make test` neither installs nor needs them.
+$(VENV)/.stamp-peers: requirements-peers.txt $(VENV)/.stamp-test
+	$(VENV)/bin/pip install --quiet -r requirements-peers.txt
+	touch $@
+
 env: $(ENV_TEST)
 
 # Two pytest processes: Triton reads TRITON_INTERPRET when first imported, so the
@@ -62,6 +70,11 @@ bench: $(ENV_BENCH)
 # X-CLIP-B/32 against Hugging Face XCLIPModel on the same weights (needs transformers).
 bench-hf: $(ENV_TEST)
 	$(BENCH_ENV) $(RUN) -m benchmarks.vs_hf $(BENCH_ARGS)
+
+# X-CLIP-B/32 against the CPU engines a user could pick instead, on the same weights: Hugging
+# Face eager, ONNX Runtime and OpenVINO (one ONNX export); BENCH_ARGS="--dtype bfloat16" for bf16.
+bench-peers: $(ENV_PEERS)
+	$(BENCH_ENV) $(RUN) -m benchmarks.peers $(BENCH_ARGS)
 
 # Attention kernels per backend (TFLOP/s, GB/s); on a GPU use scripts/device_check.sh.
 bench-kernels: $(ENV_BENCH)

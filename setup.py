@@ -68,8 +68,13 @@ ROLES = {
     "transformers": "test",
     "pytest-benchmark": "development",  # benchmarks only
     "matplotlib": "development",
+    # The CPU inference engines benchmarks.peers compares against (never a core dependency).
+    "onnx": "peers",
+    "onnxscript": "peers",
+    "onnxruntime": "peers",
+    "openvino": "peers",
 }
-REQUIREMENT_FILES = ("requirements.txt", "requirements-test.txt")
+REQUIREMENT_FILES = ("requirements.txt", "requirements-test.txt", "requirements-peers.txt")
 
 
 def _pins() -> dict[str, str]:
@@ -125,6 +130,8 @@ def _requirements(with_extension: bool) -> tuple[list[str], dict[str, list[str]]
         "triton": by_role.get("triton", []),
         # The suite's optional parts that run without a GPU: Hugging Face parity and video decoding.
         "test": by_role.get("test", []) + by_role.get("video", []),
+        # ONNX Runtime and OpenVINO (and the ONNX exporter's packages) for benchmarks.peers.
+        "peers": by_role.get("peers", []),
     }
     extras["all"] = extras["video"] + extras["triton"]
     return by_role.get("runtime", []), extras

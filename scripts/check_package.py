@@ -95,7 +95,7 @@ def check_sdist(copy: str, work: str) -> str:
     csrc = {os.path.relpath(p, copy) for pattern in ("*.h", "*.cpp", "*.inc", "*.cu", "*.cuh", "*.json")
             for p in glob.glob(os.path.join(copy, "csrc", "**", pattern), recursive=True)}
     needed = {"setup.py", "pyproject.toml", "README.md", "LICENSE", "requirements.txt", "requirements-test.txt",
-              "xclip_kernels/__init__.py", "xclip/__init__.py", *csrc}
+              "requirements-peers.txt", "xclip_kernels/__init__.py", "xclip/__init__.py", *csrc}
     missing = sorted(needed - names)
     if missing:
         fail(f"the sdist lacks {', '.join(missing)} (MANIFEST.in)")
@@ -133,8 +133,8 @@ def check_wheel(sdist: str, work: str) -> str:
     if licence != "MIT" or "LICENSE" not in (metadata.get_all("License-File") or []):
         fail(f"the wheel's licence should be MIT with LICENSE, is {licence}, {metadata.get_all('License-File')}")
     extras = set(metadata.get_all("Provides-Extra") or [])
-    if not {"video", "test", "triton", "all"} <= extras or not any(r.startswith("av") for r in requires):
-        fail(f"the wheel should offer the extras video (av), test, triton, all; offers {sorted(extras)}")
+    if not {"video", "test", "triton", "peers", "all"} <= extras or not any(r.startswith("av") for r in requires):
+        fail(f"the wheel should offer the extras video (av), test, triton, peers, all; offers {sorted(extras)}")
     if not metadata.get_payload().lstrip().startswith("# xclip-kernels"):
         fail("the wheel's long description should be README.md")
     ok(f"metadata: Requires-Python {metadata['Requires-Python']}, licence {licence}, extras {', '.join(sorted(extras))}, "
