@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from xclip_kernels import gemm
+
 
 @dataclass
 class Timings:
@@ -151,6 +153,8 @@ def environment() -> dict[str, object]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        # Which engine our CPU inference GEMMs take here (xclip_kernels.gemm; measured once).
+        "gemm_provider": {str(dtype).removeprefix("torch."): gemm.provider(dtype) for dtype in gemm.PACKED_DTYPES},
         "date": time.strftime("%Y-%m-%d"),
     }
 

@@ -22,7 +22,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 import xclip_kernels as xk
-from xclip_kernels import fused
+from xclip_kernels import fused, gemm
 from xclip_kernels.backends.reference import quick_gelu
 from xclip_kernels.registry import get_backend, preload
 
@@ -35,6 +35,15 @@ class QuickGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quick_gelu(x)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and names) whose CPU inference GEMM takes the provider
+    :mod:`xclip_kernels.gemm` chose for this machine (oneDNN with a prepacked weight where
+    that is faster); training and grad mode run ``F.linear`` as usual."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemm.linear(x, self.weight, self.bias)
 
 
 class DropPath(nn.Module):
@@ -73,7 +82,7 @@ def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointing: bool) -> 
 
 def _mlp(width: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(
-        OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(hidden, width))])
+        OrderedDict([("c_fc", Linear(width, hidden)), ("gelu", QuickGELU()), ("c_proj", Linear(hidden, width))])
     )
 
 
@@ -86,13 +95,13 @@ class PackedAttention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: ``(B, S, W)`` -> ``(B, S, W)``, self-attention, optionally causal, plus ``residual``
         if given (added by the output projection's GEMM, into a fresh tensor)."""
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = gemm.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         mixed = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(batch, length, width)
         if residual is None:
@@ -132,7 +141,7 @@ class CrossFrameBlock(nn.Module):
         self.num_frames = num_frames
         self.eps = eps
         self.attention_backend: str | None = None
-        self.message_fc = nn.Linear(width, width)
+        self.message_fc = Linear(width, width)
         self.message_ln = nn.LayerNorm(width, eps=eps)
         self.message_attn = PackedAttention(width, heads)
         self.attn = PackedAttention(width, heads)
@@ -184,7 +193,7 @@ class CrossFrameBlock(nn.Module):
         # token contributes only a key and a value, projected on their own.
         qkv = fused.qkv_projection(normed.view(frames * tokens, width), self.attn.in_proj_weight, self.attn.in_proj_bias)
         q, k, v = qkv.view(frames, tokens, 3, self.heads, head_dim).unbind(dim=2)
-        message_kv = F.linear(normed_messages, self.attn.in_proj_weight[width:], self.attn.in_proj_bias[width:])
+        message_kv = gemm.linear(normed_messages, self.attn.in_proj_weight[width:], self.attn.in_proj_bias[width:])
         msg_k, msg_v = message_kv.view(frames, 2, self.heads, head_dim).unbind(dim=1)
         attended = xk.frame_attention(q, k, v, msg_k, msg_v, backend=self.attention_backend)
         return attended.reshape(frames, tokens, width)
@@ -242,12 +251,12 @@ class VideoEncoder(nn.Module):
         # The stride-p convolution as one GEMM over unfolded patches (a third of the conv's
         # time on the CPU); patch order (row, column) and kernel layout (c, y, x) as conv1.
         patches = frames.reshape(count, channels, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5)
-        embedded = patches.reshape(count * grid * grid, -1) @ self.conv1.weight.reshape(width, -1).t()
+        embedded = gemm.linear(patches.reshape(count * grid * grid, -1), self.conv1.weight.reshape(width, -1))
         position = self.positional_embedding.to(embedded.dtype)
         cls = (self.class_embedding.to(embedded.dtype) + position[0]).expand(count, 1, width)
         x = torch.cat([cls, embedded.view(count, grid * grid, width) + position[1:]], dim=1)
         x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj, x[:, 1:]
+        return gemm.linear(self.ln_post(x[:, 0]), self.proj.t()), x[:, 1:]
 
 
 class MultiframeIntegrationTransformer(nn.Module):
@@ -275,10 +284,10 @@ class PromptCrossAttention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.q_proj = nn.Linear(width, width, bias=False)
-        self.k_proj = nn.Linear(width, width, bias=False)
-        self.v_proj = nn.Linear(width, width, bias=False)
-        self.proj = nn.Linear(width, width)
+        self.q_proj = Linear(width, width, bias=False)
+        self.k_proj = Linear(width, width, bias=False)
+        self.v_proj = Linear(width, width, bias=False)
+        self.proj = Linear(width, width)
 
     def forward(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """text: ``(b, K, E)``, visual: ``(b, N, E)`` -> ``(b, K, E)``."""
@@ -301,7 +310,7 @@ class PromptGeneratorLayer(nn.Module):
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.norm3 = nn.LayerNorm(width, eps=eps)
         # Indices 0 and 3 hold the weights, as in the official checkpoints.
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), QuickGELU(), nn.Dropout(0.0), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(Linear(width, 4 * width), QuickGELU(), nn.Dropout(0.0), Linear(4 * width, width))
 
     def forward(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         text = text + self.cross_attn(self.norm1(text), visual)
@@ -473,7 +482,8 @@ class XCLIP(nn.Module):
         # The official code projects every frame's patches and then averages over T; the
         # projection is linear, so averaging first gives the same features for T times less work.
         patches = self.prompts_visual_ln(patches)
-        patches = patches.view(b, t, *patches.shape[1:]).mean(dim=1) @ self.prompts_visual_proj
+        patches = patches.view(b, t, *patches.shape[1:]).mean(dim=1)
+        patches = gemm.linear(patches, self.prompts_visual_proj.t())
         return VideoFeatures(self.mit(cls.view(b, t, -1)), patches)
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
@@ -492,7 +502,7 @@ class XCLIP(nn.Module):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         x = self.ln_final(_run_blocks(self.transformer.resblocks, x, checkpointing))
         end_of_text = x[torch.arange(x.shape[0], device=x.device), end]
-        return end_of_text @ self.text_projection
+        return gemm.linear(end_of_text, self.text_projection.t())
 
     def logits(self, video_features: VideoFeatures, text_features: torch.Tensor) -> torch.Tensor:
         """Logits ``(b, K)`` from :meth:`encode_video_features` and :meth:`encode_text` outputs."""

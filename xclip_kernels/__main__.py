@@ -1,4 +1,5 @@
-"""``python -m xclip_kernels``: print every backend, whether it runs here, and why not."""
+"""``python -m xclip_kernels``: print every backend, whether it runs here, and why not; and which
+GEMM provider CPU inference takes here (measured when run)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import sys
 
 import torch
 
-from . import _env
+from . import _env, gemm
 from .registry import BACKENDS, PRIORITY, backend_table, get_backend
 
 
@@ -15,11 +16,30 @@ def _settings_error() -> str | None:
     forced = _env.forced_backend()
     if forced is not None and forced not in BACKENDS:
         return f"XCLIP_KERNELS_BACKEND: expected one of {', '.join(BACKENDS)} or unset, got {forced!r}"
-    try:
-        _env.cpu_isa()
-    except ValueError as exc:
-        return str(exc)
+    for read in (_env.cpu_isa, _env.gemm_provider):
+        try:
+            read()
+        except ValueError as exc:
+            return str(exc)
     return None
+
+
+def _gemm_lines() -> list[str]:
+    """Which provider CPU inference GEMMs take here, per dtype, and what decided it."""
+    if not gemm.onednn_available():
+        return ["CPU inference GEMMs: matmul (this torch has no oneDNN linear op)"]
+    forced = _env.gemm_provider()
+    if forced is not None:
+        return [f"CPU inference GEMMs: {forced} for every dtype (XCLIP_KERNELS_GEMM={forced})"]
+    lines = []
+    for dtype in gemm.PACKED_DTYPES:
+        found = gemm.measure(dtype)
+        lines.append(
+            f"CPU inference GEMMs in {str(dtype).removeprefix('torch.')}: {found.chosen} (measured now on "
+            f"{'x'.join(map(str, gemm.CALIBRATION_SHAPE))}: matmul {found.matmul_gflops:.0f}, oneDNN prepacked "
+            f"{found.onednn_gflops:.0f} GFLOP/s; oneDNN needs {gemm.MARGIN:.2f}x; XCLIP_KERNELS_GEMM fixes it)"
+        )
+    return lines
 
 
 def main() -> int:
@@ -50,6 +70,8 @@ def main() -> int:
     forced = _env.forced_backend()
     if forced is not None:
         print(f"XCLIP_KERNELS_BACKEND={forced}: calls with backend=None use {forced}")
+    for line in _gemm_lines():
+        print(line)
     return 0
 
 

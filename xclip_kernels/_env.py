@@ -22,6 +22,18 @@ def forced_backend() -> str | None:
     return name or None
 
 
+GEMM_PROVIDERS = ("auto", "matmul", "onednn")
+
+
+def gemm_provider() -> str | None:
+    """CPU inference GEMM provider named by ``XCLIP_KERNELS_GEMM`` ("matmul" or "onednn"), or
+    None for "auto"/unset (measured per dtype: :func:`xclip_kernels.gemm.provider`)."""
+    raw = os.environ.get("XCLIP_KERNELS_GEMM", "")
+    value = raw.strip().lower()
+    if value not in GEMM_PROVIDERS and value:
+        raise ValueError(f"XCLIP_KERNELS_GEMM: expected one of {', '.join(GEMM_PROVIDERS)} (or unset), got {raw!r}")
+    return None if value in ("", "auto") else value
+
 
 CPU_ISAS = ("auto", "avx2")
 

@@ -17,6 +17,10 @@ a :class:`Workspace` also keeps the MLP's hidden buffer from one call to the nex
 multi-megabyte buffers cost page faults on every first touch, as much as a tenth of the
 GEMM time on the CPU).
 
+Where :mod:`.gemm` chose oneDNN for this CPU (inference only), the same epilogues run as
+oneDNN post-ops on prepacked weights instead (out of place: that API has no in-place sum), and
+the blocks then take fresh tensors rather than the in-place accumulation below.
+
 The model's blocks follow one policy (:func:`writes_in_place`, :func:`block_mlp_residual`,
 :func:`qkv_projection`): a block never writes its input (its caller and forward hooks may
 hold it); its first residual add (:func:`linear_residual`) makes a fresh tensor that the
@@ -33,8 +37,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import flop_formulas
-from .backends.reference import QUICK_GELU_SLOPE
+from . import flop_formulas, gemm
+from .backends.reference import QUICK_GELU_SLOPE, quick_gelu
 
 # So that FlopCounterMode sees the in-place accumulating GEMMs below (a dict entry, no work).
 flop_formulas.register_inplace_gemm()
@@ -116,6 +120,8 @@ def linear_residual(
         out = residual.view(-1, residual.shape[-1])
         out.add_(bias).addmm_(rows, weight.t())
         return residual
+    if gemm.use_packed(x, weight, others=(residual, bias)):
+        return gemm.linear_add(rows, residual, weight, bias)
     return _fresh_sum(residual, bias, rows, weight.t())
 
 
@@ -139,6 +145,16 @@ def mlp_residual(
     """
     rows = x.reshape(-1, x.shape[-1])
     accumulate = _inplace_allowed(inplace, x, residual, fc_weight, fc_bias, proj_weight, proj_bias)
+    if not accumulate and gemm.use_packed(x, fc_weight, proj_weight, others=(residual, fc_bias, proj_bias)):
+        if rows.dtype == torch.float32:
+            # silu of the 1.702-scaled first GEMM, then the second with its weight over 1.702
+            # (the scaled float32 weights are off by one float32 rounding: far inside 1e-5).
+            scaled = gemm.linear_quick_gelu_scaled(rows, fc_weight, fc_bias, QUICK_GELU_SLOPE)
+            return gemm.linear_add(scaled, residual, proj_weight, proj_bias, scale=1.0 / QUICK_GELU_SLOPE)
+        # In bf16 a scaled copy of a weight would be rounded once more than the weight itself
+        # (measured: twice the logits error of the plain bf16 model), so QuickGELU stays a pass.
+        hidden = quick_gelu(gemm.linear(rows, fc_weight, fc_bias))
+        return gemm.linear_add(hidden, residual, proj_weight, proj_bias)
     if accumulate and workspace is not None:
         hidden_shape = (rows.shape[0], fc_weight.shape[0])
         scaled = workspace.buffer("mlp_hidden", hidden_shape, rows.dtype, rows.device)
@@ -185,8 +201,8 @@ def qkv_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     call: the attention reads q, k, v from it and returns a fresh tensor, so it never escapes.
     """
     workspace = _scratch(x)
-    if workspace is None:
-        return F.linear(x, weight, bias)
+    if workspace is None or gemm.use_packed(x, weight, others=(bias,)):
+        return gemm.linear(x, weight, bias)
     qkv = workspace.buffer("qkv", (x.shape[0], weight.shape[0]), x.dtype, x.device)
     return torch.addmm(bias, x, weight.t(), out=qkv)
 
@@ -203,7 +219,8 @@ def block_mlp_residual(
     ``owned_residual`` (a tensor the block made, e.g. by :func:`linear_residual`) when
     :func:`writes_in_place` allows, with the hidden activations in a scratch buffer; else a
     fresh tensor. x, owned_residual ``(..., W)``."""
-    inplace = writes_in_place(owned_residual)
+    packed = gemm.use_packed(x, fc_weight, proj_weight, others=(owned_residual, fc_bias, proj_bias))
+    inplace = writes_in_place(owned_residual) and not packed
     return mlp_residual(
         x, owned_residual, fc_weight, fc_bias, proj_weight, proj_bias,
         inplace=inplace, workspace=_scratch(owned_residual) if inplace else None,

@@ -300,11 +300,12 @@ def test_gradient_checkpointing_leaves_eval_and_no_grad_alone() -> None:
     video, text = inputs(TINY)
     with torch.no_grad():
         expected = model(video, text)
+    expected_with_grad = model(video, text).detach()  # grad mode's GEMMs may be another provider's
     model.set_gradient_checkpointing(True)
     calls = _count_block_calls(model)
     with torch.no_grad():
         assert torch.equal(model.train()(video, text), expected)
-    assert torch.equal(model.eval()(video, text).detach(), expected)  # eval with grad: no recompute either
+    assert torch.equal(model.eval()(video, text).detach(), expected_with_grad)  # eval with grad: no recompute either
     assert calls == {"vision": 4, "text": 4}
     with pytest.raises(TypeError, match="enabled: expected a bool, got 'yes'"):
         model.set_gradient_checkpointing("yes")

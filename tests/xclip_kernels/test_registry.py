@@ -379,6 +379,7 @@ def test_reading_every_declaration_imports_no_extension_triton_or_xformers():
     [
         ("XCLIP_KERNELS_BACKEND", "fastest", "XCLIP_KERNELS_BACKEND: expected one of reference, sdpa"),
         ("XCLIP_KERNELS_CPU_ISA", "bogus", "XCLIP_KERNELS_CPU_ISA: expected one of auto, avx2 (or unset), got 'bogus'"),
+        ("XCLIP_KERNELS_GEMM", "mkl", "XCLIP_KERNELS_GEMM: expected one of auto, matmul, onednn (or unset), got 'mkl'"),
     ],
 )
 def test_module_names_a_bad_setting_in_one_line(variable, value, message):
@@ -390,6 +391,24 @@ def test_module_names_a_bad_setting_in_one_line(variable, value, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m xclip_kernels: error: "), result.stderr
     assert message in lines[0]
+
+
+def test_module_says_which_gemm_provider_this_cpu_gets():
+    from xclip_kernels import gemm
+
+    result = _run_python("-m", "xclip_kernels")
+    assert result.returncode == 0, result.stderr
+    if not gemm.onednn_available():
+        assert "CPU inference GEMMs: matmul (this torch has no oneDNN linear op)" in result.stdout
+        return
+    for dtype in ("float32", "bfloat16"):
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"CPU inference GEMMs in {dtype}: "))
+        chosen = line.split(": ", 1)[1].split()[0]
+        assert chosen in gemm.PROVIDERS and "matmul" in line and "oneDNN prepacked" in line, line
+    env = {**os.environ, "XCLIP_KERNELS_GEMM": "matmul"}
+    forced = subprocess.run([sys.executable, "-m", "xclip_kernels"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert "CPU inference GEMMs: matmul for every dtype (XCLIP_KERNELS_GEMM=matmul)" in forced.stdout
 
 
 def test_module_says_which_backend_the_environment_forces():
