@@ -1,8 +1,11 @@
 """Checkpoints: official ``.pth``, Hugging Face XCLIP directories, and our own safetensors file.
 
-Nothing here executes code from a checkpoint: torch files load with ``weights_only=True``
-(the training metadata official checkpoints carry, such as a ``yacs`` config, is replaced by
-inert placeholders; any other global is refused), everything else is safetensors or JSON.
+Nothing here executes code from a checkpoint: torch files (zip or legacy pre-zip) load with
+``weights_only=True``. Besides tensors and plain containers, numpy scalars, arrays and dtypes
+are rebuilt as data (training scripts save them beside the weights); the training metadata
+official checkpoints carry, such as a ``yacs`` config, is replaced by inert placeholders,
+never imported; any other global (``os.system``, ``eval``, ``numpy.save``, ...) is refused.
+Everything else is safetensors or JSON.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -35,7 +39,10 @@ class CheckpointError(ValueError):
 
 # Training metadata that official checkpoints pickle beside the weights ("config" is a yacs
 # CfgNode). These classes are never imported or run: placeholders stand in for them.
-_METADATA_MODULES = ("yacs.", "argparse.", "numpy.", "omegaconf.", "easydict.")
+_METADATA_MODULES = ("yacs.", "argparse.", "omegaconf.", "easydict.")
+# Globals of these modules are torch's own unpickler's to accept (tensors, storages, plain
+# containers) or refuse (``builtins.eval``): its allowlist is the authority, not a guess here.
+_TORCH_JUDGES = ("torch.", "collections.", "builtins.", "_codecs.", "copyreg.")
 
 
 class _InertMetadata:
@@ -47,19 +54,102 @@ class _InertMetadata:
         return collections.OrderedDict()
 
 
+def _numpy_data_global(name: str) -> object | None:
+    """The numpy object a pickle global ``name`` stands for when it only rebuilds data (a
+    scalar, an array, a dtype, a scalar type), else ``None``.
+
+    Training scripts save ``np.int64`` epochs, arrays and dtypes beside the weights. These
+    constructors take bytes, shapes and dtype codes and run no code of the file's choosing;
+    every other numpy function (``numpy.save``, ``numpy.load``, ...) stays refused. The
+    functions are looked up from what numpy itself pickles, so a numpy 1.x name
+    (``numpy.core.multiarray.scalar``) maps to numpy 2's object without importing
+    ``numpy.core``.
+    """
+    if not name.startswith("numpy."):
+        return None
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    module, _, attr = name.rpartition(".")
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        return {
+            "scalar": np.float64(0).__reduce__()[0],
+            "_reconstruct": np.zeros(0).__reduce__()[0],
+        }.get(attr)
+    if module == "numpy" and attr in ("dtype", "ndarray"):
+        return getattr(np, attr)
+    candidate = getattr(getattr(np, "dtypes", None), attr, None) if module == "numpy.dtypes" else None
+    if module == "numpy":
+        candidate = getattr(np, attr, None)
+    # numpy.dtypes.Float64DType and friends (the classes of dtypes), and the scalar types
+    # (numpy.float64, ...): classes whose construction only makes a value.
+    if isinstance(candidate, type) and (issubclass(candidate, np.dtype) or issubclass(candidate, np.generic)):
+        return candidate
+    return None
+
+
+def _numpy_dtype_classes() -> list[tuple[object, str]]:
+    """Every ``numpy.dtypes.*DType`` class with its name: a pickled dtype is rebuilt as
+    ``numpy.dtype(code)`` and then given its byte order and flags by ``__setstate__``, which
+    torch's safe unpickler allows only on an instance of an allowlisted class, and the
+    instance's class (``Int64DType``, ...) is never named in the pickle."""
+    import numpy as np
+
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+    if dtypes is None:
+        return []
+    return [
+        (cls, f"numpy.dtypes.{name}")
+        for name in dir(dtypes)
+        if isinstance(cls := getattr(dtypes, name), type) and issubclass(cls, np.dtype)
+    ]
+
+
+def _legacy_globals(path: str) -> set[str]:
+    """The globals named in a legacy (pre-zip) ``torch.save`` file, read without unpickling.
+
+    The file is four pickles (magic number, protocol, system info, the object) followed by
+    raw storage bytes; ``pickletools.genops`` walks each pickle up to its STOP opcode.
+    ``torch.save`` writes protocol 2, whose globals are GLOBAL opcodes; torch's safe
+    unpickler supports no other kind.
+    """
+    names: set[str] = set()
+    with open(path, "rb") as f:
+        for _ in range(4):
+            for opcode, arg, _pos in pickletools.genops(f):
+                if opcode.name == "GLOBAL":
+                    names.add(str(arg).replace(" ", "."))
+    return names
+
+
 def _torch_load(path: str) -> object:
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
+        if zipfile.is_zipfile(path):
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        else:
+            unsafe = {name for name in _legacy_globals(path) if not name.startswith(_TORCH_JUDGES)}
     except Exception as exc:
         raise CheckpointError(f"path: {path} is a truncated or corrupt torch checkpoint ({exc})") from exc
-    refused = [name for name in unsafe if not name.startswith(_METADATA_MODULES)]
+    allowed: list[tuple[object, str]] = []
+    refused = []
+    for name in sorted(unsafe):
+        data = _numpy_data_global(name)
+        if data is not None:
+            allowed.append((data, name))
+        elif name.startswith(_METADATA_MODULES):
+            allowed.append((_InertMetadata, name))
+        else:
+            refused.append(name)
+    if any(name.startswith("numpy.") for _, name in allowed):
+        allowed += _numpy_dtype_classes()
     if refused:
         raise CheckpointError(
             f"path: {path} refers to {', '.join(refused)}, which could run code when unpickled; "
-            "refusing to load it (only tensors and plain containers are accepted)"
+            "refusing to load it (only tensors, plain containers and numpy values are accepted)"
         )
     try:
-        with torch.serialization.safe_globals([(_InertMetadata, name) for name in unsafe]):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"path: {path} holds objects that are not weights, refusing to unpickle them ({exc})") from exc

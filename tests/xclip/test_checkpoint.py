@@ -290,12 +290,13 @@ def test_safetensors_without_our_metadata(keys, official_state, hf_model, loaded
     assert_same_state(model, loaded)
 
 
+@pytest.mark.parametrize("serialization", ["zip", "legacy"])
 def test_official_checkpoint_with_unimportable_training_config(
-    official_state, loaded, tmp_path, monkeypatch, clean_import_state, video, text
+    serialization, official_state, loaded, tmp_path, monkeypatch, clean_import_state, video, text
 ):
     """Official checkpoints pickle their yacs CfgNode beside the weights; yacs is usually not
     installed where the model is used. The weights load, and the class is neither imported
-    nor run."""
+    nor run; also from a legacy (pre-zip) file, as the older released checkpoints are."""
     root = make_fake_yacs(tmp_path / "site")
     imported, ran = tmp_path / "yacs-imported", tmp_path / "yacs-ran"
     monkeypatch.setenv("XCLIP_TEST_YACS_IMPORTED", str(imported))
@@ -305,7 +306,11 @@ def test_official_checkpoint_with_unimportable_training_config(
 
     config = CfgNode({"MODEL": {"ARCH": "ViT-B/32", "DROP_PATH_RATE": 0.0}, "DATA": {"NUM_FRAMES": 3}})
     path = tmp_path / "best.pth"
-    torch.save({"model": official_state, "config": config, "max_accuracy": 81.5, "epoch": 29}, path)
+    torch.save(
+        {"model": official_state, "config": config, "max_accuracy": 81.5, "epoch": 29},
+        path,
+        _use_new_zipfile_serialization=serialization == "zip",
+    )
     forget_module(root)
     imported.unlink()
     with pytest.raises(ModuleNotFoundError):  # the scenario is real: plain pickle cannot load it
@@ -317,6 +322,63 @@ def test_official_checkpoint_with_unimportable_training_config(
     assert not imported.exists() and not ran.exists()
     assert_same_state(model, loaded)
     assert_close(our_logits(model, video, text), our_logits(loaded, video, text), SAME_ATOL)
+
+
+@pytest.mark.parametrize("serialization", ["zip", "legacy"])
+def test_numpy_values_beside_the_weights_load(serialization, official_state, loaded, tmp_path):
+    """Training scripts save numpy scalars, arrays and dtypes beside the weights (an
+    ``np.int64`` epoch, a best accuracy, a history); they are data, and the file loads."""
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "numpy-meta.pth"
+    torch.save(
+        {
+            "model": official_state,
+            "epoch": np.int64(3),
+            "max_accuracy": np.float32(81.5),
+            "best": np.float64(0.25),
+            "flag": np.bool_(True),
+            "history": np.arange(6, dtype=np.float64).reshape(2, 3),
+            "names": np.array(["a", "bc"]),
+            "dtype": np.dtype(">f2"),
+            "dtype_class": type(np.dtype("float32")),
+            "scalar_type": np.int16,
+        },
+        path,
+        _use_new_zipfile_serialization=serialization == "zip",
+    )
+    assert_same_state(xclip.load_checkpoint(path), loaded)
+
+
+@pytest.mark.parametrize("serialization", ["zip", "legacy"])
+@pytest.mark.parametrize("payload", ["numpy.save", "os.system", "builtins.eval"])
+def test_callables_beside_numpy_values_are_refused(serialization, payload, official_state, tmp_path):
+    """Accepting numpy values must not accept numpy (or any other) functions: a pickle that
+    calls ``numpy.save`` (writes a file), ``os.system`` or ``eval`` is refused, in either
+    file layout, and nothing runs."""
+    np = pytest.importorskip("numpy")
+    marker = tmp_path / "pwned.npy"
+    call = {
+        "numpy.save": (np.save, (str(marker), np.zeros(1))),
+        "os.system": (os.system, (f"touch {marker}",)),
+        "builtins.eval": (eval, (f"open({str(marker)!r}, 'w')",)),
+    }[payload]
+
+    class Payload:
+        def __reduce__(self):
+            return call
+
+    path = tmp_path / "hostile.pth"
+    torch.save(
+        {"model": official_state, "epoch": np.int64(3), "extra": Payload()},
+        path,
+        _use_new_zipfile_serialization=serialization == "zip",
+    )
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(path)
+    assert not marker.exists(), "loading the checkpoint ran code"
+    assert payload.split(".")[-1] in error_text(info, path)
+    torch.load(path, weights_only=False)  # the payload is live
+    assert marker.exists()
 
 
 def test_metadata_module_globals_are_never_imported_or_called(
