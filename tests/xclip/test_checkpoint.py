@@ -789,6 +789,147 @@ def test_legacy_raw_pickle_that_runs_code_is_refused(payload_class, tmp_path):
     assert marker.exists()
 
 
+# -- sizes read from a file ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_before_checks(monkeypatch):
+    """Fails any construction of the model outside the ``meta`` device (where shapes cost no
+    memory) whose config is not in ``allowed``: a size from a file must be checked against the
+    tensors before a model of that size is built. Yields the ``allowed`` list to fill."""
+    import xclip.checkpoint as ckpt
+
+    allowed: list[xclip.XCLIPConfig] = []
+
+    class Guarded(xclip.XCLIP):
+        def __init__(self, config: xclip.XCLIPConfig) -> None:
+            if torch.empty(0).device.type != "meta" and config not in allowed:
+                raise AssertionError(f"a model was built from unchecked sizes: {config}")
+            super().__init__(config)
+
+    monkeypatch.setattr(ckpt, "XCLIP", Guarded)
+    yield allowed
+
+
+def hf_dir_with(hf_dir: Path, tmp_path: Path, where: str, key: str, value: object) -> Path:
+    """A copy of ``hf_dir`` whose config.json has ``config[where][key] = value`` (top level
+    when ``where`` is empty)."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    (config[where] if where else config)[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(hf_dir / "model.safetensors", tmp_path / "model.safetensors")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "field"),
+    [
+        ("text_config", "vocab_size", 10**8, "vocab_size"),
+        ("text_config", "vocab_size", 1e8, "vocab_size"),
+        ("vision_config", "num_hidden_layers", 10000, "vision_layers"),
+        ("vision_config", "num_frames", 2**40, "num_frames"),
+    ],
+    ids=["vocab-int", "vocab-float", "layers", "frames"],
+)
+def test_absurd_size_in_config_json_is_refused_before_allocating(
+    where, key, value, field, hf_dir, tmp_path, no_model_before_checks
+):
+    """A vocabulary of 10^8 would allocate tens of GB, 10^4 layers take minutes to build: the
+    size is refused, naming the field, before any model is built."""
+    path = hf_dir_with(hf_dir, tmp_path, where, key, value)
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(path)
+    message = error_text(info, path)
+    assert field in message and str(int(value)) in message and "at most" in message, message
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        (dict(vocab_size=500_000), ["token_embedding.weight", "(49408, 64)", "(500000, 64)"]),
+        (dict(vision_layers=200), ["vision_layers", "200", "holds 2 layers"]),
+        (dict(text_mlp_dim=200_000), ["transformer.resblocks.0.mlp.c_fc.weight", "(96, 64)", "(200000, 64)"]),
+        (dict(context_length=4096), ["positional_embedding", "(77, 64)", "(4096, 64)"]),
+    ],
+    ids=["vocab", "layers", "mlp", "context"],
+)
+def test_sizes_in_our_metadata_must_match_the_tensors(
+    changes, words, ours_safetensors, tmp_path, tiny_config, no_model_before_checks
+):
+    """Sizes below the bounds but unlike the tensors present are refused by comparing shapes
+    (of a model on the meta device) before the real model is built."""
+    state, metadata = read_safetensors(ours_safetensors)
+    metadata = dict(metadata, config=json.dumps(tiny_config.replace(**changes).to_dict()))
+    path = write_safetensors(tmp_path / "sizes.safetensors", state, metadata)
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(path)
+    message = error_text(info, path)
+    for word in words:
+        assert word in message, message
+
+
+def test_checked_sizes_still_load(ours_safetensors, loaded, no_model_before_checks, tiny_config):
+    """The guard above lets the checked config through: the model is built once, after the checks."""
+    no_model_before_checks.append(tiny_config)
+    assert_same_state(xclip.load_checkpoint(ours_safetensors), loaded)
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value"),
+    [
+        ("vision_config", "hidden_size", 128.7),
+        ("vision_config", "hidden_size", "128"),
+        ("text_config", "num_hidden_layers", True),
+        ("", "projection_dim", 64.5),
+        ("", "prompt_alpha", "0.1"),
+        ("vision_config", "layer_norm_eps", float("nan")),
+    ],
+    ids=["fraction", "string", "bool", "projection-fraction", "alpha-string", "eps-nan"],
+)
+def test_config_json_values_that_are_not_numbers_of_the_kind_are_named(where, key, value, hf_dir, tmp_path):
+    """``hidden_size: 128.7`` is not silently truncated to 128: the field and the value are named."""
+    path = hf_dir_with(hf_dir, tmp_path, where, key, value)
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(path)
+    message = error_text(info, path)
+    assert (f"{where}.{key}" if where else key) in message, message
+    assert repr(value) in message and "config.json" in message, message
+
+
+def test_config_json_integral_floats_are_sizes(hf_dir, tmp_path, loaded):
+    """JSON has one number type: ``128.0`` is the size 128."""
+    path = hf_dir_with(hf_dir, tmp_path, "vision_config", "hidden_size", 128.0)
+    assert_same_state(xclip.load_checkpoint(path), loaded)
+
+
+def test_config_json_that_is_not_utf8_names_the_file(hf_dir, tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"projection_dim": 64, "name": "\xff\xfe caf\xe9"}')
+    shutil.copy(hf_dir / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(tmp_path)
+    assert str(tmp_path / "config.json") in str(info.value) and "UTF-8" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["char-device", "fifo"])
+def test_special_file_is_named_not_missing(kind, tmp_path):
+    """``/dev/zero`` or a FIFO exists but is no checkpoint file: it is said so (never opened,
+    which would block on a FIFO), not reported as missing."""
+    if kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this platform")
+        path = tmp_path / "pipe.pth"
+        os.mkfifo(path)
+        expected = "FIFO"
+    else:
+        path = Path("/dev/zero")
+        if not path.exists():
+            pytest.skip("no /dev/zero")
+        expected = "character device"
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(path)
+    assert str(path) in str(info.value) and expected in str(info.value)
+
+
 # -- conversions --------------------------------------------------------------------------------
 
 
