@@ -450,6 +450,69 @@ def test_save_accepts_pathlike(loaded, tmp_path):
     assert_same_state(xclip.load_checkpoint(path), loaded)
 
 
+@pytest.fixture
+def umask():
+    """Sets the process umask for a test (``umask(0o027)``) and restores it after."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield os.umask
+    os.umask(saved)
+
+
+def test_save_to_a_missing_folder_names_the_target(loaded, tmp_path):
+    path = tmp_path / "no-such-folder" / "model.safetensors"
+    with pytest.raises(FileNotFoundError) as info:
+        loaded.save(path)
+    message = str(info.value)
+    assert str(path) in message and "does not exist" in message and ".tmp" not in message, message
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+def test_save_to_a_folder_is_refused(loaded, tmp_path):
+    with pytest.raises(IsADirectoryError, match="folder"):
+        loaded.save(tmp_path)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002, 0o077], ids=oct)
+def test_saved_file_mode_honours_the_umask(mask, loaded, tmp_path, umask):
+    """Like a file from ``open(path, "w")``: mode 0o666 less the umask (safetensors alone
+    gives 0o600 whatever the umask)."""
+    umask(mask)
+    path = tmp_path / "model.safetensors"
+    loaded.save(path)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~mask)
+    plain = tmp_path / "plain"
+    with open(plain, "w"):
+        pass
+    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+def test_saving_over_a_file_keeps_its_mode(loaded, tmp_path, umask):
+    umask(0o022)
+    path = tmp_path / "model.safetensors"
+    loaded.save(path)
+    os.chmod(path, 0o640)
+    loaded.save(path)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("target_exists", [True, False], ids=["existing", "dangling"])
+def test_saving_through_a_symlink_writes_its_target(target_exists, loaded, tmp_path, tiny_config):
+    """A link (e.g. ``latest.safetensors`` -> ``runs/epoch-3.safetensors``) stays a link; the
+    file it points to gets the new weights."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    target = folder / "epoch-3.safetensors"
+    if target_exists:
+        target.write_bytes(b"old contents")
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(target)
+    loaded.save(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert_same_state(xclip.load_checkpoint(target), loaded)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-3.safetensors"]  # no temporary left
+
+
 # -- frame counts -------------------------------------------------------------------------------
 
 
