@@ -552,7 +552,9 @@ def load_checkpoint(
 
     Returns:
         The model in eval mode, float32, on ``map_location``. Any missing, unexpected or
-        mis-shaped key raises one :class:`CheckpointError` listing all of them.
+        mis-shaped key raises one :class:`CheckpointError` listing all of them; so does a size
+        from ``config.json`` or our metadata that is not an integer, is beyond any X-CLIP or
+        contradicts the tensors, before a model of that size is built.
     """
     kind = detect_format(path)
     path = os.fspath(path)
