@@ -1,18 +1,24 @@
 """Checkpoints: official ``.pth``, Hugging Face XCLIP directories, and our own safetensors file.
 
-Nothing here executes code from a checkpoint: torch files load with ``weights_only=True``
-(the training metadata official checkpoints carry, such as a ``yacs`` config, is replaced by
-inert placeholders; any other global is refused), everything else is safetensors or JSON.
+Nothing here executes code from a checkpoint: torch files (zip or legacy pre-zip) load with
+``weights_only=True``. Besides tensors and plain containers, numpy scalars, arrays and dtypes
+are rebuilt as data (training scripts save them beside the weights); the training metadata
+official checkpoints carry, such as a ``yacs`` config, is replaced by inert placeholders,
+never imported; any other global (``os.system``, ``eval``, ``numpy.save``, ...) is refused.
+Everything else is safetensors or JSON.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
 import pickle
+import pickletools
 import re
+import stat
 import struct
 import zipfile
 from typing import Mapping
@@ -35,7 +41,10 @@ class CheckpointError(ValueError):
 
 # Training metadata that official checkpoints pickle beside the weights ("config" is a yacs
 # CfgNode). These classes are never imported or run: placeholders stand in for them.
-_METADATA_MODULES = ("yacs.", "argparse.", "numpy.", "omegaconf.", "easydict.")
+_METADATA_MODULES = ("yacs.", "argparse.", "omegaconf.", "easydict.")
+# Globals of these modules are torch's own unpickler's to accept (tensors, storages, plain
+# containers) or refuse (``builtins.eval``): its allowlist is the authority, not a guess here.
+_TORCH_JUDGES = ("torch.", "collections.", "builtins.", "_codecs.", "copyreg.")
 
 
 class _InertMetadata:
@@ -47,19 +56,102 @@ class _InertMetadata:
         return collections.OrderedDict()
 
 
+def _numpy_data_global(name: str) -> object | None:
+    """The numpy object a pickle global ``name`` stands for when it only rebuilds data (a
+    scalar, an array, a dtype, a scalar type), else ``None``.
+
+    Training scripts save ``np.int64`` epochs, arrays and dtypes beside the weights. These
+    constructors take bytes, shapes and dtype codes and run no code of the file's choosing;
+    every other numpy function (``numpy.save``, ``numpy.load``, ...) stays refused. The
+    functions are looked up from what numpy itself pickles, so a numpy 1.x name
+    (``numpy.core.multiarray.scalar``) maps to numpy 2's object without importing
+    ``numpy.core``.
+    """
+    if not name.startswith("numpy."):
+        return None
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    module, _, attr = name.rpartition(".")
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        return {
+            "scalar": np.float64(0).__reduce__()[0],
+            "_reconstruct": np.zeros(0).__reduce__()[0],
+        }.get(attr)
+    if module == "numpy" and attr in ("dtype", "ndarray"):
+        return getattr(np, attr)
+    candidate = getattr(getattr(np, "dtypes", None), attr, None) if module == "numpy.dtypes" else None
+    if module == "numpy":
+        candidate = getattr(np, attr, None)
+    # numpy.dtypes.Float64DType and friends (the classes of dtypes), and the scalar types
+    # (numpy.float64, ...): classes whose construction only makes a value.
+    if isinstance(candidate, type) and (issubclass(candidate, np.dtype) or issubclass(candidate, np.generic)):
+        return candidate
+    return None
+
+
+def _numpy_dtype_classes() -> list[tuple[object, str]]:
+    """Every ``numpy.dtypes.*DType`` class with its name: a pickled dtype is rebuilt as
+    ``numpy.dtype(code)`` and then given its byte order and flags by ``__setstate__``, which
+    torch's safe unpickler allows only on an instance of an allowlisted class, and the
+    instance's class (``Int64DType``, ...) is never named in the pickle."""
+    import numpy as np
+
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+    if dtypes is None:
+        return []
+    return [
+        (cls, f"numpy.dtypes.{name}")
+        for name in dir(dtypes)
+        if isinstance(cls := getattr(dtypes, name), type) and issubclass(cls, np.dtype)
+    ]
+
+
+def _legacy_globals(path: str) -> set[str]:
+    """The globals named in a legacy (pre-zip) ``torch.save`` file, read without unpickling.
+
+    The file is four pickles (magic number, protocol, system info, the object) followed by
+    raw storage bytes; ``pickletools.genops`` walks each pickle up to its STOP opcode.
+    ``torch.save`` writes protocol 2, whose globals are GLOBAL opcodes; torch's safe
+    unpickler supports no other kind.
+    """
+    names: set[str] = set()
+    with open(path, "rb") as f:
+        for _ in range(4):
+            for opcode, arg, _pos in pickletools.genops(f):
+                if opcode.name == "GLOBAL":
+                    names.add(str(arg).replace(" ", "."))
+    return names
+
+
 def _torch_load(path: str) -> object:
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
+        if zipfile.is_zipfile(path):
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        else:
+            unsafe = {name for name in _legacy_globals(path) if not name.startswith(_TORCH_JUDGES)}
     except Exception as exc:
         raise CheckpointError(f"path: {path} is a truncated or corrupt torch checkpoint ({exc})") from exc
-    refused = [name for name in unsafe if not name.startswith(_METADATA_MODULES)]
+    allowed: list[tuple[object, str]] = []
+    refused = []
+    for name in sorted(unsafe):
+        data = _numpy_data_global(name)
+        if data is not None:
+            allowed.append((data, name))
+        elif name.startswith(_METADATA_MODULES):
+            allowed.append((_InertMetadata, name))
+        else:
+            refused.append(name)
+    if any(name.startswith("numpy.") for _, name in allowed):
+        allowed += _numpy_dtype_classes()
     if refused:
         raise CheckpointError(
             f"path: {path} refers to {', '.join(refused)}, which could run code when unpickled; "
-            "refusing to load it (only tensors and plain containers are accepted)"
+            "refusing to load it (only tensors, plain containers and numpy values are accepted)"
         )
     try:
-        with torch.serialization.safe_globals([(_InertMetadata, name) for name in unsafe]):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"path: {path} holds objects that are not weights, refusing to unpickle them ({exc})") from exc
@@ -94,8 +186,20 @@ def detect_format(path: str) -> str:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(f"path: {path} is a directory without config.json, not a Hugging Face checkpoint")
         return "hf"
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"path: no checkpoint file or directory at {path}")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path: no checkpoint file or directory at {path}") from None
+    if not stat.S_ISREG(mode):
+        # Never opened: a FIFO would block, /dev/zero would never end.
+        kind = (
+            "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise CheckpointError(f"path: {path} is {kind}, not a checkpoint file or directory")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(16)
@@ -179,46 +283,80 @@ def hf_to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def config_from_hf(hf: Mapping[str, object]) -> XCLIPConfig:
-    """Our config from a Hugging Face ``XCLIPConfig`` ``config.json`` (HF defaults where absent)."""
-    vision = dict(hf.get("vision_config") or {})
-    text = dict(hf.get("text_config") or {})
-    for where, cfg in (("vision_config", vision), ("text_config", text)):
+def _json_int(source: str, name: str, value: object) -> int:
+    # JSON has one number type: 768.0 is 768, but 128.7 (or "768", true) is not a size, and
+    # int() would silently truncate it.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not value.is_integer()
+    ):
+        raise CheckpointError(f"{source}: {name}: expected an integer, got {value!r}")
+    return int(value)
+
+
+def _json_float(source: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{source}: {name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def config_from_hf(hf: Mapping[str, object], source: str = "config.json") -> XCLIPConfig:
+    """Our config from a Hugging Face ``XCLIPConfig`` ``config.json`` (HF defaults where absent).
+
+    Args:
+        source: what error messages call the file (the loader passes its path).
+
+    Raises:
+        CheckpointError: naming the field, for a size that is not an integer (``128.7``, a
+            string), an unsupported activation, or sizes that contradict each other.
+    """
+    sections: dict[str, dict[str, object]] = {}
+    for where in ("vision_config", "text_config"):
+        section = hf.get(where) or {}
+        if not isinstance(section, Mapping):
+            raise CheckpointError(f"{source}: {where}: expected a JSON object, got {type(section).__name__}")
+        sections[where] = dict(section)
+    vision, text = sections["vision_config"], sections["text_config"]
+
+    def size(where: str, key: str, default: int) -> int:
+        section = hf if where == "" else sections[where]
+        return _json_int(source, f"{where}.{key}" if where else key, section.get(key, default))
+
+    for where, cfg in sections.items():
         act = cfg.get("hidden_act", "quick_gelu")
         if act != "quick_gelu":
-            raise CheckpointError(f"config.json: {where}.hidden_act: expected quick_gelu, got {act!r}")
+            raise CheckpointError(f"{source}: {where}.hidden_act: expected quick_gelu, got {act!r}")
     if hf.get("prompt_hidden_act", "quick_gelu") != "quick_gelu":
-        raise CheckpointError(f"config.json: prompt_hidden_act: expected quick_gelu, got {hf['prompt_hidden_act']!r}")
-    projection = int(hf.get("projection_dim", 512))
-    mit_width = int(vision.get("mit_hidden_size", 512))
+        raise CheckpointError(f"{source}: prompt_hidden_act: expected quick_gelu, got {hf['prompt_hidden_act']!r}")
+    projection = size("", "projection_dim", 512)
+    mit_width = size("vision_config", "mit_hidden_size", 512)
     if mit_width != projection:
         raise CheckpointError(
-            f"config.json: vision_config.mit_hidden_size: expected projection_dim={projection}, got {mit_width}"
+            f"{source}: vision_config.mit_hidden_size: expected projection_dim={projection}, got {mit_width}"
         )
-    eps = float(vision.get("layer_norm_eps", 1e-5))
-    if float(text.get("layer_norm_eps", 1e-5)) != eps:
-        raise CheckpointError("config.json: vision and text layer_norm_eps differ; one value is supported")
+    eps = _json_float(source, "vision_config.layer_norm_eps", vision.get("layer_norm_eps", 1e-5))
+    if _json_float(source, "text_config.layer_norm_eps", text.get("layer_norm_eps", 1e-5)) != eps:
+        raise CheckpointError(f"{source}: vision and text layer_norm_eps differ; one value is supported")
     return XCLIPConfig(
-        image_size=int(vision.get("image_size", 224)),
-        patch_size=int(vision.get("patch_size", 32)),
-        vision_width=int(vision.get("hidden_size", 768)),
-        vision_layers=int(vision.get("num_hidden_layers", 12)),
-        vision_heads=int(vision.get("num_attention_heads", 12)),
-        vision_mlp_dim=int(vision.get("intermediate_size", 3072)),
+        image_size=size("vision_config", "image_size", 224),
+        patch_size=size("vision_config", "patch_size", 32),
+        vision_width=size("vision_config", "hidden_size", 768),
+        vision_layers=size("vision_config", "num_hidden_layers", 12),
+        vision_heads=size("vision_config", "num_attention_heads", 12),
+        vision_mlp_dim=size("vision_config", "intermediate_size", 3072),
         embed_dim=projection,
-        context_length=int(text.get("max_position_embeddings", 77)),
-        vocab_size=int(text.get("vocab_size", 49408)),
-        text_width=int(text.get("hidden_size", 512)),
-        text_layers=int(text.get("num_hidden_layers", 12)),
-        text_heads=int(text.get("num_attention_heads", 8)),
-        text_mlp_dim=int(text.get("intermediate_size", 2048)),
-        num_frames=int(vision.get("num_frames", 8)),
-        mit_layers=int(vision.get("mit_num_hidden_layers", 1)),
-        mit_heads=int(vision.get("mit_num_attention_heads", 8)),
-        mit_mlp_dim=int(vision.get("mit_intermediate_size", 2048)),
-        prompt_layers=int(hf.get("prompt_layers", 2)),
-        prompt_heads=int(hf.get("prompt_num_attention_heads", 8)),
-        prompt_alpha=float(hf.get("prompt_alpha", 0.1)),
+        context_length=size("text_config", "max_position_embeddings", 77),
+        vocab_size=size("text_config", "vocab_size", 49408),
+        text_width=size("text_config", "hidden_size", 512),
+        text_layers=size("text_config", "num_hidden_layers", 12),
+        text_heads=size("text_config", "num_attention_heads", 8),
+        text_mlp_dim=size("text_config", "intermediate_size", 2048),
+        num_frames=size("vision_config", "num_frames", 8),
+        mit_layers=size("vision_config", "mit_num_hidden_layers", 1),
+        mit_heads=size("vision_config", "mit_num_attention_heads", 8),
+        mit_mlp_dim=size("vision_config", "mit_intermediate_size", 2048),
+        prompt_layers=size("", "prompt_layers", 2),
+        prompt_heads=size("", "prompt_num_attention_heads", 8),
+        prompt_alpha=_json_float(source, "prompt_alpha", hf.get("prompt_alpha", 0.1)),
         layer_norm_eps=eps,
     )
 
@@ -306,8 +444,53 @@ def _set_frames(
     return config.replace(num_frames=num_frames)
 
 
-def _strict_load(model: XCLIP, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+# Bounds on sizes read from a file, far above every released X-CLIP (24 layers, width 1024,
+# vocabulary 49408, 32 frames): a size past them is a damaged or hostile file, refused before
+# even an empty model of that size is built (10^4 layers take minutes to construct).
+_MAX_LAYERS = 256
+_MAX_SIZE = 1 << 20
+_LAYER_KEYS = {
+    "vision_layers": "visual.transformer.resblocks.",
+    "text_layers": "transformer.resblocks.",
+    "mit_layers": "mit.resblocks.",
+    "prompt_layers": "prompts_generator.decoder.",
+}
+
+
+def _check_sizes(config: XCLIPConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse ``config`` unless it describes the tensors in ``state``, before anything of the
+    config's size is allocated.
+
+    In order: every size within a sane bound; no layer count above the layers present;
+    then the parameter shapes of the model, built on the ``meta`` device (shapes only, no
+    memory), against the tensors (one error listing every mismatch). The real model is then
+    no larger than the tensors already read, whatever the config says.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        bound = _MAX_LAYERS if field.name in _LAYER_KEYS else _MAX_SIZE
+        if value > bound:
+            raise CheckpointError(
+                f"{source}: {field.name}: expected at most {bound} (far beyond any X-CLIP), got {value}"
+            )
+    for field, prefix in _LAYER_KEYS.items():
+        # More layers than the file holds is refused here, in one line, rather than by
+        # building them all to list every key as missing; fewer shows as unexpected keys in
+        # the one report of every mismatch below.
+        present = _count(state, prefix)
+        if getattr(config, field) > present:
+            raise CheckpointError(
+                f"{source}: {field}: the config says {getattr(config, field)}, "
+                f"the checkpoint holds {present} layers ({prefix}N.*)"
+            )
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in XCLIP(config).state_dict().items()}
+    _check_keys(expected, state, source)
+
+
+def _check_keys(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = [
@@ -324,12 +507,12 @@ def _strict_load(model: XCLIP, state: dict[str, torch.Tensor], source: str) -> N
         if misshaped:
             lines.append(f"  wrong shapes ({len(misshaped)}): " + "; ".join(misshaped))
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
 
 
 def _build(config: XCLIPConfig, state: dict[str, torch.Tensor], source: str, backend: str | None) -> XCLIP:
+    _check_sizes(config, state, source)
     model = XCLIP(config)
-    _strict_load(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, source)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     model.set_attention_backend(backend)
     return model.eval()
 
@@ -369,24 +552,30 @@ def load_checkpoint(
 
     Returns:
         The model in eval mode, float32, on ``map_location``. Any missing, unexpected or
-        mis-shaped key raises one :class:`CheckpointError` listing all of them.
+        mis-shaped key raises one :class:`CheckpointError` listing all of them; so does a size
+        from ``config.json`` or our metadata that is not an integer, is beyond any X-CLIP or
+        contradicts the tensors, before a model of that size is built.
     """
     kind = detect_format(path)
     path = os.fspath(path)
     if kind == "hf":
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            try:
-                hf_config = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"path: {path}/config.json is not valid JSON ({exc})") from exc
-        if not isinstance(hf_config, dict):
-            raise CheckpointError(f"path: {path}/config.json: expected a JSON object, got {type(hf_config).__name__}")
+        config_path = os.path.join(path, "config.json")
+        with open(config_path, "rb") as f:
+            raw_config = f.read()
         try:
-            config = config_from_hf(hf_config)
+            hf_config = json.loads(raw_config.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"path: {config_path} is not UTF-8 text ({exc})") from exc
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"path: {config_path} is not valid JSON ({exc})") from exc
+        if not isinstance(hf_config, dict):
+            raise CheckpointError(f"path: {config_path}: expected a JSON object, got {type(hf_config).__name__}")
+        try:
+            config = config_from_hf(hf_config, source=f"path: {config_path}")
         except (ValueError, TypeError) as exc:
             if isinstance(exc, CheckpointError):
                 raise
-            raise CheckpointError(f"path: {path}/config.json has invalid sizes ({exc})") from exc
+            raise CheckpointError(f"path: {config_path} has invalid sizes ({exc})") from exc
         weights = os.path.join(path, "model.safetensors")
         if os.path.isfile(weights):
             state, _ = _read_safetensors(weights)

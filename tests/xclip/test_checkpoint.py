@@ -290,12 +290,13 @@ def test_safetensors_without_our_metadata(keys, official_state, hf_model, loaded
     assert_same_state(model, loaded)
 
 
+@pytest.mark.parametrize("serialization", ["zip", "legacy"])
 def test_official_checkpoint_with_unimportable_training_config(
-    official_state, loaded, tmp_path, monkeypatch, clean_import_state, video, text
+    serialization, official_state, loaded, tmp_path, monkeypatch, clean_import_state, video, text
 ):
     """Official checkpoints pickle their yacs CfgNode beside the weights; yacs is usually not
     installed where the model is used. The weights load, and the class is neither imported
-    nor run."""
+    nor run; also from a legacy (pre-zip) file, as the older released checkpoints are."""
     root = make_fake_yacs(tmp_path / "site")
     imported, ran = tmp_path / "yacs-imported", tmp_path / "yacs-ran"
     monkeypatch.setenv("XCLIP_TEST_YACS_IMPORTED", str(imported))
@@ -305,7 +306,11 @@ def test_official_checkpoint_with_unimportable_training_config(
 
     config = CfgNode({"MODEL": {"ARCH": "ViT-B/32", "DROP_PATH_RATE": 0.0}, "DATA": {"NUM_FRAMES": 3}})
     path = tmp_path / "best.pth"
-    torch.save({"model": official_state, "config": config, "max_accuracy": 81.5, "epoch": 29}, path)
+    torch.save(
+        {"model": official_state, "config": config, "max_accuracy": 81.5, "epoch": 29},
+        path,
+        _use_new_zipfile_serialization=serialization == "zip",
+    )
     forget_module(root)
     imported.unlink()
     with pytest.raises(ModuleNotFoundError):  # the scenario is real: plain pickle cannot load it
@@ -317,6 +322,63 @@ def test_official_checkpoint_with_unimportable_training_config(
     assert not imported.exists() and not ran.exists()
     assert_same_state(model, loaded)
     assert_close(our_logits(model, video, text), our_logits(loaded, video, text), SAME_ATOL)
+
+
+@pytest.mark.parametrize("serialization", ["zip", "legacy"])
+def test_numpy_values_beside_the_weights_load(serialization, official_state, loaded, tmp_path):
+    """Training scripts save numpy scalars, arrays and dtypes beside the weights (an
+    ``np.int64`` epoch, a best accuracy, a history); they are data, and the file loads."""
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "numpy-meta.pth"
+    torch.save(
+        {
+            "model": official_state,
+            "epoch": np.int64(3),
+            "max_accuracy": np.float32(81.5),
+            "best": np.float64(0.25),
+            "flag": np.bool_(True),
+            "history": np.arange(6, dtype=np.float64).reshape(2, 3),
+            "names": np.array(["a", "bc"]),
+            "dtype": np.dtype(">f2"),
+            "dtype_class": type(np.dtype("float32")),
+            "scalar_type": np.int16,
+        },
+        path,
+        _use_new_zipfile_serialization=serialization == "zip",
+    )
+    assert_same_state(xclip.load_checkpoint(path), loaded)
+
+
+@pytest.mark.parametrize("serialization", ["zip", "legacy"])
+@pytest.mark.parametrize("payload", ["numpy.save", "os.system", "builtins.eval"])
+def test_callables_beside_numpy_values_are_refused(serialization, payload, official_state, tmp_path):
+    """Accepting numpy values must not accept numpy (or any other) functions: a pickle that
+    calls ``numpy.save`` (writes a file), ``os.system`` or ``eval`` is refused, in either
+    file layout, and nothing runs."""
+    np = pytest.importorskip("numpy")
+    marker = tmp_path / "pwned.npy"
+    call = {
+        "numpy.save": (np.save, (str(marker), np.zeros(1))),
+        "os.system": (os.system, (f"touch {marker}",)),
+        "builtins.eval": (eval, (f"open({str(marker)!r}, 'w')",)),
+    }[payload]
+
+    class Payload:
+        def __reduce__(self):
+            return call
+
+    path = tmp_path / "hostile.pth"
+    torch.save(
+        {"model": official_state, "epoch": np.int64(3), "extra": Payload()},
+        path,
+        _use_new_zipfile_serialization=serialization == "zip",
+    )
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(path)
+    assert not marker.exists(), "loading the checkpoint ran code"
+    assert payload.split(".")[-1] in error_text(info, path)
+    torch.load(path, weights_only=False)  # the payload is live
+    assert marker.exists()
 
 
 def test_metadata_module_globals_are_never_imported_or_called(
@@ -386,6 +448,69 @@ def test_save_accepts_pathlike(loaded, tmp_path):
     path = tmp_path / "pathlike.safetensors"
     loaded.save(path)  # type: ignore[arg-type]
     assert_same_state(xclip.load_checkpoint(path), loaded)
+
+
+@pytest.fixture
+def umask():
+    """Sets the process umask for a test (``umask(0o027)``) and restores it after."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield os.umask
+    os.umask(saved)
+
+
+def test_save_to_a_missing_folder_names_the_target(loaded, tmp_path):
+    path = tmp_path / "no-such-folder" / "model.safetensors"
+    with pytest.raises(FileNotFoundError) as info:
+        loaded.save(path)
+    message = str(info.value)
+    assert str(path) in message and "does not exist" in message and ".tmp" not in message, message
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+def test_save_to_a_folder_is_refused(loaded, tmp_path):
+    with pytest.raises(IsADirectoryError, match="folder"):
+        loaded.save(tmp_path)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002, 0o077], ids=oct)
+def test_saved_file_mode_honours_the_umask(mask, loaded, tmp_path, umask):
+    """Like a file from ``open(path, "w")``: mode 0o666 less the umask (safetensors alone
+    gives 0o600 whatever the umask)."""
+    umask(mask)
+    path = tmp_path / "model.safetensors"
+    loaded.save(path)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~mask)
+    plain = tmp_path / "plain"
+    with open(plain, "w"):
+        pass
+    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+def test_saving_over_a_file_keeps_its_mode(loaded, tmp_path, umask):
+    umask(0o022)
+    path = tmp_path / "model.safetensors"
+    loaded.save(path)
+    os.chmod(path, 0o640)
+    loaded.save(path)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("target_exists", [True, False], ids=["existing", "dangling"])
+def test_saving_through_a_symlink_writes_its_target(target_exists, loaded, tmp_path, tiny_config):
+    """A link (e.g. ``latest.safetensors`` -> ``runs/epoch-3.safetensors``) stays a link; the
+    file it points to gets the new weights."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    target = folder / "epoch-3.safetensors"
+    if target_exists:
+        target.write_bytes(b"old contents")
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(target)
+    loaded.save(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert_same_state(xclip.load_checkpoint(target), loaded)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-3.safetensors"]  # no temporary left
 
 
 # -- frame counts -------------------------------------------------------------------------------
@@ -725,6 +850,147 @@ def test_legacy_raw_pickle_that_runs_code_is_refused(payload_class, tmp_path):
     with open(path, "rb") as f:  # the payload is live
         pickle.load(f)
     assert marker.exists()
+
+
+# -- sizes read from a file ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_before_checks(monkeypatch):
+    """Fails any construction of the model outside the ``meta`` device (where shapes cost no
+    memory) whose config is not in ``allowed``: a size from a file must be checked against the
+    tensors before a model of that size is built. Yields the ``allowed`` list to fill."""
+    import xclip.checkpoint as ckpt
+
+    allowed: list[xclip.XCLIPConfig] = []
+
+    class Guarded(xclip.XCLIP):
+        def __init__(self, config: xclip.XCLIPConfig) -> None:
+            if torch.empty(0).device.type != "meta" and config not in allowed:
+                raise AssertionError(f"a model was built from unchecked sizes: {config}")
+            super().__init__(config)
+
+    monkeypatch.setattr(ckpt, "XCLIP", Guarded)
+    yield allowed
+
+
+def hf_dir_with(hf_dir: Path, tmp_path: Path, where: str, key: str, value: object) -> Path:
+    """A copy of ``hf_dir`` whose config.json has ``config[where][key] = value`` (top level
+    when ``where`` is empty)."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    (config[where] if where else config)[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(hf_dir / "model.safetensors", tmp_path / "model.safetensors")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "field"),
+    [
+        ("text_config", "vocab_size", 10**8, "vocab_size"),
+        ("text_config", "vocab_size", 1e8, "vocab_size"),
+        ("vision_config", "num_hidden_layers", 10000, "vision_layers"),
+        ("vision_config", "num_frames", 2**40, "num_frames"),
+    ],
+    ids=["vocab-int", "vocab-float", "layers", "frames"],
+)
+def test_absurd_size_in_config_json_is_refused_before_allocating(
+    where, key, value, field, hf_dir, tmp_path, no_model_before_checks
+):
+    """A vocabulary of 10^8 would allocate tens of GB, 10^4 layers take minutes to build: the
+    size is refused, naming the field, before any model is built."""
+    path = hf_dir_with(hf_dir, tmp_path, where, key, value)
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(path)
+    message = error_text(info, path)
+    assert field in message and str(int(value)) in message and "at most" in message, message
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        (dict(vocab_size=500_000), ["token_embedding.weight", "(49408, 64)", "(500000, 64)"]),
+        (dict(vision_layers=200), ["vision_layers", "200", "holds 2 layers"]),
+        (dict(text_mlp_dim=200_000), ["transformer.resblocks.0.mlp.c_fc.weight", "(96, 64)", "(200000, 64)"]),
+        (dict(context_length=4096), ["positional_embedding", "(77, 64)", "(4096, 64)"]),
+    ],
+    ids=["vocab", "layers", "mlp", "context"],
+)
+def test_sizes_in_our_metadata_must_match_the_tensors(
+    changes, words, ours_safetensors, tmp_path, tiny_config, no_model_before_checks
+):
+    """Sizes below the bounds but unlike the tensors present are refused by comparing shapes
+    (of a model on the meta device) before the real model is built."""
+    state, metadata = read_safetensors(ours_safetensors)
+    metadata = dict(metadata, config=json.dumps(tiny_config.replace(**changes).to_dict()))
+    path = write_safetensors(tmp_path / "sizes.safetensors", state, metadata)
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(path)
+    message = error_text(info, path)
+    for word in words:
+        assert word in message, message
+
+
+def test_checked_sizes_still_load(ours_safetensors, loaded, no_model_before_checks, tiny_config):
+    """The guard above lets the checked config through: the model is built once, after the checks."""
+    no_model_before_checks.append(tiny_config)
+    assert_same_state(xclip.load_checkpoint(ours_safetensors), loaded)
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value"),
+    [
+        ("vision_config", "hidden_size", 128.7),
+        ("vision_config", "hidden_size", "128"),
+        ("text_config", "num_hidden_layers", True),
+        ("", "projection_dim", 64.5),
+        ("", "prompt_alpha", "0.1"),
+        ("vision_config", "layer_norm_eps", float("nan")),
+    ],
+    ids=["fraction", "string", "bool", "projection-fraction", "alpha-string", "eps-nan"],
+)
+def test_config_json_values_that_are_not_numbers_of_the_kind_are_named(where, key, value, hf_dir, tmp_path):
+    """``hidden_size: 128.7`` is not silently truncated to 128: the field and the value are named."""
+    path = hf_dir_with(hf_dir, tmp_path, where, key, value)
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(path)
+    message = error_text(info, path)
+    assert (f"{where}.{key}" if where else key) in message, message
+    assert repr(value) in message and "config.json" in message, message
+
+
+def test_config_json_integral_floats_are_sizes(hf_dir, tmp_path, loaded):
+    """JSON has one number type: ``128.0`` is the size 128."""
+    path = hf_dir_with(hf_dir, tmp_path, "vision_config", "hidden_size", 128.0)
+    assert_same_state(xclip.load_checkpoint(path), loaded)
+
+
+def test_config_json_that_is_not_utf8_names_the_file(hf_dir, tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"projection_dim": 64, "name": "\xff\xfe caf\xe9"}')
+    shutil.copy(hf_dir / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(tmp_path)
+    assert str(tmp_path / "config.json") in str(info.value) and "UTF-8" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["char-device", "fifo"])
+def test_special_file_is_named_not_missing(kind, tmp_path):
+    """``/dev/zero`` or a FIFO exists but is no checkpoint file: it is said so (never opened,
+    which would block on a FIFO), not reported as missing."""
+    if kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this platform")
+        path = tmp_path / "pipe.pth"
+        os.mkfifo(path)
+        expected = "FIFO"
+    else:
+        path = Path("/dev/zero")
+        if not path.exists():
+            pytest.skip("no /dev/zero")
+        expected = "character device"
+    with pytest.raises(CheckpointError) as info:
+        xclip.load_checkpoint(path)
+    assert str(path) in str(info.value) and expected in str(info.value)
 
 
 # -- conversions --------------------------------------------------------------------------------

@@ -224,9 +224,14 @@ def test_text_features_are_cached_on_disk_and_invalidated(capsys, monkeypatch, c
     classify(LABELS[:3] + ["skiing"])
     assert calls == []
 
-    stat = ckpt.stat()  # the same checkpoint path, modified: a miss
+    stat = ckpt.stat()  # the same weights with a new modification time: still a hit (the key is the content)
     os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert classify(LABELS)[0] == first and calls == [len(LABELS)]
+    assert classify(LABELS)[0] == first and calls == []
+    torch.manual_seed(1)  # other weights at the same path, same size and mtime: a miss
+    xclip.build_model(TINY).save(str(ckpt))
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert classify(LABELS)[0] != first and calls == [len(LABELS)]
+    ckpt.write_bytes(checkpoint.read_bytes())
 
     for cached in cache.glob("text-*.safetensors"):  # a damaged cache file is a miss, rewritten
         cached.write_bytes(b"\x00garbage")
@@ -240,20 +245,15 @@ def test_text_features_are_cached_on_disk_and_invalidated(capsys, monkeypatch, c
     assert calls == [len(LABELS)] and out == first and sorted(p.name for p in cache.iterdir()) == before
 
 
-def test_cache_key_depends_on_checkpoint_and_exact_labels(tmp_path, checkpoint) -> None:
-    identity = tc.checkpoint_identity(checkpoint)
-    assert identity["path"] == os.path.realpath(checkpoint)
-    key = tc.cache_key(identity, LABELS, 77)
-    assert key == tc.cache_key(tc.checkpoint_identity(checkpoint), list(LABELS), 77)
-    assert key != tc.cache_key(identity, LABELS[:-1], 77)
-    assert key != tc.cache_key(identity, [*LABELS[:-1], LABELS[-1] + " "], 77)
-    assert key != tc.cache_key(identity, LABELS, 76)
-    hf_dir = tmp_path / "hf"
-    hf_dir.mkdir()
-    (hf_dir / "config.json").write_text("{}")
-    (hf_dir / "model.safetensors").write_bytes(b"1234")
-    files = tc.checkpoint_identity(hf_dir)["files"]
-    assert sorted(files) == ["config.json", "model.safetensors"] and files["model.safetensors"][0] == 4
+def test_cache_key_depends_on_weights_and_exact_labels(model) -> None:
+    weights = tc.weights_digest(model)
+    assert len(weights) == 64 and weights == tc.weights_digest(model)
+    key = tc.cache_key(weights, LABELS, 77)
+    assert key == tc.cache_key(tc.weights_digest(model), list(LABELS), 77)
+    assert key != tc.cache_key(weights, LABELS[:-1], 77)
+    assert key != tc.cache_key(weights, [*LABELS[:-1], LABELS[-1] + " "], 77)
+    assert key != tc.cache_key(weights, LABELS, 76)
+    assert key != tc.cache_key(weights[::-1], LABELS, 77)
 
 
 # -- bad files ----------------------------------------------------------------------------------

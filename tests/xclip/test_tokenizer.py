@@ -49,6 +49,28 @@ def test_over_long_text_raises_like_official() -> None:
     assert xclip.tokenize(exact)[0, -1].item() == END
 
 
+def test_over_long_text_error_carries_its_fields() -> None:
+    """A front end other than Python (the CLI) must be able to phrase the error itself, so
+    the error says which text, how long it is and the limit, as attributes."""
+    import pickle
+
+    from xclip.tokenizer import TextTooLongError
+
+    labels = ["archery", "dog " * 80, "bowling"]
+    with pytest.raises(TextTooLongError) as info:
+        xclip.tokenize(labels)
+    error = info.value
+    assert isinstance(error, ValueError)  # callers catching ValueError keep working
+    assert (error.index, error.text, error.num_tokens, error.context_length) == (1, labels[1], 82, 77)
+    assert "texts[1]" in str(error) and "truncate=True" in str(error)
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is TextTooLongError and str(again) == str(error) and again.num_tokens == 82
+    with pytest.raises(TextTooLongError) as info:
+        xclip.tokenize(["a b c d e f"], context_length=5)
+    assert info.value.num_tokens == 8 and info.value.context_length == 5
+    assert str(info.value).endswith("'a b c d e f'")  # short text: shown whole, no "..."
+
+
 def test_truncate_keeps_end_token() -> None:
     tokens = xclip.tokenize("dog " * 80, truncate=True)
     assert tokens.shape == (1, 77)
