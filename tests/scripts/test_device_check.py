@@ -1,0 +1,206 @@
+"""scripts/device_check.sh: the device check's control flow, rehearsed on the CPU.
+
+``rehearse`` runs every step of the GPU phases ``quick`` and ``full`` with CPU stand-ins (CPU
+backends, a tiny X-CLIP); ``DEVICE_CHECK_FAIL_STEP`` makes one step fail on purpose. The GPU
+phases' commands and time budget are checked without running them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "scripts" / "device_check.sh"
+
+
+@pytest.fixture(scope="module")
+def dc() -> Iterator[ModuleType]:
+    """scripts/device_check.py as a module (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("device_check", REPO_ROOT / "scripts" / "device_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def _device_check(*args: str, fail_step: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("DEVICE_CHECK_FAIL_STEP", None)
+    if fail_step is not None:
+        env["DEVICE_CHECK_FAIL_STEP"] = fail_step
+    # Generous: the rehearsal's own per-step timeouts stop a hung step long before this.
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+
+
+def test_rehearse_runs_every_step_of_both_gpu_phases_and_passes(dc, tmp_path):
+    out = tmp_path / "out"
+    result = _device_check("rehearse", str(out))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = _summary(out)
+    assert summary["phase"] == "rehearse" and summary["ok"] and summary["complete"] and summary["failed"] == []
+    names = [s["name"] for s in summary["steps"]]
+    assert names == list(dict.fromkeys(n for n in dc.PHASES["quick"] + dc.PHASES["full"] if n != "report")) + ["report"]
+    for step in summary["steps"]:
+        assert step["status"] == "passed" and step["exit_code"] == 0 and step["seconds"] > 0, step
+    notes = {s["name"]: s["note"] for s in summary["steps"]}
+    # The pytest steps ran tests, none skipped: a skipped parity test must not pass for a check.
+    for name in ("parity", "compile_hf"):
+        assert notes[name].endswith(", 0 failed, 0 errors, 0 skipped") and not notes[name].startswith("0 tests"), notes
+    assert summary["environment"]["device"] == "cpu (rehearsal)"
+    for name in ("kernels.json", "vs_hf.json", "run_gpu.json", "run_gpu.png", "parity.xml", "compile_hf.xml",
+                 "check.log", "summary.txt", dc.BUILD_STAMP.name, dc._extension_path().name):
+        assert (out / name).is_file(), name
+    assert not (out / "environment.json").exists()  # folded into summary.json
+    text = (out / "summary.txt").read_text(encoding="utf-8")
+    assert text.startswith("device_check rehearse: passed")
+    # The report: one Markdown table per benchmark, under the command that measured it.
+    for header in ("| op | mode | variant | backend | ms | TFLOP/s | GB/s |", "| model | clips/s | of the GEMM limit |",
+                   "| model | attention | backend | frames | GMACs | clips/s | peak MB | of matmul |"):
+        assert header in text
+    assert "benchmarks.kernels" in text and "benchmarks.vs_hf" in text and "benchmarks.run" in text
+    kernels = json.loads((out / "kernels.json").read_text(encoding="utf-8"))
+    assert {r["backend"] for r in kernels} >= {"sdpa", "reference"} and {r["op"] for r in kernels} == {
+        "frame_attention", "message_attention"}
+
+
+def test_a_step_forced_to_fail_is_recorded_and_the_others_still_run(tmp_path):
+    out = tmp_path / "out"
+    # compile_hf: a step in the middle, with steps after it (and the most expensive stand-in).
+    result = _device_check("rehearse", str(out), fail_step="compile_hf")
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = _summary(out)
+    assert not summary["ok"] and summary["complete"] and summary["failed"] == ["compile_hf"]
+    assert summary["forced_failure"] == "compile_hf"
+    by_name = {s["name"]: s for s in summary["steps"]}
+    assert by_name["compile_hf"]["status"] == "failed" and by_name["compile_hf"]["exit_code"] == 1
+    assert "DEVICE_CHECK_FAIL_STEP" in by_name["compile_hf"]["note"]
+    assert all(s["status"] == "passed" for name, s in by_name.items() if name != "compile_hf"), by_name
+    text = (out / "summary.txt").read_text(encoding="utf-8")
+    assert text.startswith("device_check rehearse: 1 step(s) did not pass: compile_hf")
+    assert "fails on purpose" in text  # the failed step's last lines
+    assert "device_check rehearse: did not pass: compile_hf" in result.stdout
+
+
+def test_an_unknown_fail_step_is_a_usage_error_before_anything_runs(tmp_path):
+    result = _device_check("quick", str(tmp_path / "out"), fail_step="parityy")
+    assert result.returncode == 2
+    assert "DEVICE_CHECK_FAIL_STEP: expected one of the steps of quick (wheels, environment, build, parity, " \
+           "kernels, report), got 'parityy'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_output_folder_is_a_usage_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    result = subprocess.run(["bash", str(SCRIPT), "quick"], env={**env, "PYTHON": sys.executable},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "output folder" in result.stderr
+
+
+def test_each_gpu_phase_fits_one_device_command_with_room(dc):
+    for phase in ("quick", "full"):
+        total = sum(dc.STEPS[name].timeout_s for name in dc.PHASES[phase])
+        assert total <= dc.PHASE_BUDGET_S < dc.DEADLINE_S < dc.COMMAND_LIMIT_S == 600, (phase, total)
+        assert dc.PHASES[phase][-1] == "report"
+
+
+def _gpu_context(dc, tmp_path: Path, phase: str) -> object:
+    return dc.Context(phase=phase, out=tmp_path, python="python3", jobs=16, xdist=True, pytest_timeout=True)
+
+
+def test_gpu_commands_build_for_sm90a_and_spread_tests_over_workers(dc, tmp_path):
+    ctx = _gpu_context(dc, tmp_path, "quick")
+    build = dc.STEPS["build"].command(ctx)
+    assert build.env["XCLIP_CUDA_ARCHS"] == "90a" and build.argv[0] == "python3" and "--cpu" not in build.argv
+    parity = dc.STEPS["parity"].command(ctx).argv
+    assert parity[:3] == ["python3", "-m", "pytest"]
+    assert dc.TRITON_CUDA_TESTS in parity and f"--deselect={dc.WHOLE_MODEL_COMPILE_TEST}" in parity
+    assert parity[parity.index("-n") + 1] == "8" and "--timeout=90" in parity
+    assert f"--junitxml={tmp_path / 'parity.xml'}" in parity
+    compile_hf = dc.STEPS["compile_hf"].command(_gpu_context(dc, tmp_path, "full")).argv
+    assert dc.WHOLE_MODEL_COMPILE_TEST in compile_hf and "tests/xclip/test_compile.py" in compile_hf
+    kernels = dc.STEPS["kernels"].command(ctx).argv
+    assert kernels[:3] == ["python3", "-m", "benchmarks.kernels"]
+    assert " ".join(kernels).endswith("--device cuda --variants xclip-b16 --batch 32 --dtype bfloat16")
+    vs_hf = " ".join(dc.STEPS["vs_hf"].command(ctx).argv)
+    assert "--device cuda --dtype bfloat16 --variant xclip-b16 --batch 32" in vs_hf and "--compile" in vs_hf
+    run = " ".join(dc.STEPS["run_gpu"].command(ctx).argv)
+    assert "-m benchmarks.run" in run and "--preset gpu --device cuda" in run
+    # Without the plugins (not in the dev venv) the flags are left out rather than breaking pytest.
+    bare = dc.Context(phase="quick", out=tmp_path, python="python3", jobs=16, xdist=False, pytest_timeout=False)
+    argv = dc.STEPS["parity"].command(bare).argv
+    assert "-n" not in argv and not any(a.startswith("--timeout") for a in argv)
+
+
+def test_a_step_that_times_out_is_stopped_with_the_processes_it_started(dc, tmp_path):
+    child_pid = tmp_path / "child.pid"
+    # The step starts a grandchild (as pytest-xdist does) and hangs; both must be ended.
+    code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(child_pid)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(120)")
+    with open(tmp_path / "log", "w", encoding="utf-8") as log:
+        t0 = time.monotonic()
+        status, code_, tail = dc.run_command(dc.Command([sys.executable, "-c", code]), 3, log, dict(os.environ))
+        elapsed = time.monotonic() - t0
+    assert (status, code_) == ("timeout", None) and "started" in tail
+    assert elapsed < 30
+    pid = int(child_pid.read_text())
+    for _ in range(50):  # the killed grandchild is reaped by init; give it a moment
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's child process {pid} survived the timeout")
+
+
+def test_steps_are_skipped_not_run_past_the_deadline(dc, tmp_path, monkeypatch):
+    monkeypatch.setattr(dc, "DEADLINE_S", 0)
+    monkeypatch.delenv("DEVICE_CHECK_FAIL_STEP", raising=False)
+    assert dc.run_phase("full", tmp_path) == 1
+    summary = _summary(tmp_path)
+    assert [s["status"] for s in summary["steps"]] == ["skipped"] * len(dc.PHASES["full"])
+    assert not summary["ok"] and summary["failed"] == list(dc.PHASES["full"])
+    assert "no time left" in summary["steps"][0]["note"]
+
+
+def test_build_compiles_only_when_the_sources_changed(dc, tmp_path, monkeypatch):
+    so = tmp_path / "xclip_kernels" / "_C.so"
+    so.parent.mkdir()
+    so.write_bytes(b"built")
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(dc, "_extension_path", lambda: so)
+    monkeypatch.setattr(dc, "BUILD_STAMP", tmp_path / "build" / "device-check-ext.json")
+    monkeypatch.setattr(dc, "_backend_problems", lambda cpu: [])
+    monkeypatch.setattr(dc.subprocess, "run", lambda argv, **kwargs: calls.append(argv) or Done())
+    monkeypatch.setenv("XCLIP_CUDA_ARCHS", "90a")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert dc.build(out, cpu=False) == 0 and len(calls) == 1 and calls[0][1:] == ["setup.py", "--quiet", "build_ext",
+                                                                                  "--inplace"]
+    assert (out / "_C.so").read_bytes() == b"built" and (out / "device-check-ext.json").is_file()
+    assert dc.build(out, cpu=False) == 0 and len(calls) == 1  # same sources, same .so: not compiled again
+    monkeypatch.setenv("XCLIP_CUDA_ARCHS", "80;90a")
+    assert dc.build(out, cpu=False) == 0 and len(calls) == 2  # other architectures
+    so.write_bytes(b"another")
+    assert dc.build(out, cpu=False) == 0 and len(calls) == 3  # a .so the stamp does not describe
