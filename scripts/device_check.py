@@ -160,16 +160,22 @@ def _build(ctx: Context) -> Command:
     return Command(_this_script(ctx, "build", str(ctx.out), *(["--cpu"] if ctx.rehearse else [])), env)
 
 
-def pytest_command(ctx: Context, targets: list[str], junit: str, per_test_s: int) -> list[str]:
-    """pytest on ``targets`` writing ``OUT/junit``; on the GPU, Triton's and Inductor's cold
-    compiles spread over pytest-xdist workers and every test under pytest-timeout's limit."""
+def pytest_command(ctx: Context, targets: list[str], junit: str, per_test_s: int) -> Command:
+    """pytest on ``targets`` writing ``OUT/junit``. On the GPU, Triton's and Inductor's cold
+    compiles spread over pytest-xdist workers, and every test runs under pytest-timeout's limit."""
     argv = [ctx.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={ctx.out / junit}", *targets]
+    env = {}
     if not ctx.rehearse:
         if ctx.xdist:
             argv += ["-n", str(max(1, min(8, ctx.jobs)))]
+            # Each worker compiles in its own process: a pool of compile processes per worker
+            # (Inductor's default, one per core) would start 8 x 16 Python processes.
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
         if ctx.pytest_timeout:
-            argv += [f"--timeout={per_test_s}"]
-    return argv
+            # A kernel that hangs blocks in C, where the default SIGALRM never lands: the
+            # thread method ends the worker, and pytest-xdist starts another for the next tests.
+            argv += [f"--timeout={per_test_s}", f"--timeout-method={'thread' if ctx.xdist else 'signal'}"]
+    return Command(argv, env)
 
 
 TRITON_CUDA_TESTS = "tests/xclip_kernels/backends/test_triton_cuda.py"
@@ -184,7 +190,7 @@ def _parity(ctx: Context) -> Command:
     else:
         targets = [TRITON_CUDA_TESTS, f"--deselect={WHOLE_MODEL_COMPILE_TEST}",
                    "tests/xclip/test_checkpoint.py::test_map_location_cuda"]
-    return Command(pytest_command(ctx, targets, "parity.xml", per_test_s=90))
+    return pytest_command(ctx, targets, "parity.xml", per_test_s=90)
 
 
 def _kernels(ctx: Context) -> Command:
@@ -205,7 +211,7 @@ def _compile_hf(ctx: Context) -> Command:
     else:
         targets = ["-m", "cuda", "tests/xclip/test_compile.py", "tests/xclip_kernels/integrations/test_hf.py",
                    WHOLE_MODEL_COMPILE_TEST]
-    return Command(pytest_command(ctx, targets, "compile_hf.xml", per_test_s=100))
+    return pytest_command(ctx, targets, "compile_hf.xml", per_test_s=100)
 
 
 def _vs_hf(ctx: Context) -> Command:
@@ -319,17 +325,33 @@ def run_command(command: Command, timeout_s: float, log, env: dict[str, str]) ->
     return status, code, list(tail)
 
 
-def _junit_note(path: Path) -> str:
-    """"N tests: P passed, F failed, E errors, S skipped" from a pytest JUnit XML file, or ""."""
+def shown_command(command: Command, ctx: Context) -> str:
+    """The command as someone would type it in the repository root: ``python`` for the
+    interpreter, ``$OUT`` for the output folder, paths relative to the root."""
+    words = []
+    for i, arg in enumerate(command.argv):
+        if i == 0 and arg == ctx.python:
+            arg = "python"
+        arg = arg.replace(str(ctx.out), "$OUT").replace(str(ROOT) + os.sep, "")
+        words.append(arg if arg.startswith("$OUT") or "=$OUT" in arg else shlex.quote(arg))
+    return " ".join([*(f"{k}={v}" for k, v in command.env.items()), *words])
+
+
+def _junit_counts(path: Path) -> dict[str, int]:
+    """tests, passed, failures, errors and skipped of a pytest JUnit XML file; {} if unreadable."""
     try:
         root = ElementTree.parse(path).getroot()
     except (OSError, ElementTree.ParseError):
-        return ""
+        return {}
     suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
     counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
-    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return (f"{counts['tests']} tests: {passed} passed, {counts['failures']} failed, {counts['errors']} errors, "
-            f"{counts['skipped']} skipped")
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return counts
+
+
+def _junit_note(counts: dict[str, int]) -> str:
+    return (f"{counts['tests']} tests: {counts['passed']} passed, {counts['failures']} failed, "
+            f"{counts['errors']} errors, {counts['skipped']} skipped")
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -414,8 +436,7 @@ def run_phase(phase: str, out: Path) -> int:
                 command = Command([ctx.python, "-c", f"import sys; sys.exit('device_check: step {result.name} fails on "
                                    f"purpose ({FAIL_STEP_VARIABLE}={result.name})')"])
                 result.note = f"forced to fail by {FAIL_STEP_VARIABLE}"
-            result.command = " ".join(f"{k}={v}" for k, v in command.env.items()) + (" " if command.env else "") + \
-                shlex.join(command.argv)
+            result.command = shown_command(command, ctx)
             budget = REHEARSE_STEP_TIMEOUT_S if ctx.rehearse else step.timeout_s
             left = DEADLINE_S - (time.monotonic() - started)
             result.timeout_s = min(budget, left) if not ctx.rehearse else budget
@@ -434,8 +455,13 @@ def run_phase(phase: str, out: Path) -> int:
                 result.note = (result.note + "; " if result.note else "") + f"stopped after {result.timeout_s:.0f} s"
             junit = {"parity": "parity.xml", "compile_hf": "compile_hf.xml"}.get(result.name)
             if junit and result.name != forced:
-                counts = _junit_note(ctx.out / junit)
-                result.note = "; ".join(n for n in (result.note, counts) if n)
+                counts = _junit_counts(ctx.out / junit)
+                if counts:
+                    result.note = "; ".join(n for n in (result.note, _junit_note(counts)) if n)
+                if result.status == "passed" and (not counts or counts["passed"] == 0):
+                    # Every test skipped (no CUDA, a backend missing) is no check at all.
+                    result.status = "failed"
+                    result.note = "; ".join(n for n in (result.note, "no test passed") if n)
             if result.name == "environment":
                 environment = _take_environment(ctx.out)
             line = f"== {result.name}: {result.status} in {result.seconds:.1f} s\n"
