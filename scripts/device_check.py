@@ -60,7 +60,7 @@ SITE = Path("/tmp/xclip-device-site")
 # The extension built by the build step and the record of what it was built from: both go to
 # OUT, so a later `full` on a fresh machine can carry them instead of compiling again.
 BUILD_STAMP = ROOT / "build" / "device-check-ext.json"
-GPU_ARCHS = "90a"  # H100/H200 only: half the nvcc time of the default "80;90a"
+GPU_ARCHS = "90a"  # H100/H200 only: one architecture for nvcc instead of the default "80;90a"
 MAX_OUT_FILE_BYTES = 16 * 2**20  # the device tool brings back files up to 16 MiB
 LOG_TAIL_LINES = 40
 
@@ -94,6 +94,7 @@ class Step:
     about: str
     timeout_s: int
     command: Callable[[Context], Command]
+    outputs: tuple[str, ...] = ()  # files it writes into OUT: removed before it runs, never stale
 
 
 # ---- The steps ------------------------------------------------------------------------------
@@ -104,8 +105,8 @@ def _this_script(ctx: Context, *args: str) -> list[str]:
 
 
 # The rehearsal's benchmarks run their own main() at a tiny size: an X-CLIP variant of
-# 32-pixel frames, two 128-wide layers per tower (the sizes of tests/xclip/conftest.py), and a
-# benchmarks.run preset of that variant alone, registered only in the rehearsal's process.
+# 32-pixel frames and two layers per tower, 128 wide (about the tests' tiny config), and a
+# benchmarks.run preset of that variant alone, both registered only in the rehearsal's process.
 TINY_VARIANT = "xclip-tiny"
 TINY_PRESET = "tiny"
 TINY_SIZES = dict(image_size=32, patch_size=8, vision_width=128, vision_layers=2, vision_heads=2, embed_dim=64,
@@ -118,8 +119,6 @@ def _tiny(ctx: Context, module: str, *args: str) -> list[str]:
 
 def run_tiny(module: str, args: list[str]) -> int:
     """``module``'s main(args) with the tiny variant (and, for benchmarks.run, the tiny preset) added."""
-    import importlib
-
     import torch
 
     import xclip
@@ -239,15 +238,18 @@ def _report(ctx: Context) -> Command:
 
 STEPS = {step.name: step for step in (
     Step("wheels", "install the wheels of .whl/ (make device-wheels)", 15, _wheels),
-    Step("environment", "the packages, the GPU and the versions", 25, _environment),
+    Step("environment", "the packages, the GPU and the versions", 25, _environment, ("environment.json",)),
     Step("build", f"the extension for sm_{GPU_ARCHS} (not recompiled when built from these sources); the backends",
          180, _build),
-    Step("parity", "fp32/fp16/bf16 forward and backward of triton, cuda, sdpa against the reference", 210, _parity),
-    Step("kernels", "benchmarks.kernels at X-CLIP-B/16, 8 frames, batch 32, bf16", 100, _kernels),
+    Step("parity", "fp32/fp16/bf16 forward and backward of triton, cuda, sdpa against the reference", 210, _parity,
+         ("parity.xml",)),
+    Step("kernels", "benchmarks.kernels at X-CLIP-B/16, 8 frames, batch 32, bf16", 100, _kernels, ("kernels.json",)),
     Step("compile_hf", "torch.compile (dynamic batch) and the patched Hugging Face model, triton and cuda", 110,
-         _compile_hf),
-    Step("vs_hf", "end to end against Hugging Face XCLIPModel, B/16, batch 32, bf16, compiled", 110, _vs_hf),
-    Step("run_gpu", "benchmarks.run --preset gpu: B/16 and L/14 against the baselines, 8 frames", 90, _run_gpu),
+         _compile_hf, ("compile_hf.xml",)),
+    Step("vs_hf", "end to end against Hugging Face XCLIPModel, B/16, batch 32, bf16, compiled", 110, _vs_hf,
+         ("vs_hf.json",)),
+    Step("run_gpu", "benchmarks.run --preset gpu: B/16 and L/14 against the baselines, 8 frames", 90, _run_gpu,
+         ("run_gpu.json", "run_gpu.png")),
     Step("report", "the measured numbers as Markdown for BENCHMARKS.md", 10, _report),
 )}
 PHASES = {
@@ -273,18 +275,18 @@ class Result:
     tail: list[str] = dataclasses.field(default_factory=list)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """End the step's whole process group: SIGTERM, then SIGKILL after 5 s."""
-    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+def _stop_group(process: subprocess.Popen) -> None:
+    """End the step's whole process group: SIGTERM, 5 s to exit, then SIGKILL for whatever is
+    left (pytest-xdist workers, compile workers), so nothing holds the GPU in the next step."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
-            return
+            break
         try:
-            process.wait(grace)
-            return
+            process.wait(5)
         except subprocess.TimeoutExpired:
-            continue
+            pass
 
 
 def run_command(command: Command, timeout_s: float, log, env: dict[str, str]) -> tuple[str, int | None, list[str]]:
@@ -317,8 +319,12 @@ def run_command(command: Command, timeout_s: float, log, env: dict[str, str]) ->
     try:
         code = process.wait(timeout_s)
         status = "passed" if code == 0 else "failed"
+        try:  # what the step started and left running
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     except subprocess.TimeoutExpired:
-        _stop(process)
+        _stop_group(process)
         code, status = None, "timeout"
     # A process that left the group could hold the pipe open: do not wait on it for ever.
     reader.join(10)
@@ -429,6 +435,7 @@ def run_phase(phase: str, out: Path) -> int:
     environment: dict = {}
     write_summary(ctx, results, started, environment, forced)
     with open(ctx.out / "check.log", "a", encoding="utf-8") as log:
+        log.write(f"device_check {phase}, {time.strftime('%Y-%m-%d %H:%M:%S')}, {sys.executable}\n")
         for result in results:
             step = STEPS[result.name]
             command = step.command(ctx)
@@ -437,6 +444,8 @@ def run_phase(phase: str, out: Path) -> int:
                                    f"purpose ({FAIL_STEP_VARIABLE}={result.name})')"])
                 result.note = f"forced to fail by {FAIL_STEP_VARIABLE}"
             result.command = shown_command(command, ctx)
+            for name in step.outputs:
+                (ctx.out / name).unlink(missing_ok=True)
             budget = REHEARSE_STEP_TIMEOUT_S if ctx.rehearse else step.timeout_s
             left = DEADLINE_S - (time.monotonic() - started)
             result.timeout_s = min(budget, left) if not ctx.rehearse else budget
@@ -453,7 +462,7 @@ def run_phase(phase: str, out: Path) -> int:
             result.seconds = round(time.monotonic() - t0, 1)
             if result.status == "timeout":
                 result.note = (result.note + "; " if result.note else "") + f"stopped after {result.timeout_s:.0f} s"
-            junit = {"parity": "parity.xml", "compile_hf": "compile_hf.xml"}.get(result.name)
+            junit = next((name for name in step.outputs if name.endswith(".xml")), None)
             if junit and result.name != forced:
                 counts = _junit_counts(ctx.out / junit)
                 if counts:

@@ -175,7 +175,9 @@ def test_a_step_that_times_out_is_stopped_with_the_processes_it_started(dc, tmp_
 def test_steps_are_skipped_not_run_past_the_deadline(dc, tmp_path, monkeypatch):
     monkeypatch.setattr(dc, "DEADLINE_S", 0)
     monkeypatch.delenv("DEVICE_CHECK_FAIL_STEP", raising=False)
+    (tmp_path / "vs_hf.json").write_text("{}")  # an earlier run's: must not be reported as this one's
     assert dc.run_phase("full", tmp_path) == 1
+    assert not (tmp_path / "vs_hf.json").exists()
     summary = _summary(tmp_path)
     assert [s["status"] for s in summary["steps"]] == ["skipped"] * len(dc.PHASES["full"])
     assert not summary["ok"] and summary["failed"] == list(dc.PHASES["full"])
@@ -217,7 +219,7 @@ def test_a_pytest_step_whose_tests_all_skip_does_not_pass(dc, tmp_path, monkeypa
     def command(ctx):
         return dc.pytest_command(ctx, [str(tests)], "parity.xml", per_test_s=60)
 
-    monkeypatch.setitem(dc.STEPS, "parity", dc.Step("parity", "all skipped", 60, command))
+    monkeypatch.setitem(dc.STEPS, "parity", dc.Step("parity", "all skipped", 60, command, ("parity.xml",)))
     monkeypatch.setitem(dc.PHASES, "rehearse", ("parity",))
     monkeypatch.delenv("DEVICE_CHECK_FAIL_STEP", raising=False)
     assert dc.run_phase("rehearse", out) == 1
