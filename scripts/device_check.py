@@ -156,7 +156,10 @@ def _environment(ctx: Context) -> Command:
 
 def _build(ctx: Context) -> Command:
     env = {"XCLIP_CUDA_ARCHS": GPU_ARCHS, "MAX_JOBS": str(ctx.jobs)}
-    return Command(_this_script(ctx, "build", str(ctx.out), *(["--cpu"] if ctx.rehearse else [])), env)
+    # The .so and its stamp come back from quick only: full's own outputs fill the 8 files the
+    # device tool returns.
+    flags = (["--cpu"] if ctx.rehearse else []) + ([] if ctx.phase == "full" else ["--copy-extension"])
+    return Command(_this_script(ctx, "build", str(ctx.out), *flags), env)
 
 
 def pytest_command(ctx: Context, targets: list[str], junit: str, per_test_s: int) -> Command:
@@ -517,15 +520,15 @@ def probe(out: Path, cpu: bool) -> int:
         "python": sys.version.split()[0], "transformers": importlib.metadata.version("transformers"),
         "date": time.strftime("%Y-%m-%d"),
     }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1))
-    elif not cpu:
+    if cpu:
+        info["device"] = "cpu (rehearsal)"  # its stand-ins run on the CPU, GPU or not
+    elif not torch.cuda.is_available():
         print(f"device_check: torch {torch.__version__} sees no CUDA device", file=sys.stderr)
         return 1
     else:
-        info["device"] = "cpu (rehearsal)"
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1))
     nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
     if nvcc:
         version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
@@ -562,10 +565,10 @@ def build_fingerprint() -> dict[str, str]:
             "python": sys.version.split()[0], "archs": os.environ.get("XCLIP_CUDA_ARCHS", "")}
 
 
-def build(out: Path, cpu: bool) -> int:
+def build(out: Path, cpu: bool, copy_extension: bool = True) -> int:
     """Build the extension in place unless BUILD_STAMP says this .so was built from these
     sources; then require the backends that stand for it (cuda and triton on the GPU, cpp on
-    the CPU) and copy the .so and its stamp to ``out``."""
+    the CPU) and, with ``copy_extension``, copy the .so and its stamp to ``out``."""
     so, wanted = _extension_path(), build_fingerprint()
     try:
         stamp = json.loads(BUILD_STAMP.read_text(encoding="utf-8"))
@@ -588,7 +591,7 @@ def build(out: Path, cpu: bool) -> int:
         for problem in problems:
             print(f"device_check: {problem}", file=sys.stderr)
         return 1
-    for path in (so, BUILD_STAMP):
+    for path in (so, BUILD_STAMP) if copy_extension else ():
         if path.stat().st_size <= MAX_OUT_FILE_BYTES:
             shutil.copy2(path, out / path.name)
         else:
@@ -695,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a phase, report (Markdown of OUT's measurements), or one of the steps' helpers")
     parser.add_argument("out", nargs="?", help="output folder (default: $OUT)")
     parser.add_argument("--cpu", action="store_true", help="probe, build: the rehearsal's CPU variant")
+    parser.add_argument("--copy-extension", action="store_true", help="build: copy the .so and its stamp to OUT")
     args = parser.parse_args(argv)
     out_arg = args.out or os.environ.get("OUT")
     if not out_arg:
@@ -710,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report(out))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    return probe(out, args.cpu) if args.what == "probe" else build(out, args.cpu)
+    return probe(out, args.cpu) if args.what == "probe" else build(out, args.cpu, args.copy_extension)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,12 @@ def test_each_gpu_phase_fits_one_device_command_with_room(dc):
         total = sum(dc.STEPS[name].timeout_s for name in dc.PHASES[phase])
         assert total <= dc.PHASE_BUDGET_S < dc.DEADLINE_S < dc.COMMAND_LIMIT_S == 600, (phase, total)
         assert dc.PHASES[phase][-1] == "report"
+        # What comes back from OUT: at most 8 files (the device tool's limit).
+        files = {"summary.json", "summary.txt", "check.log"}
+        files |= {name for step in dc.PHASES[phase] for name in dc.STEPS[step].outputs} - {"environment.json"}
+        if "--copy-extension" in dc.STEPS["build"].command(_gpu_context(dc, Path("/out"), phase)).argv:
+            files |= {"_C.so", "device-check-ext.json"}
+        assert len(files) <= 8, (phase, sorted(files))
 
 
 def _gpu_context(dc, tmp_path: Path, phase: str) -> object:
@@ -128,6 +134,9 @@ def test_gpu_commands_build_for_sm90a_and_spread_tests_over_workers(dc, tmp_path
     ctx = _gpu_context(dc, tmp_path, "quick")
     build = dc.STEPS["build"].command(ctx)
     assert build.env["XCLIP_CUDA_ARCHS"] == "90a" and build.argv[0] == "python3" and "--cpu" not in build.argv
+    # quick brings the built extension back (to carry into a later full); full has no room for it.
+    assert "--copy-extension" in build.argv
+    assert "--copy-extension" not in dc.STEPS["build"].command(_gpu_context(dc, tmp_path, "full")).argv
     parity = dc.STEPS["parity"].command(ctx).argv
     assert parity[:3] == ["python3", "-m", "pytest"]
     assert dc.TRITON_CUDA_TESTS in parity and f"--deselect={dc.WHOLE_MODEL_COMPILE_TEST}" in parity
@@ -193,6 +202,10 @@ def test_build_compiles_only_when_the_sources_changed(dc, tmp_path, monkeypatch)
     class Done:
         returncode = 0
 
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "kernel.cu").write_text("// v1\n")
+    (tmp_path / "setup.py").write_text("# setup\n")
+    monkeypatch.setattr(dc, "ROOT", tmp_path)  # the sources the fingerprint reads
     monkeypatch.setattr(dc, "_extension_path", lambda: so)
     monkeypatch.setattr(dc, "BUILD_STAMP", tmp_path / "build" / "device-check-ext.json")
     monkeypatch.setattr(dc, "_backend_problems", lambda cpu: [])
@@ -200,14 +213,17 @@ def test_build_compiles_only_when_the_sources_changed(dc, tmp_path, monkeypatch)
     monkeypatch.setenv("XCLIP_CUDA_ARCHS", "90a")
     out = tmp_path / "out"
     out.mkdir()
-    assert dc.build(out, cpu=False) == 0 and len(calls) == 1 and calls[0][1:] == ["setup.py", "--quiet", "build_ext",
-                                                                                  "--inplace"]
-    assert (out / "_C.so").read_bytes() == b"built" and (out / "device-check-ext.json").is_file()
+    assert dc.build(out, cpu=False, copy_extension=False) == 0 and list(out.iterdir()) == []
+    assert len(calls) == 1 and calls[0][1:] == ["setup.py", "--quiet", "build_ext", "--inplace"]
     assert dc.build(out, cpu=False) == 0 and len(calls) == 1  # same sources, same .so: not compiled again
+    assert (out / "_C.so").read_bytes() == b"built" and (out / "device-check-ext.json").is_file()
     monkeypatch.setenv("XCLIP_CUDA_ARCHS", "80;90a")
     assert dc.build(out, cpu=False) == 0 and len(calls) == 2  # other architectures
     so.write_bytes(b"another")
     assert dc.build(out, cpu=False) == 0 and len(calls) == 3  # a .so the stamp does not describe
+    assert dc.build(out, cpu=False) == 0 and len(calls) == 3
+    (tmp_path / "csrc" / "kernel.cu").write_text("// v2\n")
+    assert dc.build(out, cpu=False) == 0 and len(calls) == 4  # a source changed
 
 
 def test_a_pytest_step_whose_tests_all_skip_does_not_pass(dc, tmp_path, monkeypatch):
