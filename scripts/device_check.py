@@ -384,8 +384,13 @@ def write_summary(ctx: Context, results: list[Result], started: float, environme
         "steps": [{key: value for key, value in dataclasses.asdict(r).items() if key != "tail"} for r in results],
     }
     _write_atomically(ctx.out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    reported = any(r.name == "report" and r.status == "passed" for r in results)
-    _write_atomically(ctx.out / "summary.txt", summary_text(summary, results, report(ctx.out) if reported else ""))
+    report_text = ""
+    if any(r.name == "report" and r.status == "passed" for r in results):
+        try:
+            report_text = report(ctx.out)
+        except Exception as exc:  # noqa: BLE001 - a malformed record must not cost the summary
+            report_text = f"report: {type(exc).__name__}: {exc}"
+    _write_atomically(ctx.out / "summary.txt", summary_text(summary, results, report_text))
 
 
 def summary_text(summary: dict, results: list[Result], report_text: str) -> str:
@@ -639,9 +644,9 @@ def report(out: Path) -> str:
     kernels = _load(out / "kernels.json")
     if kernels:
         first = kernels[0]
-        rows = [f"| {r['op']} | {r['mode']} | {r['variant']} | {r['backend']} | {r['ms']:.3f} ({r['ms_p20']:.3f}–"
-                f"{r['ms_p80']:.3f}) | " + (f"{r['tflops']:.1f} | {r['gbps']:.0f} |" if "tflops" in r else "– | – |")
-                for r in kernels]
+        rows = [f"| {r['op']} | {r['mode']} | {r['variant']} | {r['backend']} | {r['ms']:.3f} "
+                f"({r['ms_p20']:.3f}–{r['ms_p80']:.3f}) | "
+                + (f"{r['tflops']:.1f} | {r['gbps']:.0f} |" if "tflops" in r else "– | – |") for r in kernels]
         ratios = []
         for op in dict.fromkeys(r["op"] for r in kernels):
             for mode in ("forward", "forward+backward"):

@@ -162,8 +162,11 @@ def test_gpu_commands_build_for_sm90a_and_spread_tests_over_workers(dc, tmp_path
 def test_a_step_that_times_out_is_stopped_with_the_processes_it_started(dc, tmp_path):
     child_pid = tmp_path / "child.pid"
     # The step starts a grandchild (as pytest-xdist does) and hangs; both must be ended.
-    code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
-            f"open({str(child_pid)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(120)")
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            f"open({str(child_pid)!r}, 'w').write(str(p.pid))\n"
+            "print('started', flush=True)\n"
+            "time.sleep(120)\n")
     with open(tmp_path / "log", "w", encoding="utf-8") as log:
         t0 = time.monotonic()
         status, code_, tail = dc.run_command(dc.Command([sys.executable, "-c", code]), 3, log, dict(os.environ))
