@@ -245,3 +245,28 @@ def test_a_pytest_step_whose_tests_all_skip_does_not_pass(dc, tmp_path, monkeypa
     (step,) = _summary(out)["steps"]
     assert step["status"] == "failed" and step["exit_code"] == 0
     assert step["note"] == "1 tests: 0 passed, 0 failed, 0 errors, 1 skipped; no test passed"
+
+
+def test_report_prints_gpu_records_as_markdown_under_their_commands(dc, tmp_path):
+    line = "device: NVIDIA H200  torch 2.11.0+cu130  triton 3.6.0  CUDA 13.0  python 3.12.3  transformers 5.17.0"
+    command = "python -m benchmarks.kernels --json $OUT/kernels.json --device cuda --variants xclip-b16"
+    (tmp_path / "summary.json").write_text(json.dumps({"environment": {"line": line},
+                                                       "steps": [{"name": "kernels", "command": command}]}))
+    row = dict(op="frame_attention", mode="forward", variant="xclip-b16", frames=8, batch=32, dtype="bfloat16",
+               date="2026-12-03")
+    records = [{**row, "backend": "sdpa", "ms": 2.0, "ms_p20": 1.9, "ms_p80": 2.1, "tflops": 100.0, "gbps": 900.4},
+               {**row, "backend": "triton", "ms": 1.0, "ms_p20": 0.95, "ms_p80": 1.05, "tflops": 200.0, "gbps": 1800.6}]
+    (tmp_path / "kernels.json").write_text(json.dumps(records))
+    text = dc.report(tmp_path)
+    assert text.splitlines() == [
+        f"`{command}` (bfloat16, batch 32, 8 frames; {line}; 2026-12-03): median ms (20th–80th percentile)",
+        "",
+        "| op | mode | variant | backend | ms | TFLOP/s | GB/s |",
+        "|---|---|---|---|---|---|---|",
+        "| frame_attention | forward | xclip-b16 | sdpa | 2.000 (1.900–2.100) | 100.0 | 900 |",
+        "| frame_attention | forward | xclip-b16 | triton | 1.000 (0.950–1.050) | 200.0 | 1801 |",
+        "",
+        "- frame_attention forward: triton is 2.00× sdpa",
+    ]
+    assert dc.report(tmp_path / "nothing") == f"no measurements in {tmp_path / 'nothing'} (kernels.json, vs_hf.json, " \
+                                              "run_gpu.json)"
