@@ -46,9 +46,10 @@ from typing import Callable, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 FAIL_STEP_VARIABLE = "DEVICE_CHECK_FAIL_STEP"
-# One device command may run 600 s. The per-step timeouts of a GPU phase sum to at most
-# PHASE_BUDGET_S, and no step may run past DEADLINE_S after the start, so the summary is
-# always written inside the command's limit, even when every step runs to its timeout.
+# One device command may run 600 s. The per-step budgets of a GPU phase sum to at most
+# PHASE_BUDGET_S; a step's timeout is its budget plus what the steps before it left unused
+# (step_timeout), and no step runs past DEADLINE_S after the start, so the summary is always
+# written inside the command's limit, even when every step runs to its timeout.
 COMMAND_LIMIT_S = 600
 PHASE_BUDGET_S = 540
 DEADLINE_S = 580
@@ -412,6 +413,16 @@ def summary_text(summary: dict, results: list[Result], report_text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def step_timeout(budgets: list[float], index: int, elapsed: float) -> float:
+    """The timeout of step ``index`` of a GPU phase whose steps have ``budgets``, ``elapsed``
+    seconds after the phase began: its own budget plus what the steps before it left unused
+    (a build that finds the extension already built gives its time to a slow compile after
+    it), at most twice its budget (a hung step must not eat the session's few minutes), while
+    every later step keeps its whole budget; never past DEADLINE_S."""
+    allotted_until_now = sum(budgets[: index + 1])
+    return min(allotted_until_now - elapsed, 2 * budgets[index], DEADLINE_S - elapsed)
+
+
 def forced_step(phase: str) -> str | None:
     """The step named by DEVICE_CHECK_FAIL_STEP, or None; a name that is no step of the phase
     is a ValueError naming the steps (a typo must not pass silently)."""
@@ -454,9 +465,11 @@ def run_phase(phase: str, out: Path) -> int:
             result.command = shown_command(command, ctx)
             for name in step.outputs:
                 (ctx.out / name).unlink(missing_ok=True)
-            budget = REHEARSE_STEP_TIMEOUT_S if ctx.rehearse else step.timeout_s
-            left = DEADLINE_S - (time.monotonic() - started)
-            result.timeout_s = min(budget, left) if not ctx.rehearse else budget
+            if ctx.rehearse:
+                result.timeout_s = REHEARSE_STEP_TIMEOUT_S
+            else:
+                budgets = [STEPS[r.name].timeout_s for r in results]
+                result.timeout_s = round(step_timeout(budgets, results.index(result), time.monotonic() - started), 1)
             if result.timeout_s < 1:
                 result.status, result.note = "skipped", f"no time left before the {DEADLINE_S} s deadline"
                 write_summary(ctx, results, started, environment, forced)

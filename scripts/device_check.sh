@@ -14,8 +14,9 @@
 #
 # OUT defaults to $OUT. The interpreter is $PYTHON, default python3: the GPU image has no venv,
 # and its python3 (3.12) holds torch 2.11+cu130, triton 3.6, nvcc 13, transformers,
-# pytest-xdist and pytest-timeout. Every step runs under its own timeout (per phase they sum to
-# 540 s, and nothing runs past 580 s) and a failed step does not stop the next;
+# pytest-xdist and pytest-timeout. Every step runs under its own timeout (per phase the budgets
+# sum to 540 s; a step may use what earlier steps left, up to twice its budget; nothing runs
+# past 580 s) and a failed step does not stop the next;
 # OUT/summary.json and OUT/summary.txt are always written; the exit status is 1 when any step
 # did not pass, 2 for a usage error. DEVICE_CHECK_FAIL_STEP=<step> makes that step fail on
 # purpose (to check the above).

@@ -184,6 +184,17 @@ def test_a_step_that_times_out_is_stopped_with_the_processes_it_started(dc, tmp_
         pytest.fail(f"the step's child process {pid} survived the timeout")
 
 
+def test_a_step_gets_its_budget_plus_what_the_steps_before_it_left(dc, monkeypatch):
+    budgets = [15, 25, 180, 110]
+    assert dc.step_timeout(budgets, 0, 0) == 15
+    assert dc.step_timeout(budgets, 3, 15 + 25 + 180) == 110  # every step used its whole budget
+    assert dc.step_timeout(budgets, 3, 15 + 25 + 120) == 110 + 60  # the build took 120 s of its 180
+    assert dc.step_timeout(budgets, 3, 3 + 8 + 5) == 2 * 110  # at most twice its own budget
+    assert dc.step_timeout(budgets, 2, 15 + 25 + 20) == 160  # an earlier step overran by 20 s
+    monkeypatch.setattr(dc, "DEADLINE_S", 100)
+    assert dc.step_timeout(budgets, 3, 10) == 90
+
+
 def test_steps_are_skipped_not_run_past_the_deadline(dc, tmp_path, monkeypatch):
     monkeypatch.setattr(dc, "DEADLINE_S", 0)
     monkeypatch.delenv("DEVICE_CHECK_FAIL_STEP", raising=False)
