@@ -2,12 +2,12 @@
 # The device check; scripts/device_check.py does the work, docs/testing.md#the-device-check
 # describes it.
 #
-#   scripts/device_check.sh quick OUT     # GPU, < 5 min on an H100/H200: build the extension for
+#   scripts/device_check.sh quick OUT     # GPU, meant to take < 5 min on an H100/H200: build for
 #                                         # sm_90a only, parity fp32/fp16/bf16 forward and
 #                                         # backward (triton, cuda, sdpa), benchmarks.kernels
-#   scripts/device_check.sh full OUT      # GPU, < 8 min: torch.compile/Inductor and the patched
-#                                         # Hugging Face model (triton, cuda), benchmarks.vs_hf,
-#                                         # benchmarks.run --preset gpu (8 frames)
+#   scripts/device_check.sh full OUT      # GPU, meant to take < 8 min: torch.compile/Inductor, the
+#                                         # patched Hugging Face model (triton, cuda),
+#                                         # benchmarks.vs_hf, benchmarks.run --preset gpu (8 frames)
 #   scripts/device_check.sh rehearse OUT  # CPU, about 45 s of CPU: the same steps with CPU
 #                                         # stand-ins (tests/scripts/test_device_check.py, make test)
 #   scripts/device_check.sh report OUT    # the numbers in OUT as Markdown tables for BENCHMARKS.md
