@@ -216,6 +216,12 @@ def _import_av() -> Any:
     return av
 
 
+def require_decoder() -> None:
+    """Import PyAV now: an ``ImportError`` with the install command when it is missing (a command
+    checks this once, before its first file, instead of failing every file alike)."""
+    _import_av()
+
+
 def _open(path: str) -> Any:
     """An open PyAV input container of ``path`` with at least one video stream."""
     av = _import_av()
