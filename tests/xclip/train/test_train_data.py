@@ -124,7 +124,7 @@ def test_training_skips_and_counts_bad_files_and_strict_data_stops(
     assert result.steps == 2 and all(math.isfinite(loss) for loss in result.losses)
     assert list(result.skipped) == [c] and "Invalid data" in result.skipped[c]
     out, err = capfd.readouterr()  # file descriptors: the worker process warns too
-    assert f"skipped 1 of 4 --data files that could not be loaded" in out and f"  {c}: VideoError" in out
+    assert "skipped 1 of 4 --data files that could not be loaded" in out and f"  {c}: VideoError" in out
     assert err.count(f"warning: --data: skipping {c}") == 1  # warned once, not every epoch
 
     with pytest.raises(RuntimeError, match=r"--data: .*c\.avi could not be loaded \(VideoError"):
