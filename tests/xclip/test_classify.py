@@ -416,7 +416,7 @@ def test_usage_errors_print_one_line_and_no_traceback_from_the_real_entry_point(
     [
         (["--backend", "bogus"], "backend: expected one of"),
         (["--device", "cuda:x"], "device: expected a torch device"),
-        (["--labels", "a " * 100], "texts[0]"),  # longer than the 77-token context
+        (["--labels", "a " * 100], "label 1 ("),  # longer than the 77-token context
     ],
 )
 def test_bad_run_settings_exit_2_and_say_why(capsys, checkpoint, files, tmp_path, extra, message) -> None:
