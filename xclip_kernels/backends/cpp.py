@@ -5,8 +5,15 @@ float32 IFA with a head dim that is a multiple of 16 (every X-CLIP variant) runs
 backward on register-tiled kernels built for AVX-512 and AVX2 in one library (x86-64 builds;
 the widest the CPU has is chosen at run time, :func:`set_cpu_isa` changes it), and so do the
 message path's projections, forward and backward. float64, other head dims and builds for
-other CPUs take a BLAS path. This declaration loads nothing: the extension is loaded when
-availability is first asked.
+other CPUs take a BLAS path.
+
+bfloat16 is stored as bf16 and computed in float32 (accumulation, softmax, lse). Its IFA
+forward runs natively on CPUs with ``avx512_bf16`` (``vdpbf16ps`` dot products, head dims that
+are multiples of 32); elsewhere, and in the backward, each frame-head is widened into float32
+buffers for the float32 tiles (the convert path); :func:`bf16_path` says which. Other head
+dims and builds without the tiles widen whole tensors to float32 for the BLAS path, and so
+does the message path. Outputs and gradients are rounded to bf16 once. This declaration loads
+nothing: the extension is loaded when availability is first asked.
 """
 
 from __future__ import annotations
@@ -18,15 +25,23 @@ from .base import OPS, Backend, functions_of
 
 
 def set_cpu_isa(name: str) -> None:
-    """Run the tile kernels on ``name``: "avx2", or "auto" for the widest the CPU has (the
-    default; ``XCLIP_KERNELS_CPU_ISA`` sets it when the extension is loaded). Applies to every
-    thread from the next call on."""
+    """Cap the instruction set of the tile kernels: "auto" (the widest the CPU has, the default;
+    ``XCLIP_KERNELS_CPU_ISA`` sets it when the extension is loaded), "avx512" (AVX-512 without
+    its bf16 instructions: bfloat16 takes the convert path) or "avx2". Applies to every thread
+    from the next call on."""
     _extension.extension().set_cpu_isa(name)
 
 
 def cpu_isa() -> str:
-    """What the tile kernels run on now: "avx512", "avx2", or "none" (a build without them)."""
+    """What the float32 tile kernels run on now: "avx512", "avx2", or "none" (a build without them)."""
     return _extension.extension().cpu_isa()
+
+
+def bf16_path() -> str:
+    """How the bfloat16 IFA forward runs now for head dims that are multiples of 32: "native"
+    (``vdpbf16ps``), "convert" (float32 tiles on widened copies) or "float32 BLAS" (a build
+    without the tiles)."""
+    return _extension.extension().bf16_path()
 
 
 def _availability() -> list[str]:
@@ -47,7 +62,17 @@ def _notes() -> list[str]:
     module = _extension.extension()
     if not module.has_cpu_tiles():
         return ["built without the x86-64 register-tile kernels: every shape takes the BLAS path"]
-    return [f"float32 tile kernels run on {module.cpu_isa()} (XCLIP_KERNELS_CPU_ISA=avx2 forces AVX2)"]
+    notes = [f"float32 tile kernels run on {module.cpu_isa()} (XCLIP_KERNELS_CPU_ISA=avx2 forces AVX2)"]
+    if module.bf16_path() == "native":
+        notes.append("bfloat16 IFA forward runs natively on avx512_bf16 (vdpbf16ps); its backward and "
+                     "XCLIP_KERNELS_CPU_ISA=avx512 take the convert path (float32 tiles on widened copies)")
+    elif module.cpu_has_native_bf16():
+        notes.append("bfloat16 takes the convert path (float32 tiles on widened copies): set_cpu_isa or "
+                     "XCLIP_KERNELS_CPU_ISA keeps it from the native one this CPU has (avx512_bf16)")
+    else:
+        notes.append("bfloat16 takes the convert path (float32 tiles on widened copies): this CPU lacks "
+                     "avx512_bf16 for the native one")
+    return notes
 
 
 BACKEND = Backend(
@@ -55,7 +80,7 @@ BACKEND = Backend(
     description="C++ CPU kernels from csrc/",
     ops=OPS,
     devices=("cpu",),
-    dtypes=(torch.float32, torch.float64),
+    dtypes=(torch.float32, torch.float64, torch.bfloat16),
     supports_backward=True,
     load=functions_of(_extension.__name__),
     availability=_availability,
