@@ -182,15 +182,15 @@ at::Tensor message_attention(const at::Tensor& messages, const at::Tensor& ln_we
 }  // namespace on_cuda
 #endif  // XCLIP_WITH_CUDA
 
-// The widest the tiles may use: "auto" everything the CPU has, "avx512" AVX-512 without its
-// bf16 instructions (bf16 on the convert path), "avx2" AVX2 alone.
+// What the tiles may use: "auto" the widest vectors the CPU has (bf16 on the convert path),
+// "avx512_bf16" that plus the native bf16 forward where the CPU has avx512_bf16 (opt-in: see
+// cpu/bf16_tiles.h), "avx2" AVX2 alone.
 void set_cpu_isa(const std::string& name) {
-  if (name != "auto" && name != "avx512" && name != "avx2")
-    throw pybind11::value_error(
-        "set_cpu_isa: name: expected \"auto\" (the widest the CPU has), \"avx512\" or \"avx2\", got \"" + name +
-        "\"");
+  if (name != "auto" && name != "avx512_bf16" && name != "avx2")
+    throw pybind11::value_error("set_cpu_isa: name: expected \"auto\" (the widest the CPU has), \"avx512_bf16\" or "
+                                "\"avx2\", got \"" + name + "\"");
   limit_tiles_to_avx2(name == "avx2");
-  limit_bf16_to_convert(name != "auto");
+  allow_native_bf16(name == "avx512_bf16");
 }
 
 constexpr bool built_with_cuda() {
@@ -267,11 +267,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("torch_version", []() { return std::string(xclip_ext::kTorchVersion); },
              "The torch version this extension was compiled against (major.minor.patch).");
   module.def("set_cpu_isa", &xclip_ext::set_cpu_isa, py::arg("name"),
-             "The widest instruction set the CPU tile kernels may use: \"auto\" (the widest the CPU has), "
-             "\"avx512\" (AVX-512 without its bf16 instructions: bfloat16 on the convert path) or \"avx2\". "
-             "Thread-safe; a no-op where has_cpu_tiles() is false.");
+             "The instruction set the CPU tile kernels may use: \"auto\" (the widest the CPU has; bfloat16 "
+             "on the convert path), \"avx512_bf16\" (that, and the native bfloat16 forward where the CPU has "
+             "avx512_bf16) or \"avx2\". Thread-safe; a no-op where has_cpu_tiles() is false.");
   module.def("cpu_has_native_bf16", &xclip_ext::cpu_has_native_bf16,
-             "Whether this build and CPU have the native bfloat16 kernels (avx512_bf16), whatever set_cpu_isa says.");
+             "Whether this build and CPU have the native bfloat16 forward (avx512_bf16), whatever set_cpu_isa says.");
   module.def("bf16_path", []() { return std::string(xclip_ext::bf16_path()); },
              "How bfloat16 IFA runs now (head dims that are multiples of 32): \"native\" (vdpbf16ps), "
              "\"convert\" (float32 tiles on widened copies), or \"float32 BLAS\" without the tiles.");

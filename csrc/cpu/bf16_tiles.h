@@ -1,11 +1,14 @@
 // bfloat16 IFA on the register tiles: bf16 in memory, float32 accumulation and softmax.
 //
 // Two paths, chosen at run time in simd_kernels.cpp beside the AVX-512/AVX2 choice:
-//  * native (CPUs with avx512_bf16): the score and P V products run on vdpbf16ps, pairs of
-//    bf16 along the reduction dim multiplied into float32 accumulators (ifa_tiles_bf16.inc);
-//  * convert (every other tile build, and any CPU under set_cpu_isa("avx512" or "avx2")):
-//    each frame-head's bf16 rows are widened into float32 task buffers and run through the
-//    float32 tiles of ifa_tiles.inc, the results rounded to bf16 (bf16_tiles.inc).
+//  * convert (the default, on AVX-512 or AVX2): each frame-head's bf16 rows are widened into
+//    float32 task buffers and run through the float32 tiles of ifa_tiles.inc, the results
+//    rounded to bf16 (bf16_tiles.inc);
+//  * native (forward only, CPUs with avx512_bf16, opt-in: set_cpu_isa("avx512_bf16")): the
+//    score and P V products run on vdpbf16ps, pairs of bf16 along the reduction dim multiplied
+//    into float32 accumulators (ifa_tiles_bf16.inc). Not the default because on the Xeon it was
+//    measured on (BENCHMARKS.md) vdpbf16ps costs four FMAs' time for two FMAs' work, so the
+//    convert path's float32 FMAs are the faster way to the same float32 accumulation.
 // The backward takes the convert path on every CPU. bf16 values travel as their bits
 // (uint16_t), so this header needs no bf16 type of ATen or of the compiler.
 #pragma once
@@ -51,15 +54,15 @@ void bf16_forward(const Bf16Forward& problem);
 void bf16_backward(const Bf16Backward& problem);
 
 // Whether the forward runs natively (vdpbf16ps) now: the CPU has avx512_bf16 and
-// set_cpu_isa left it at "auto".
+// set_cpu_isa asked for it.
 bool bf16_native();
 
 // Whether this build and CPU have the native path at all (whatever set_cpu_isa says).
 bool cpu_has_native_bf16();
 
-// Keeps bf16 on the convert path even where the CPU has avx512_bf16 (set_cpu_isa "avx512" and
-// "avx2"; tests and benchmarks compare the two paths). Thread-safe, as limit_tiles_to_avx2.
-void limit_bf16_to_convert(bool limit);
+// Lets the bf16 forward run natively where the CPU has avx512_bf16 (set_cpu_isa "avx512_bf16";
+// tests and benchmarks compare the two paths). Thread-safe, as limit_tiles_to_avx2.
+void allow_native_bf16(bool allow);
 
 #else
 
@@ -68,7 +71,7 @@ inline void bf16_forward(const Bf16Forward&) { no_tiles_in_this_build(); }
 inline void bf16_backward(const Bf16Backward&) { no_tiles_in_this_build(); }
 inline bool bf16_native() { return false; }
 inline bool cpu_has_native_bf16() { return false; }
-inline void limit_bf16_to_convert(bool) {}
+inline void allow_native_bf16(bool) {}
 
 #endif  // XCLIP_CPU_TILES
 

@@ -73,7 +73,7 @@ constexpr int64_t kSkinnyMaxRows = 64;
 // Set from Python (set_cpu_isa, once at load time from the environment, and by tests); read
 // once per call. Relaxed order: nothing else is published through it.
 std::atomic<bool> tiles_limited_to_avx2{false};
-std::atomic<bool> bf16_limited_to_convert{false};
+std::atomic<bool> native_bf16_allowed{false};
 
 bool use_avx512() {
 #ifdef XCLIP_HAVE_AVX512_TILES
@@ -97,7 +97,7 @@ bool has_native_bf16() {
 }
 
 bool use_native_bf16() {
-  return has_native_bf16() && use_avx512() && !bf16_limited_to_convert.load(std::memory_order_relaxed);
+  return has_native_bf16() && use_avx512() && native_bf16_allowed.load(std::memory_order_relaxed);
 }
 
 template <typename Problem, typename Tasks, typename Scratch>
@@ -141,7 +141,7 @@ void fused_backward(const FusedBackward& problem) {
 
 bool bf16_tiles_support(int64_t dim) { return fused_forward_supports(dim); }
 
-void limit_bf16_to_convert(bool limit) { bf16_limited_to_convert.store(limit, std::memory_order_relaxed); }
+void allow_native_bf16(bool allow) { native_bf16_allowed.store(allow, std::memory_order_relaxed); }
 
 bool bf16_native() { return use_native_bf16(); }
 

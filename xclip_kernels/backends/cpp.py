@@ -7,13 +7,14 @@ the widest the CPU has is chosen at run time, :func:`set_cpu_isa` changes it), a
 message path's projections, forward and backward. float64, other head dims and builds for
 other CPUs take a BLAS path.
 
-bfloat16 is stored as bf16 and computed in float32 (accumulation, softmax, lse). Its IFA
-forward runs natively on CPUs with ``avx512_bf16`` (``vdpbf16ps`` dot products, head dims that
-are multiples of 32); elsewhere, and in the backward, each frame-head is widened into float32
-buffers for the float32 tiles (the convert path); :func:`bf16_path` says which. Other head
-dims and builds without the tiles widen whole tensors to float32 for the BLAS path, and so
-does the message path. Outputs and gradients are rounded to bf16 once. This declaration loads
-nothing: the extension is loaded when availability is first asked.
+bfloat16 is stored as bf16 and computed in float32 (accumulation, softmax, lse): IFA forward
+and backward widen each frame-head into float32 buffers for the float32 tiles (the convert
+path). A native forward on ``vdpbf16ps`` (CPUs with ``avx512_bf16``, head dims that are
+multiples of 32) is opt-in, ``set_cpu_isa("avx512_bf16")``: on the Xeon it was measured on it
+is slower than the convert path (``BENCHMARKS.md``); :func:`bf16_path` says which runs. Other
+head dims and builds without the tiles widen whole tensors to float32 for the BLAS path, and
+so does the message path. Outputs and gradients are rounded to bf16 once. This declaration
+loads nothing: the extension is loaded when availability is first asked.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from .base import OPS, Backend, functions_of
 
 
 def set_cpu_isa(name: str) -> None:
-    """Cap the instruction set of the tile kernels: "auto" (the widest the CPU has, the default;
-    ``XCLIP_KERNELS_CPU_ISA`` sets it when the extension is loaded), "avx512" (AVX-512 without
-    its bf16 instructions: bfloat16 takes the convert path) or "avx2". Applies to every thread
-    from the next call on."""
+    """What the tile kernels may use: "auto" (the widest vectors the CPU has, bfloat16 on the
+    convert path; the default, ``XCLIP_KERNELS_CPU_ISA`` sets it when the extension is loaded),
+    "avx512_bf16" (that, and the native bfloat16 forward where the CPU has ``avx512_bf16``) or
+    "avx2". Applies to every thread from the next call on."""
     _extension.extension().set_cpu_isa(name)
 
 
@@ -64,14 +65,14 @@ def _notes() -> list[str]:
         return ["built without the x86-64 register-tile kernels: every shape takes the BLAS path"]
     notes = [f"float32 tile kernels run on {module.cpu_isa()} (XCLIP_KERNELS_CPU_ISA=avx2 forces AVX2)"]
     if module.bf16_path() == "native":
-        notes.append("bfloat16 IFA forward runs natively on avx512_bf16 (vdpbf16ps); its backward and "
-                     "XCLIP_KERNELS_CPU_ISA=avx512 take the convert path (float32 tiles on widened copies)")
+        notes.append("bfloat16 IFA forward runs natively on avx512_bf16 (vdpbf16ps, asked for by "
+                     "XCLIP_KERNELS_CPU_ISA=avx512_bf16); its backward takes the convert path")
     elif module.cpu_has_native_bf16():
-        notes.append("bfloat16 takes the convert path (float32 tiles on widened copies): set_cpu_isa or "
-                     "XCLIP_KERNELS_CPU_ISA keeps it from the native one this CPU has (avx512_bf16)")
+        notes.append("bfloat16 takes the convert path (float32 tiles on widened copies); this CPU has "
+                     "avx512_bf16 for the native forward, opt-in: XCLIP_KERNELS_CPU_ISA=avx512_bf16")
     else:
-        notes.append("bfloat16 takes the convert path (float32 tiles on widened copies): this CPU lacks "
-                     "avx512_bf16 for the native one")
+        notes.append("bfloat16 takes the convert path (float32 tiles on widened copies); this CPU lacks "
+                     "avx512_bf16 for the native forward")
     return notes
 
 

@@ -138,11 +138,11 @@ def test_cpu_isa_is_set_and_reported():
         else:
             widest = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
             assert cpp.cpu_isa() == widest
-        cpp.set_cpu_isa("avx512")  # AVX-512 without its bf16 instructions: the float32 tiles are unchanged
+        cpp.set_cpu_isa("avx512_bf16")  # adds the native bf16 forward: the float32 tiles are unchanged
         if extension.has_cpu_tiles():
             assert cpp.cpu_isa() == widest
-        with pytest.raises(ValueError, match=r'set_cpu_isa: name: expected "auto" .*, "avx512" or "avx2", got "avx512_bf16"'):
-            cpp.set_cpu_isa("avx512_bf16")
+        with pytest.raises(ValueError, match=r'set_cpu_isa: name: expected "auto" .*, "avx512_bf16" or "avx2", got "avx512"'):
+            cpp.set_cpu_isa("avx512")
     finally:
         cpp.set_cpu_isa("auto")
 
@@ -160,12 +160,14 @@ def test_cpu_isa_variable_is_applied_when_the_extension_loads():
     assert result.returncode == 0, result.stderr
     expected = "avx2" if _extension.extension().has_cpu_tiles() else "none"
     assert result.stdout.strip() == expected
-    convert = _cpu_isa_in_a_fresh_process("avx512", report="bf16_path")
-    assert convert.returncode == 0, convert.stderr
-    assert convert.stdout.strip() == ("convert" if _extension.extension().has_cpu_tiles() else "float32 BLAS")
+    native = _cpu_isa_in_a_fresh_process("avx512_bf16", report="bf16_path")
+    assert native.returncode == 0, native.stderr
+    extension = _extension.extension()
+    expected = "native" if extension.cpu_has_native_bf16() else "convert" if extension.has_cpu_tiles() else "float32 BLAS"
+    assert native.stdout.strip() == expected
     bad = _cpu_isa_in_a_fresh_process("sse4")
     assert bad.returncode != 0
-    assert "ValueError: XCLIP_KERNELS_CPU_ISA: expected one of auto, avx512, avx2 (or unset), got 'sse4'" in bad.stderr
+    assert "ValueError: XCLIP_KERNELS_CPU_ISA: expected one of auto, avx512_bf16, avx2 (or unset), got 'sse4'" in bad.stderr
 
 
 def test_message_backward_has_a_kernel_for_each_device():
@@ -313,14 +315,14 @@ NO_NATIVE_BF16 = "this CPU (or build) lacks avx512_bf16: only the convert path r
 @pytest.fixture
 def bf16_path(request):  # noqa: ANN001, ANN201
     """bf16 on the path of the test's parameter for its duration: "native" (vdpbf16ps, skipped
-    where the CPU lacks it), "convert" (float32 tiles on widened copies, on AVX-512 where the CPU
-    has it) or "convert-avx2"; "auto" again afterwards."""
+    where the CPU lacks it), "convert" (float32 tiles on widened copies, the default: AVX-512
+    where the CPU has it) or "convert-avx2"; "auto" again afterwards."""
     extension = _extension.extension()
     if request.param == "native" and not extension.cpu_has_native_bf16():
         pytest.skip(NO_NATIVE_BF16)
     if request.param == "convert-avx2" and not extension.has_cpu_tiles():
         pytest.skip(NO_TILES)
-    cpp.set_cpu_isa({"native": "auto", "convert": "avx512", "convert-avx2": "avx2"}[request.param])
+    cpp.set_cpu_isa({"native": "avx512_bf16", "convert": "auto", "convert-avx2": "avx2"}[request.param])
     if extension.has_cpu_tiles():
         assert cpp.bf16_path() == ("native" if request.param == "native" else "convert")
     yield request.param
@@ -482,12 +484,13 @@ def test_bf16_opcheck():
 
 def test_bf16_path_is_reported_and_follows_set_cpu_isa():
     extension = _extension.extension()
+    convert = "convert" if extension.has_cpu_tiles() else "float32 BLAS"
     try:
-        cpp.set_cpu_isa("avx512")
-        expected_convert = "convert" if extension.has_cpu_tiles() else "float32 BLAS"
-        assert cpp.bf16_path() == expected_convert
-        cpp.set_cpu_isa("auto")
-        assert cpp.bf16_path() == ("native" if extension.cpu_has_native_bf16() else expected_convert)
+        assert cpp.bf16_path() == convert  # the default
+        cpp.set_cpu_isa("avx512_bf16")
+        assert cpp.bf16_path() == ("native" if extension.cpu_has_native_bf16() else convert)
+        cpp.set_cpu_isa("avx2")
+        assert cpp.bf16_path() == convert
     finally:
         cpp.set_cpu_isa("auto")
     notes = " ".join(xk.get_backend("cpp").notes())
