@@ -1,5 +1,6 @@
-// Instantiates the tile kernels (ifa_tiles.inc, linear_tiles.inc) for AVX2 and AVX-512 and
-// picks one at run time.
+// Instantiates the tile kernels (ifa_tiles.inc, linear_tiles.inc, and bf16_tiles.inc for
+// bfloat16) for AVX2 and AVX-512 and picks one at run time; the opt-in native bf16 forward
+// (ifa_tiles_bf16.inc) is a third instantiation, for AVX512_BF16.
 //
 // The AVX-512 copy is compiled under `#pragma GCC target` rather than a -mavx512f flag so that
 // one translation unit, built with the project's AVX2 flags, holds both: nothing outside the

@@ -62,7 +62,8 @@ def _notes() -> list[str]:
         return []
     module = _extension.extension()
     if not module.has_cpu_tiles():
-        return ["built without the x86-64 register-tile kernels: every shape takes the BLAS path"]
+        return ["built without the x86-64 register-tile kernels: every shape takes the BLAS path "
+                "(bfloat16 widened to float32 first)"]
     notes = [f"float32 tile kernels run on {module.cpu_isa()} (XCLIP_KERNELS_CPU_ISA=avx2 forces AVX2)"]
     if module.bf16_path() == "native":
         notes.append("bfloat16 IFA forward runs natively on avx512_bf16 (vdpbf16ps, asked for by "
