@@ -10,6 +10,7 @@
 #include <sstream>
 #include <string>
 
+#include "cpu/bf16_tiles.h"
 #include "cpu/simd_kernels.h"
 #include "xclip_ops.h"
 
@@ -181,11 +182,15 @@ at::Tensor message_attention(const at::Tensor& messages, const at::Tensor& ln_we
 }  // namespace on_cuda
 #endif  // XCLIP_WITH_CUDA
 
+// What the tiles may use: "auto" the widest vectors the CPU has (bf16 on the convert path),
+// "avx512_bf16" that plus the native bf16 forward where the CPU has avx512_bf16 (opt-in: see
+// cpu/bf16_tiles.h), "avx2" AVX2 alone.
 void set_cpu_isa(const std::string& name) {
-  if (name != "auto" && name != "avx2")
-    throw pybind11::value_error("set_cpu_isa: name: expected \"auto\" (the widest the CPU has) or \"avx2\", got \"" +
-                                name + "\"");
+  if (name != "auto" && name != "avx512_bf16" && name != "avx2")
+    throw pybind11::value_error("set_cpu_isa: name: expected \"auto\" (the widest the CPU has), \"avx512_bf16\" or "
+                                "\"avx2\", got \"" + name + "\"");
   limit_tiles_to_avx2(name == "avx2");
+  allow_native_bf16(name == "avx512_bf16");
 }
 
 constexpr bool built_with_cuda() {
@@ -202,6 +207,12 @@ constexpr bool built_with_cpu_tiles() {
 #else
   return false;
 #endif
+}
+
+// How bfloat16 IFA runs now where the head dim is a multiple of 32 (bf16_tiles.h).
+const char* bf16_path() {
+  if (!built_with_cpu_tiles()) return "float32 BLAS";
+  return bf16_native() ? "native" : "convert";
 }
 
 #define XCLIP_STRINGIFY_VALUE(x) #x
@@ -256,8 +267,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("torch_version", []() { return std::string(xclip_ext::kTorchVersion); },
              "The torch version this extension was compiled against (major.minor.patch).");
   module.def("set_cpu_isa", &xclip_ext::set_cpu_isa, py::arg("name"),
-             "The widest instruction set the CPU tile kernels may use: \"auto\" (the widest the CPU has) or "
-             "\"avx2\". Thread-safe; a no-op where has_cpu_tiles() is false.");
+             "The instruction set the CPU tile kernels may use: \"auto\" (the widest the CPU has; bfloat16 "
+             "on the convert path), \"avx512_bf16\" (that, and the native bfloat16 forward where the CPU has "
+             "avx512_bf16) or \"avx2\". Thread-safe; a no-op where has_cpu_tiles() is false.");
+  module.def("cpu_has_native_bf16", &xclip_ext::cpu_has_native_bf16,
+             "Whether this build and CPU have the native bfloat16 forward (avx512_bf16), whatever set_cpu_isa says.");
+  module.def("bf16_path", []() { return std::string(xclip_ext::bf16_path()); },
+             "How bfloat16 IFA runs now (head dims that are multiples of 32): \"native\" (vdpbf16ps), "
+             "\"convert\" (float32 tiles on widened copies), or \"float32 BLAS\" without the tiles.");
   module.def("cpu_isa", []() { return std::string(xclip_ext::tile_isa()); },
              "What the CPU tile kernels run on now: \"avx512\", \"avx2\", or \"none\" without them.");
 }

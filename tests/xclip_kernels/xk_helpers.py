@@ -3,7 +3,8 @@
 The ground truth is always :mod:`xclip_kernels.backends.reference` run in float64 on the
 *same* (already rounded) values the op under test received, so only the op's own arithmetic
 is measured. Tolerances follow ``docs/testing.md#tolerances``: fp32 within 1e-5 relative to
-the tensor's scale, fp64 within 1e-10.
+the tensor's scale, fp64 within 1e-10; bf16/fp16 within 2x (outputs) or 3x (gradients) the
+error of plain PyTorch at that dtype.
 """
 
 from __future__ import annotations
@@ -48,6 +49,31 @@ def assert_matches_truth(actual: torch.Tensor, truth: torch.Tensor, dtype: torch
             f"max |error| {error.max().item():.3g}; worst at {index}: got {actual[index].item()!r}, "
             f"expected {truth[index].item()!r} (atol {tol['atol']:.3g}, rtol {tol['rtol']:.3g})"
         )
+
+
+LOW_PRECISION_FACTOR = {"output": 2.0, "gradient": 3.0}
+"""The 2x/3x rule of ``docs/testing.md#low-precision``: outputs, gradients."""
+
+
+def assert_within_low_precision_rule(
+    actual: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor, kind: str, what: str
+) -> None:
+    """``actual`` (bf16/fp16) is as close to the float64 ``truth`` as the rule asks:
+    ``max|actual - truth| <= factor * max|plain - truth| + 1e-5 * max(1, max|truth|)``, with
+    ``plain`` the reference run at ``actual``'s dtype on the same rounded inputs and ``factor``
+    2 for an ``"output"``, 3 for a ``"gradient"``; ``actual`` finite, of ``plain``'s dtype."""
+    assert actual.dtype == plain.dtype, f"{what}: dtype {actual.dtype}, expected {plain.dtype}"
+    assert actual.shape == truth.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(truth.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    if truth.numel() == 0:
+        return
+    factor = LOW_PRECISION_FACTOR[kind]
+    err = (actual.double() - truth).abs().max().item()
+    base = (plain.double() - truth).abs().max().item()
+    floor = 1e-5 * max(1.0, truth.abs().max().item())
+    assert err <= factor * base + floor, (
+        f"{what}: max |error| {err:.3g} > {factor:g} x {base:.3g} (plain PyTorch at {actual.dtype}) + {floor:.3g}"
+    )
 
 
 def leaves(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
