@@ -12,7 +12,9 @@ from xclip_kernels.backends import reference
 from xclip_kernels.registry import OpInputs
 from xk_helpers import (
     DTYPES,
+    FRAME_NON_FINITE,
     assert_matches_truth,
+    assert_same_non_finite,
     cpu_backends,
     automatic_cpu_backend,
     frame_inputs,
@@ -163,6 +165,51 @@ def test_reference_backend_is_the_reference_function(dtype):
 def test_automatic_choice_gives_the_first_available_backends_result_on_cpu():
     inputs = frame_inputs(2, 17, 3, 32, torch.float32, seed=8)
     assert torch.equal(xk.frame_attention(*inputs), xk.frame_attention(*inputs, backend=automatic_cpu_backend()))
+
+
+# --------------------------------------------------------------------------- NaN and Inf
+
+# Each path of the cpp kernels: the float32 tiles on the widest instruction set the CPU has
+# (D = 64), the AVX2 tiles (D = 80 is not a multiple of the AVX-512 panel, so AVX2 runs it on
+# every CPU), and the BLAS path (float32 with D = 24, and float64).
+NON_FINITE_PATHS = [
+    pytest.param(torch.float32, 64, id="fp32-D64"),
+    pytest.param(torch.float32, 80, id="fp32-D80"),
+    pytest.param(torch.float32, 24, id="fp32-D24"),
+    pytest.param(torch.float64, 64, id="fp64-D64"),
+]
+
+
+# Where PyTorch's own scaled_dot_product_attention (CPU, this torch) departs from the
+# reference: (case, dtype or None for every dtype) -> what it does. Strict: a torch that
+# matches the reference makes these cases fail, so the list is kept true.
+SDPA_DEPARTURES = {
+    ("every-score-minus-inf", None): "sdpa gives 0, not NaN, for a query whose every score is -Inf",
+    ("-inf-k", torch.float32): "sdpa's float32 backward gives finite dv rows where a NaN softmax row makes them NaN",
+    ("qk-overflows-to-inf", torch.float32): "sdpa's float32 backward gives finite dv rows where a NaN softmax row "
+                                            "makes them NaN",
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, head_dim", NON_FINITE_PATHS)
+@pytest.mark.parametrize("case, change", FRAME_NON_FINITE)
+def test_non_finite_inputs_come_out_as_the_references(request, backend, dtype, head_dim, case, change):
+    """NaN and Inf in any input, and q.k overflowing, give NaN/Inf exactly where the reference
+    at the same dtype does, in the output and in every gradient (no fast-math shortcut may hide them)."""
+    shape = (2, 17, 3, head_dim)
+    _skip_unsupported(backend, dtype, head_dim, True)
+    departure = SDPA_DEPARTURES.get((case, None)) or SDPA_DEPARTURES.get((case, dtype))
+    if backend == "sdpa" and departure:
+        request.applymarker(pytest.mark.xfail(reason=departure, strict=True))
+    inputs = frame_inputs(*shape, dtype, seed=14)
+    change(inputs)
+    upstream = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    out, grads = output_and_grads(xk.frame_attention, leaves(inputs), upstream, backend=backend)
+    expected, expected_grads = output_and_grads(reference.frame_attention, leaves(inputs), upstream)
+    assert_same_non_finite(out, expected, dtype, "output")
+    for name, grad, want in zip(NAMES, grads, expected_grads):
+        assert_same_non_finite(grad, want, dtype, f"grad of {name}")
 
 
 # --------------------------------------------------------------------------- the math itself

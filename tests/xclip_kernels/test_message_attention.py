@@ -15,7 +15,9 @@ from xk_helpers import (
     automatic_cpu_backend,
     DTYPES,
     MESSAGE_ARG_NAMES,
+    MESSAGE_NON_FINITE,
     assert_matches_truth,
+    assert_same_non_finite,
     cpu_backends,
     leaves,
     message_inputs,
@@ -122,6 +124,36 @@ def test_backward_formula_matches_float64_autograd_of_the_reference(dtype, case)
     truth = torch.autograd.grad(reference.message_attention(*inputs, num_frames, heads), inputs, upstream)
     for name, grad, expected in zip(MESSAGE_ARG_NAMES, grads, truth, strict=True):
         assert_matches_truth(grad, expected, dtype, f"grad of {name}")
+
+
+# Each path of the cpp message kernels: the outer-product projection tiles (16 rows, W = 768),
+# the dot-product tiles (7 rows, W = 96), BLAS (72 rows), and float64.
+NON_FINITE_CASES = [
+    pytest.param(torch.float32, (2, 8, 768, 12), id="fp32-b2-T8-W768"),
+    pytest.param(torch.float32, (1, 7, 96, 3), id="fp32-b1-T7-W96"),
+    pytest.param(torch.float32, (9, 8, 64, 2), id="fp32-b9-T8-W64"),
+    pytest.param(torch.float64, (2, 8, 64, 2), id="fp64-b2-T8-W64"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, case", NON_FINITE_CASES)
+@pytest.mark.parametrize("name, change", MESSAGE_NON_FINITE)
+def test_non_finite_inputs_come_out_as_the_references(backend, dtype, case, name, change):
+    """NaN and Inf in messages or weights, and q.k overflowing, give NaN/Inf exactly where the
+    reference at the same dtype does, in the output and in every gradient."""
+    videos, frames, width, heads = case
+    _skip_unsupported(backend, dtype, width, heads, True)
+    tensors = message_inputs(videos, frames, width, dtype, seed=5)
+    change(tensors)
+    upstream = torch.randn(videos * frames, width, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    out, grads = output_and_grads(
+        lambda *t: _call(xk.message_attention, t, frames, heads, backend=backend), leaves(tensors), upstream
+    )
+    expected, expected_grads = output_and_grads(lambda *t: _call(_reference, t, frames, heads), leaves(tensors), upstream)
+    assert_same_non_finite(out, expected, dtype, "output")
+    for name, grad, want in zip(MESSAGE_ARG_NAMES, grads, expected_grads):
+        assert_same_non_finite(grad, want, dtype, f"grad of {name}")
 
 
 def test_reference_backend_is_the_reference_function():
