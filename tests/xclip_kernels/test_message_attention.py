@@ -156,6 +156,41 @@ def test_non_finite_inputs_come_out_as_the_references(backend, dtype, case, name
         assert_same_non_finite(grad, want, dtype, f"grad of {name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width, heads", [(768, 12), (64, 2)], ids=["W768", "W64"])
+def test_no_videos_give_an_empty_output_and_the_references_gradients(backend, dtype, width, heads):
+    _skip_unsupported(backend, dtype, width, heads, True)
+    tensors = leaves(message_inputs(0, 8, width, dtype))
+    out = _call(xk.message_attention, tensors, 8, heads, backend=backend)
+    assert out.shape == (0, width) and out.dtype == dtype
+    # .sum() hands the backward an expanded (stride 0) empty gradient, as real graphs do.
+    grads = torch.autograd.grad(out.sum(), tensors)
+    expected = torch.autograd.grad(_call(_reference, (ref := leaves(tensors)), 8, heads).sum(), ref)
+    for name, grad, want in zip(MESSAGE_ARG_NAMES, grads, expected):
+        assert torch.equal(grad, want), f"grad of {name}: {grad}, the reference {want}"
+
+
+# What a backend without a second derivative raises instead (PyTorch's own error).
+NO_DOUBLE_BACKWARD = {"sdpa": r"derivative for aten::_scaled_dot_product_\w+_backward is not implemented"}
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_double_backward_is_exact_or_raises(backend):
+    """gradgradcheck in float64; the fused backends (whose backward ops are not differentiable)
+    use the PyTorch backward formula under create_graph=True instead of a silently wrong one."""
+    tensors = leaves(message_inputs(2, 3, 8, torch.float64, seed=7))
+
+    def attend(*t):  # noqa: ANN002, ANN202
+        return _call(xk.message_attention, t, 3, 2, backend=backend)
+
+    if backend in NO_DOUBLE_BACKWARD:
+        with pytest.raises(RuntimeError, match=NO_DOUBLE_BACKWARD[backend]):
+            torch.autograd.gradgradcheck(attend, tensors, fast_mode=True)
+        return
+    assert torch.autograd.gradgradcheck(attend, tensors, fast_mode=True)
+
+
 def test_reference_backend_is_the_reference_function():
     tensors = message_inputs(2, 3, 64, torch.float32, seed=4)
     out = _call(xk.message_attention, tensors, 3, 4, eps=1e-4, backend="reference")
