@@ -32,7 +32,7 @@ namespace {
 template <typename T>
 void softmax_over_frames(const T* q, const T* rows, int64_t row_stride, int64_t key_offset, int64_t num_frames,
                          int64_t dim, T scale, T* probs) {
-  T m = std::numeric_limits<T>::lowest();  // finite: the file builds with -ffast-math
+  T m = -std::numeric_limits<T>::infinity();  // all -inf scores give NaN, as in the reference
   for (int64_t s = 0; s < num_frames; ++s) {
     const T* key = rows + s * row_stride + key_offset;
     T sum = 0;

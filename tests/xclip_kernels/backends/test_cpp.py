@@ -425,17 +425,9 @@ NON_FINITE = {
     "msg_k-nan": (3, (1, 1, 7), float("nan")),
     "msg_v-inf": (4, (0, 0, 3), float("-inf")),
 }
-# The convert path runs the float32 tiles, which under -ffast-math (today) lose these cases, by
-# the instruction set they run on (cpu_isa()).
-FP32_TILES_DROP = {"avx512": {"k-nan", "msg_k-nan"},
-                   "avx2": {"k-nan", "msg_k-nan", "q-nan", "q-inf", "k-minus-inf"}}
-
-
 @pytest.mark.parametrize("bf16_path", BF16_PATHS, indirect=True)
 @pytest.mark.parametrize("case", list(NON_FINITE))
-def test_bf16_nan_and_inf_propagate_as_in_the_reference(bf16_path, case, request):
-    if bf16_path != "native" and case in FP32_TILES_DROP.get(cpp.cpu_isa(), set()):
-        request.applymarker(pytest.mark.xfail(strict=True, reason="fp32 tiles under fast-math, fixed in the NaN branch"))
+def test_bf16_nan_and_inf_propagate_as_in_the_reference(bf16_path, case):
     index, position, value = NON_FINITE[case]
     inputs = frame_inputs(2, 17, 2, 64, torch.bfloat16, seed=36)
     inputs[index][position] = value

@@ -15,7 +15,17 @@ import xclip
 import xclip_kernels as xk
 from xclip_kernels.backends import reference
 from xclip_kernels.registry import OpInputs, get_backend
-from xk_helpers import frame_inputs, leaves, message_inputs, nan_padded, output_and_grads
+from xk_helpers import (
+    FRAME_NON_FINITE,
+    MESSAGE_NON_FINITE,
+    assert_matches_truth,
+    assert_same_non_finite,
+    frame_inputs,
+    leaves,
+    message_inputs,
+    nan_padded,
+    output_and_grads,
+)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -114,6 +124,78 @@ def test_reads_nothing_beyond_n_and_is_deterministic(backend, dtype):
     assert torch.isfinite(out).all()
     assert torch.equal(out, xk.frame_attention(*inputs, backend=backend))
     assert torch.equal(out, xk.frame_attention(*padded, *inputs[3:], backend=backend))
+
+
+@pytest.mark.parametrize("case, change", FRAME_NON_FINITE)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_frame_attention_non_finite_inputs_come_out_as_the_references(backend, case, change):
+    """fp32: NaN/Inf where the fp32 reference (TF32 off) has them, output and gradients."""
+    shape = (2, 17, 3, 64)
+    _skip_unless(backend, "frame_attention", torch.float32, 64, True)
+    inputs = frame_inputs(*shape, torch.float32, seed=14)
+    change(inputs)
+    inputs = [t.cuda() for t in inputs]
+    upstream = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15)).cuda()
+    out, grads = output_and_grads(xk.frame_attention, leaves(inputs), upstream, backend=backend)
+    expected, expected_grads = output_and_grads(reference.frame_attention, leaves(inputs), upstream)
+    assert_same_non_finite(out, expected, torch.float32, "output")
+    for name, grad, want in zip(("q", "k", "v", "msg_k", "msg_v"), grads, expected_grads):
+        assert_same_non_finite(grad, want, torch.float32, f"grad of {name}")
+
+
+@pytest.mark.parametrize("name, change", MESSAGE_NON_FINITE)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_message_attention_non_finite_inputs_come_out_as_the_references(backend, name, change):
+    videos, num_frames, width, heads = 2, 8, 768, 12
+    _skip_unless(backend, "message_attention", torch.float32, width // heads, True, num_frames)
+    tensors = message_inputs(videos, num_frames, width, torch.float32, seed=5)
+    change(tensors)
+    tensors = [t.cuda() for t in tensors]
+    upstream = torch.randn(videos * num_frames, width, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(6)).cuda()
+
+    def ref(*t):  # noqa: ANN002, ANN202
+        return reference.message_attention(*t, num_frames, heads)
+
+    out, grads = output_and_grads(xk.message_attention, leaves(tensors), upstream,
+                                  num_frames=num_frames, num_heads=heads, backend=backend)
+    expected, expected_grads = output_and_grads(ref, leaves(tensors), upstream)
+    assert_same_non_finite(out, expected, torch.float32, "output")
+    for index, (grad, want) in enumerate(zip(grads, expected_grads)):
+        assert_same_non_finite(grad, want, torch.float32, f"grad of argument {index}")
+
+
+def _second_derivatives(fn, tensors, upstream, weights):  # noqa: ANN001, ANN202
+    """Gradients w.r.t. ``tensors`` of sum(grad * weight), grad the gradients of <fn(*tensors), upstream>."""
+    out = fn(*tensors)
+    grads = torch.autograd.grad(out, tensors, upstream.to(out.dtype), create_graph=True)
+    return torch.autograd.grad(sum((g * w.to(g.dtype)).sum() for g, w in zip(grads, weights)), tensors,
+                               materialize_grads=True)  # the out_proj bias gradient is constant
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_double_backward_matches_float64_reference(backend):
+    """fp32 second derivatives of both ops against the float64 reference: exact, never the zeros
+    a non-differentiable backward op would give."""
+    _skip_unless(backend, "frame_attention", torch.float32, 64, True)
+    gen = torch.Generator().manual_seed(18)
+    inputs = [t.cuda() for t in frame_inputs(2, 17, 3, 64, torch.float32, seed=17)]
+    upstream = torch.randn(2, 17, 3, 64, dtype=torch.float64, generator=gen).cuda()
+    weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen).cuda() for t in inputs]
+    ours = _second_derivatives(lambda *t: xk.frame_attention(*t, backend=backend), leaves(inputs), upstream, weights)
+    truth = _second_derivatives(reference.frame_attention, leaves(inputs, torch.float64), upstream, weights)
+    for name, got, want in zip(("q", "k", "v", "msg_k", "msg_v"), ours, truth):
+        assert_matches_truth(got, want, torch.float32, f"second derivative w.r.t. {name}")
+
+    tensors = [t.cuda() for t in message_inputs(2, 3, 128, torch.float32, seed=7)]
+    upstream = torch.randn(6, 128, dtype=torch.float64, generator=gen).cuda()
+    weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen).cuda() for t in tensors]
+    call = dict(num_frames=3, num_heads=2, backend=backend)
+    ours = _second_derivatives(lambda *t: xk.message_attention(*t, **call), leaves(tensors), upstream, weights)
+    truth = _second_derivatives(lambda *t: reference.message_attention(*t, 3, 2), leaves(tensors, torch.float64),
+                                upstream, weights)
+    for index, (got, want) in enumerate(zip(ours, truth)):
+        assert_matches_truth(got, want, torch.float32, f"message path: second derivative w.r.t. argument {index}")
 
 
 def test_triton_opcheck_on_cuda():
