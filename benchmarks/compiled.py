@@ -38,6 +38,7 @@ import xclip
 from xclip_kernels.registry import OPS, OpInputs, get_backend, select_backend
 
 from .backends import DTYPES, add_model_arguments, model_inputs
+from .peers import cpu_bf16_flags
 from .timing import Timings, environment, interleaved, write_json
 
 COMPILED = ("reference", "sdpa", "cpp", "auto")
@@ -48,9 +49,6 @@ DEFAULT_COMPILED = ("sdpa", "auto")
 
 COMPILER = "inductor"
 """The ``torch.compile`` backend (the tests substitute ``"aot_eager"``, which builds no C++)."""
-
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-"""/proc/cpuinfo flags that mean native bf16 arithmetic (without them CPU bf16 is emulated)."""
 
 
 @dataclass
@@ -67,19 +65,6 @@ class Variant:
     @property
     def runs(self) -> bool:
         return self.call is not None
-
-
-def cpu_bf16_flags(path: str = "/proc/cpuinfo") -> list[str]:
-    """Which of :data:`BF16_FLAGS` the CPU reports (empty where there are none, or no /proc)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in BF16_FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
 
 
 def chosen_backends(config: xclip.XCLIPConfig, dtype: torch.dtype, backend: str) -> dict[str, str]:
