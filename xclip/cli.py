@@ -15,6 +15,13 @@ and exit with 2.
 
 On a terminal a progress bar (tqdm) goes to stderr; tqdm is imported when the command runs,
 not when :mod:`xclip` is.
+
+    python -m xclip classify FOLDER... [--manifest F] --output results.jsonl [--workers N --batch-size B --resume]
+    python -m xclip embed FOLDER... [--manifest F] --output DIR [--labels A,B]
+
+With ``--output`` (and always for ``embed``) a whole collection runs through
+:mod:`xclip.collection` (:func:`run_collection`): decode processes, batches across files,
+resumable JSONL output, torchrun shards. Without it ``classify`` is the per-file command above.
 """
 
 from __future__ import annotations
