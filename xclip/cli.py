@@ -15,6 +15,13 @@ and exit with 2.
 
 On a terminal a progress bar (tqdm) goes to stderr; tqdm is imported when the command runs,
 not when :mod:`xclip` is.
+
+    python -m xclip classify FOLDER... [--manifest F] --output results.jsonl [--workers N --batch-size B --resume]
+    python -m xclip embed FOLDER... [--manifest F] --output DIR [--labels A,B]
+
+With ``--output`` (and always for ``embed``) a whole collection runs through
+:mod:`xclip.collection` (:func:`run_collection`): decode processes, batches across files,
+resumable JSONL output, torchrun shards. Without it ``classify`` is the per-file command above.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import torch
 
@@ -105,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
             "fail are reported on stderr; the others still run, and the exit status is 1."
         ),
     )
-    classify.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (anything FFmpeg decodes)")
+    classify.add_argument(
+        "videos", nargs="*", metavar="VIDEO",
+        help="video files (anything FFmpeg decodes); with --output also folders (searched recursively)",
+    )
     classify.add_argument(
         "--checkpoint", required=True, metavar="PATH",
         help="official .pth, Hugging Face XCLIP directory, or a model.save() file",
@@ -142,7 +152,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     classify.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
     classify.add_argument("--quiet", action="store_true", help="no progress bar and no notes on stderr (errors still)")
+    add_collection_arguments(classify, "results")
+
+    embed = commands.add_parser(
+        "embed",
+        help="video (and label) embeddings of a video collection",
+        description=(
+            "Video embeddings (the model's video features, one per file, averaged over its views, not "
+            "normalised) as safetensors shards in --output, with index.jsonl mapping each path to its shard "
+            "and row (or its error); with --labels, the label text features (before the video-specific "
+            "prompts) in text.safetensors. Runs unchanged under torchrun."
+        ),
+    )
+    embed.add_argument("videos", nargs="*", metavar="VIDEO", help="video files or folders (searched recursively)")
+    embed.add_argument(
+        "--checkpoint", required=True, metavar="PATH",
+        help="official .pth, Hugging Face XCLIP directory, or a model.save() file",
+    )
+    texts = embed.add_mutually_exclusive_group()
+    texts.add_argument("--labels", metavar="A,B,C", help="also embed these comma-separated label texts")
+    texts.add_argument("--labels-file", metavar="FILE", help="also embed the labels of this file (one per line)")
+    embed.add_argument("--clips", type=_positive, default=None, metavar="N", help="temporal clips per video (default 1)")
+    embed.add_argument("--crops", type=int, choices=(1, 3), default=None, help="spatial crops per clip (default 1)")
+    embed.add_argument("--views", type=parse_views, default=None, metavar="V", help=VIEWS_HELP)
+    embed.add_argument("--allow-short", action="store_true", help="repeat frames of videos shorter than T")
+    embed.add_argument("--shard-size", type=_positive, default=4096, metavar="N", help="embeddings per shard file (default 4096)")
+    embed.add_argument("--device", default="cpu", help="torch device to run on (default cpu; under torchrun cuda means cuda:LOCAL_RANK)")
+    embed.add_argument("--backend", default=None, help="attention backend (default: automatic)")
+    embed.add_argument("--quiet", action="store_true", help="no progress bar and no notes on stderr")
+    add_collection_arguments(embed, "embeddings")
     return parser
+
+
+def add_collection_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The collection flags shared by ``classify --output`` and ``embed``."""
+    if what == "results":
+        parser.add_argument(
+            "--output", metavar="FILE", default=None,
+            help=(
+                "collection mode: write one JSON line per video to FILE as results arrive (decode workers, "
+                "batches across files, --resume, torchrun); without it, results go to stdout file by file"
+            ),
+        )
+    else:
+        parser.add_argument("--output", metavar="DIR", required=True, help="folder of the shards and index.jsonl")
+    parser.add_argument(
+        "--manifest", metavar="FILE", default=None,
+        help="videos listed in FILE: one path per line, or .csv / .jsonl with a 'path' and optional 'label' column",
+    )
+    parser.add_argument("--workers", type=int, default=2, metavar="N", help="decode processes (0: decode in this process; default 2)")
+    parser.add_argument("--batch-size", type=_positive, default=8, metavar="B", help="clips per model batch, across files (default 8)")
+    parser.add_argument("--resume", action="store_true", help="keep what --output already has and skip those videos")
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -370,17 +430,161 @@ def run_classify(
     return 1 if failed else 0
 
 
+def _join_torchrun(device: str) -> tuple[torch.device, int, Any]:
+    """Under torchrun (``WORLD_SIZE`` > 1): join the process group (gloo on the CPU, nccl with
+    each process on GPU ``LOCAL_RANK``); returns the device to run on, this rank, and what
+    leaves the group at the end (or None)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return check_device(device), 0, None
+    # Only distributed runs load the training package.
+    from .train.distributed import setup_distributed, teardown_distributed
+
+    run = setup_distributed(device)
+    return check_device(run.device), run.rank, lambda: teardown_distributed(run)
+
+
+def run_collection(
+    command: str,
+    *,
+    videos: Sequence[str],
+    manifest: str | None,
+    checkpoint: str,
+    output: str,
+    labels: Sequence[str] | None,
+    k: int | None = None,
+    num_clips: int = 1,
+    num_crops: int = 1,
+    allow_short: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    device: str = "cpu",
+    backend: str | None = None,
+    workers: int = 2,
+    batch_size: int = 8,
+    shard_size: int = 4096,
+    resume: bool = False,
+    quiet: bool = False,
+    progress: bool | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """``classify --output FILE`` (``command="classify"``) or ``embed --output DIR``
+    (``"embed"``) over a collection (:mod:`xclip.collection`); returns the exit status (0:
+    every video done; 1: some failed, recorded in the output; 2: the checkpoint could not be
+    loaded). A progress bar and, at the end, one summary line on stderr (rank 0 under torchrun).
+
+    Raises ``ValueError`` / ``TypeError`` / ``ImportError`` for bad settings before any video
+    is decoded (as :func:`run_classify`; also a manifest that cannot be read, an output that
+    exists without ``resume``, a manifest label not among ``labels``).
+    """
+    from . import collection
+
+    stderr = stderr if stderr is not None else sys.stderr
+    if labels is not None:
+        labels = check_labels(labels)
+    if k is None and labels is not None:
+        k = min(5, len(labels))
+    checks.integer("workers", workers, 0)
+    checks.integer("batch_size", batch_size)
+    import_tqdm()
+    require_decoder()
+    try:
+        items = collection.collect_inputs(videos, manifest)
+    except OSError as exc:
+        raise ValueError(f"manifest: {one_line(str(exc))}") from None
+    if backend is not None:
+        get_backend(backend)
+    run_device, rank, leave = _join_torchrun(device)
+    try:
+        return _run_collection_on(
+            command, rank, run_device, items=items, checkpoint=checkpoint, output=output, labels=labels, k=k,
+            num_clips=num_clips, num_crops=num_crops, allow_short=allow_short, cache_dir=cache_dir,
+            use_cache=use_cache, backend=backend, workers=workers, batch_size=batch_size, shard_size=shard_size,
+            resume=resume, quiet=quiet, progress=progress, stderr=stderr,
+        )
+    finally:
+        if leave is not None:
+            leave()
+
+
+def _run_collection_on(
+    command: str, rank: int, run_device: torch.device, *, items: list, checkpoint: str, output: str,
+    labels: list[str] | None, k: int | None, num_clips: int, num_crops: int, allow_short: bool,
+    cache_dir: str | os.PathLike | None, use_cache: bool, backend: str | None, workers: int, batch_size: int,
+    shard_size: int, resume: bool, quiet: bool, progress: bool | None, stderr: TextIO,
+) -> int:
+    """:func:`run_collection` once this process is on its device (and in its process group)."""
+    from . import collection
+
+    main_rank = rank == 0
+
+    def note(message: str) -> None:
+        if not quiet and main_rank:
+            print(f"xclip {command}: {message}", file=stderr, flush=True)
+
+    check_backend_device(backend, run_device)
+    try:
+        model = load_checkpoint(checkpoint, backend=backend, map_location=run_device)
+    except (OSError, ValueError) as exc:
+        print(f"xclip {command}: error: checkpoint: {one_line(str(exc))}", file=stderr, flush=True)
+        return 2
+    check_backend_runs(model, backend, run_device)
+    model.eval()
+    features = None
+    if labels is not None:
+        cache = TextFeatureCache(cache_dir if cache_dir is not None else default_cache_dir()) if use_cache else None
+        unsaved: list[OSError] = []
+        try:
+            features, _ = text_features(model, labels, cache=cache, on_cache_error=unsaved.append)
+        except TextTooLongError as exc:
+            print(f"xclip {command}: error: label {exc.index + 1} ({one_line(exc.text)[:40]!r}) is {exc.num_tokens} "
+                  f"tokens; the model reads at most {exc.context_length}: shorten it", file=stderr, flush=True)
+            return 2
+        if unsaved:
+            note(f"warning: text features not cached ({unsaved[0]})")
+    show = progress if progress is not None else (not quiet and main_rank and stderr.isatty())
+    common = dict(
+        num_clips=num_clips, num_crops=num_crops, allow_short=allow_short, workers=workers, batch_size=batch_size,
+        resume=resume, progress=show, stream=stderr,
+    )
+    note(f"{len(items)} videos, {workers} decode workers, batches of {batch_size} clips -> {output}")
+    if command == "classify":
+        assert labels is not None and features is not None and k is not None
+        summary = collection.classify_collection(model, labels, features, items, output, k=k, **common)
+    else:
+        summary = collection.embed(
+            model, items, output, labels=labels, text_features=features, shard_size=shard_size, **common
+        )
+    note(summary.line())
+    return 1 if summary.errors else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the exit status: 0 done, 1 some files failed (reported one line
     each, the others done), 2 a usage error (one line on stderr; argparse's own exit with 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "classify":
+    if args.command in ("classify", "embed"):
         if args.views is not None and (args.clips is not None or args.crops is not None):
             parser.error("--views: not allowed with --clips or --crops (it sets both)")
         clips, crops = args.views if args.views is not None else (args.clips or 1, args.crops or 1)
+        collection_mode = args.command == "embed" or args.output is not None
+        if not collection_mode:
+            for flag, value in (("--manifest", args.manifest), ("--resume", args.resume)):
+                if value:
+                    parser.error(f"{flag}: only with --output (collection mode)")
+            if not args.videos:
+                parser.error("the following arguments are required: VIDEO")
+        elif not args.videos and args.manifest is None:
+            parser.error("expected VIDEO arguments or --manifest FILE, got neither")
+        if collection_mode and args.workers < 0:
+            parser.error(f"--workers: expected an int >= 0, got {args.workers}")
         try:
-            labels = read_labels_file(args.labels_file) if args.labels_file is not None else parse_labels(args.labels)
+            if args.labels_file is not None:
+                labels = read_labels_file(args.labels_file)
+            elif args.labels is not None:
+                labels = parse_labels(args.labels)
+            else:
+                labels = None
         except UnicodeDecodeError as exc:
             parser.error(
                 f"--labels-file: expected UTF-8 text, got byte 0x{exc.object[exc.start]:02x} at offset {exc.start} "
@@ -388,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except (OSError, ValueError) as exc:
             parser.error(f"--labels{'-file' if args.labels_file is not None else ''}: {one_line(str(exc))}")
-        if args.labels is not None:
+        if args.labels is not None and labels is not None:
             for label in labels:
                 try:
                     label.encode("utf-8")
@@ -396,6 +600,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     parser.error(
                         f"--labels: expected UTF-8 text, got {label.encode('utf-8', 'surrogateescape')!r}"
                     )
+        if collection_mode:
+            try:
+                return run_collection(
+                    args.command, videos=args.videos, manifest=args.manifest, checkpoint=args.checkpoint,
+                    output=args.output, labels=labels, k=getattr(args, "top_k", None), num_clips=clips,
+                    num_crops=crops, allow_short=args.allow_short, cache_dir=getattr(args, "cache_dir", None),
+                    use_cache=not getattr(args, "no_cache", False), device=args.device, backend=args.backend,
+                    workers=args.workers, batch_size=args.batch_size, shard_size=getattr(args, "shard_size", 4096),
+                    resume=args.resume, quiet=args.quiet,
+                )
+            except (ValueError, TypeError, ImportError) as exc:
+                print(f"xclip {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+                return 2
         try:
             return run_classify(
                 videos=args.videos, checkpoint=args.checkpoint, labels=labels, k=args.top_k,
