@@ -179,11 +179,19 @@ def test_cpp_compiles_through_its_fake_kernels(tmp_path, monkeypatch):
 
 
 def test_a_backend_that_cannot_run_is_a_row_not_a_failure(tmp_path, monkeypatch):
-    """bf16 on cpp: the registry's reason, and the run goes on."""
+    """A backend that refuses the call (here cpp, made to refuse every call): its reasons are the
+    row, and the run goes on."""
+
+    class Refusing:
+        def not_supported_reasons(self, inputs):
+            return [f"refuses {inputs.op} (a stand-in)"]
+
+    monkeypatch.setattr(compiled, "get_backend", lambda name: Refusing() if name == "cpp" else get_backend(name))
     code, record = run_compiled(tmp_path, "--dtype", "bfloat16", "--compiled", "cpp", monkeypatch=monkeypatch)
     assert code == 0
     row = record["rows"]["compiled cpp"]
-    assert row["status"].startswith("not run: ") and "cpp" in row["status"] and "clips_per_s" not in row
+    assert row["status"].startswith("not run: cpp: refuses frame_attention (a stand-in)"), row
+    assert "clips_per_s" not in row
     assert record["rows"]["eager"]["clips_per_s"] > 0
 
 
