@@ -46,11 +46,20 @@ def ifa_launch_config(kernel: str, dtype: torch.dtype, head_dim: int) -> LaunchC
     """What the launcher compiles ``kernel`` (one of :data:`IFA_KERNELS`) with for inputs of
     ``dtype`` and head dim ``head_dim``.
 
-    (query x key) tiles of 64 x 64, 64 x 32 above D = 64; fp32 inputs get exact (``ieee``) products.
+    fp16/bf16: (query x key) tiles of 64 x 64, 64 x 32 above D = 64, 4 warps, on tensor cores.
+    fp32 computes exact (``ieee``) products with FMAs, and Triton's FMA ``tl.dot`` holds each
+    thread's rows of both operands over the whole reduction in registers: at those tiles the
+    fp32 kernels spilled 1.5-35 KB per thread (sm_80/sm_90) and the D = 128 backward asked for
+    145 KiB of shared memory. fp32 takes 16 x 16 tiles over 8 warps without software pipelining
+    (``num_stages=1``): no spills, at most 170 registers and 33 KiB of shared memory
+    (BENCHMARKS.md, GPU).
     """
     if kernel not in IFA_KERNELS:
         raise ValueError(f"kernel: expected one of {IFA_KERNELS}, got {kernel!r}")
-    block_m, block_n, num_warps, num_stages = (64, 64 if head_dim <= 64 else 32, 4, None)
+    if dtype == torch.float32:
+        block_m, block_n, num_warps, num_stages = 16, 16, 8, 1
+    else:
+        block_m, block_n, num_warps, num_stages = 64, 64 if head_dim <= 64 else 32, 4, None
     return LaunchConfig(block_m, block_n, block_d(head_dim), dot_precision(dtype), num_warps, num_stages)
 
 
