@@ -132,7 +132,8 @@ def main() -> int:
                 if result.returncode != 0:
                     print(f"cuda-compile: {path} failed with XCLIP_WITH_CUDA as C++{std}", file=sys.stderr)
                     return result.returncode
-    compiled = "; ".join(f"C++{std} for {', '.join(f'sm_{arch}' for arch in build_archs)}" for std, build_archs in builds)
+    compiled = "; ".join(f"C++{std} for {', '.join(f'sm_{arch}' for arch in build_archs)}"
+                         for std, build_archs in builds)
     print(f"cuda-compile: {len(sources)} CUDA file(s) compiled ({compiled}), no fp64 kernels"
           f"{'' if nm else ' (not checked: no nm)'}; {len(cxx_with_cuda)} C++ file(s) checked with XCLIP_WITH_CUDA")
     return 0

@@ -10,6 +10,8 @@ the same dtype on the same inputs) for outputs, 3x for gradients, plus a small f
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 
@@ -72,7 +74,10 @@ def _assert_within_rule(ours: torch.Tensor, plain: torch.Tensor, truth: torch.Te
     assert err <= factor * base + floor, f"{what}: error {err:.3g} > {factor} x {base:.3g} + {floor:.3g}"
 
 
-def _check_parity(fn, ref, inputs: list[torch.Tensor], upstream: torch.Tensor, names: list[str], **kwargs) -> None:  # noqa: ANN001
+def _check_parity(
+    fn: Callable[..., torch.Tensor], ref: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
+    upstream: torch.Tensor, names: list[str], **kwargs,
+) -> None:
     """The op ``fn`` (``kwargs`` name its backend) on ``inputs``, already at the test dtype,
     against the reference ``ref`` in float64 on the same values; plain PyTorch is ``ref`` at the
     test dtype."""
