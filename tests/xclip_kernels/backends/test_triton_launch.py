@@ -130,9 +130,10 @@ def test_cfa_launcher_puts_videos_on_axis_0(recorded):
         ma.cfa_grid(8, 8, 65536)
 
 
-def test_launches_happen_on_the_tensors_device(recorded):
+def test_launches_happen_on_the_tensors_device(recorded, monkeypatch):
     # "meta" stands in for a CUDA device other than the current one (cuda:1 while cuda:0 is
     # current): the launcher must make the tensors' device current around every launch.
+    monkeypatch.setattr(_common, "_is_cuda", lambda device: device.type == "meta")
     q, k, v, msg_k, msg_v = _frame_tensors(3, 17, 2, 32, torch.bfloat16)
     out, lse = fa._ifa_forward(q, k, v, msg_k, msg_v, 0.125)
     fa._ifa_backward(torch.empty_like(out), q, k, v, msg_k, msg_v, out, lse, 0.125)
@@ -145,9 +146,11 @@ def test_launches_happen_on_the_tensors_device(recorded):
         assert launch["device"] == q.device, f"{launch['kernel']} launched with current device {launch['device']}"
 
 
-def test_cpu_tensors_launch_without_a_cuda_context():
-    # The interpreter's CPU tensors: no torch.cuda.device (it would fail without CUDA).
+def test_cpu_and_meta_tensors_launch_without_a_cuda_context():
+    # The interpreter's CPU tensors, and meta tensors of tools that record launches: no
+    # torch.cuda.device (it would fail without CUDA).
     assert isinstance(_common.launch_device(torch.empty(1)), contextlib.nullcontext)
+    assert isinstance(_common.launch_device(torch.empty(1, device="meta")), contextlib.nullcontext)
 
 
 def test_launch_config_names_a_bad_kernel():

@@ -39,8 +39,13 @@ def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
 
     Triton launches on the *current* CUDA device and stream, not on the tensors' device:
     inputs on ``cuda:1`` while ``cuda:0`` is current would run on the wrong GPU and fault.
-    CPU tensors (the interpreter) need nothing. The registry sends only CUDA and CPU tensors.
+    CPU tensors (the interpreter) and meta tensors (tools that record launches) need nothing.
     """
-    if tensor.device.type == "cpu":
+    if not _is_cuda(tensor.device):
         return contextlib.nullcontext()
     return torch.cuda.device(tensor.device)
+
+
+def _is_cuda(device: torch.device) -> bool:
+    # A function of its own so a test can let meta tensors stand in for a second CUDA device.
+    return device.type == "cuda"
