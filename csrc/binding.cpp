@@ -154,9 +154,20 @@ message_attention_backward(const at::Tensor& grad_out, const at::Tensor& message
 // xclip_kernels/autograd.py as its CUDA kernel.
 namespace on_cuda {
 
+// The CUDA kernels are built for float32, float16 and bfloat16 (csrc/cuda/common.cuh); float64
+// stops here with a ValueError instead of reaching the dispatch switch. The other tensors'
+// dtypes were checked against this one.
+void check_cuda_dtype(const char* name, const at::Tensor& t) {
+  const at::ScalarType type = t.scalar_type();
+  TORCH_CHECK_VALUE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, name,
+                    ": expected float32, float16 or bfloat16 on CUDA (the CUDA kernels are built for these), got ",
+                    type);
+}
+
 std::tuple<at::Tensor, at::Tensor> frame_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& msg_k, const at::Tensor& msg_v, double scale) {
   check_frame_attention(q, k, v, msg_k, msg_v, scale);
+  check_cuda_dtype("q", q);
   return frame_attention_forward_cuda(q, k, v, msg_k, msg_v, scale);
 }
 
@@ -166,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_att
     double scale) {
   // The CUDA kernels keep lse in float32 for every input dtype.
   check_frame_attention_backward(grad_out, q, k, v, msg_k, msg_v, out, lse, scale, at::kFloat);
+  check_cuda_dtype("q", q);
   return frame_attention_backward_cuda(grad_out, q, k, v, msg_k, msg_v, out, lse, scale);
 }
 
@@ -177,6 +189,7 @@ at::Tensor message_attention(const at::Tensor& messages, const at::Tensor& ln_we
                           out_proj_bias, num_frames, num_heads, eps);
   TORCH_CHECK_VALUE(num_frames <= 64, "num_frames: the CUDA message kernel holds at most 64 frames per video, got ",
                     num_frames);
+  check_cuda_dtype("messages", messages);
   return message_attention_forward_cuda(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias,
                                         out_proj_weight, out_proj_bias, num_frames, num_heads, eps);
 }
