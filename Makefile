@@ -25,7 +25,7 @@ RUN := PYTHONPATH=$(CURDIR) $(PY)
 # model a benchmark compares, so ratios stay fair.
 BENCH_ENV := THP_MEM_ALLOC_ENABLE=1
 
-.PHONY: test bench bench-hf bench-peers bench-kernels bench-micro cuda-compile cmake-check package-check device-wheels env clean
+.PHONY: test bench bench-hf bench-peers bench-compile bench-kernels bench-micro cuda-compile cmake-check package-check device-wheels env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -75,6 +75,12 @@ bench-hf: $(ENV_TEST)
 # Face eager, ONNX Runtime and OpenVINO (one ONNX export); BENCH_ARGS="--dtype bfloat16" for bf16.
 bench-peers: $(ENV_PEERS)
 	$(BENCH_ENV) $(RUN) -m benchmarks.peers $(BENCH_ARGS)
+
+# X-CLIP-B/32 eager (automatic backend) against torch.compile with Inductor freezing (sdpa and the
+# automatic backend), cold compile time apart; BENCH_ARGS="--dtype bfloat16" for bf16. Minutes:
+# every variant builds its C++ from an empty Inductor cache.
+bench-compile: $(ENV_BENCH)
+	$(BENCH_ENV) $(RUN) -m benchmarks.compiled $(BENCH_ARGS)
 
 # Attention kernels per backend (TFLOP/s, GB/s); on a GPU use scripts/device_check.sh.
 bench-kernels: $(ENV_BENCH)

@@ -6,6 +6,11 @@ lasting at least 20 ms),
 TFLOP/s (IFA forward ``4 F H N (N+1) D``, backward 2.5x that) and GB/s (each input read
 once, the output written once). On a GPU it uses ``triton.testing.do_bench``; on the CPU,
 interleaved rounds. ``--json PATH`` writes one record per row.
+
+bfloat16 on the CPU adds two rows to the IFA's, timed in the same rounds: ``cpp-native`` (the
+opt-in ``vdpbf16ps`` forward, where the CPU has ``avx512_bf16``) and ``cpp-fp32`` (the float32
+kernels on float32 copies of the inputs), so the bf16 paths are compared with each other and
+with float32 in one process.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import xclip_kernels as xk
 from xclip_kernels.flop_formulas import frame_attention_flops
 from xclip_kernels.registry import OPS
 
+from xclip_kernels.backends import cpp
+
 from .backends import DTYPES, runnable_backends
 from .timing import environment, interleaved, write_json
 
@@ -34,6 +41,46 @@ def _time(fns: dict[str, Callable[[], object]], device: str, rounds: int) -> dic
     # Samples of at least 20 ms: the message path is a sub-millisecond op (see interleaved).
     timings = interleaved(fns, rounds, warmup=1, min_sample_s=0.02)
     return {name: (timings.median(name), timings.quantile(name, 0.2), timings.quantile(name, 0.8)) for name in fns}
+
+
+def _cpp_bf16_companions(
+    inputs: list[torch.Tensor], leaves: list[torch.Tensor], grad_out: torch.Tensor, grad: bool
+) -> dict[str, Callable[[], None]]:
+    """The ``cpp-native`` and ``cpp-fp32`` rows of a bf16 CPU run (module docstring)."""
+
+    def native() -> None:
+        cpp.set_cpu_isa("avx512_bf16")
+        try:
+            if grad:
+                torch.autograd.grad(xk.frame_attention(*leaves, backend="cpp"), leaves, grad_out)
+            else:
+                with torch.no_grad():
+                    xk.frame_attention(*inputs, backend="cpp")
+        finally:
+            cpp.set_cpu_isa("auto")
+
+    qkv32 = torch.stack([t.float() for t in inputs[:3]], dim=2)  # q, k, v as views of one tensor, as in bf16
+    inputs32 = [*qkv32.unbind(2), inputs[3].float(), inputs[4].float()]
+    leaves32 = [t.detach().clone().requires_grad_(True) for t in inputs32]
+    grad_out32 = grad_out.float()
+
+    def fp32() -> None:
+        if grad:
+            torch.autograd.grad(xk.frame_attention(*leaves32, backend="cpp"), leaves32, grad_out32)
+        else:
+            with torch.no_grad():
+                xk.frame_attention(*inputs32, backend="cpp")
+
+    companions = {"cpp-fp32": fp32}
+    if cpp.bf16_path() == "convert" and _cpu_has_native_bf16():
+        companions["cpp-native"] = native
+    return companions
+
+
+def _cpu_has_native_bf16() -> bool:
+    from xclip_kernels.backends import _extension
+
+    return _extension.extension().cpu_has_native_bf16()
 
 
 def bench_ifa(variant: str, batch: int, frames: int, device: str, dtype: torch.dtype, rounds: int) -> list[dict]:
@@ -63,6 +110,8 @@ def bench_ifa(variant: str, batch: int, frames: int, device: str, dtype: torch.d
                     with torch.no_grad():
                         xk.frame_attention(q, k, v, msg_k, msg_v, backend=name)
             fns[name] = fn
+        if device == "cpu" and dtype == torch.bfloat16 and "cpp" in fns:
+            fns.update(_cpp_bf16_companions([q, k, v, msg_k, msg_v], leaves, grad_out, grad))
         times = _time(fns, device, rounds)
         total = flops * (3.5 if grad else 1.0)
         for name, (median, p20, p80) in times.items():
@@ -139,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("forward", "forward+backward"):
             for variant in variants:
                 by = {r["backend"]: r["ms"] for r in rows if r["op"] == op and r["mode"] == mode and r["variant"] == variant}
-                # The message path's goals are stated against unfused PyTorch (the reference).
-                peers = ("sdpa", "reference") if op == "message_attention" else ("sdpa",)
-                for fused in ("triton", "cuda", "cpp"):
+                # The message path's goals are stated against unfused PyTorch (the reference), the
+                # IFA's against sdpa (and in bf16 the faster of the two); cpp-fp32 is there in bf16.
+                peers = ("sdpa", "reference", "cpp-fp32")
+                for fused in ("triton", "cuda", "cpp", "cpp-native"):
                     ratios = [f"{by[peer] / by[fused]:.2f}x {peer}" for peer in peers if fused in by and peer in by]
                     if ratios:
                         print(f"{op} {mode} {variant}: {fused} is {', '.join(ratios)}")

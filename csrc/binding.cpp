@@ -10,6 +10,7 @@
 #include <sstream>
 #include <string>
 
+#include "cpu/bf16_tiles.h"
 #include "cpu/simd_kernels.h"
 #include "xclip_ops.h"
 
@@ -33,7 +34,9 @@ void check_float(const char* name, const at::Tensor& t, const at::Tensor& like, 
                     ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == like.device(), name, ": expected device ", like.device(), ", got ",
                     t.device());
-  TORCH_CHECK_VALUE(t.size(-1) == 0 || t.stride(-1) == 1, name,
+  // An empty tensor has no element to lay out: autograd hands the backward zero-size gradients
+  // with stride 0 (an expanded scalar).
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.stride(-1) == 1, name,
                     ": expected the last dim contiguous (stride 1), got strides ", t.strides());
 }
 
@@ -151,9 +154,20 @@ message_attention_backward(const at::Tensor& grad_out, const at::Tensor& message
 // xclip_kernels/autograd.py as its CUDA kernel.
 namespace on_cuda {
 
+// The CUDA kernels are built for float32, float16 and bfloat16 (csrc/cuda/common.cuh); float64
+// stops here with a ValueError instead of reaching the dispatch switch. The other tensors'
+// dtypes were checked against this one.
+void check_cuda_dtype(const char* name, const at::Tensor& t) {
+  const at::ScalarType type = t.scalar_type();
+  TORCH_CHECK_VALUE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, name,
+                    ": expected float32, float16 or bfloat16 on CUDA (the CUDA kernels are built for these), got ",
+                    type);
+}
+
 std::tuple<at::Tensor, at::Tensor> frame_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& msg_k, const at::Tensor& msg_v, double scale) {
   check_frame_attention(q, k, v, msg_k, msg_v, scale);
+  check_cuda_dtype("q", q);
   return frame_attention_forward_cuda(q, k, v, msg_k, msg_v, scale);
 }
 
@@ -163,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_att
     double scale) {
   // The CUDA kernels keep lse in float32 for every input dtype.
   check_frame_attention_backward(grad_out, q, k, v, msg_k, msg_v, out, lse, scale, at::kFloat);
+  check_cuda_dtype("q", q);
   return frame_attention_backward_cuda(grad_out, q, k, v, msg_k, msg_v, out, lse, scale);
 }
 
@@ -174,6 +189,7 @@ at::Tensor message_attention(const at::Tensor& messages, const at::Tensor& ln_we
                           out_proj_bias, num_frames, num_heads, eps);
   TORCH_CHECK_VALUE(num_frames <= 64, "num_frames: the CUDA message kernel holds at most 64 frames per video, got ",
                     num_frames);
+  check_cuda_dtype("messages", messages);
   return message_attention_forward_cuda(messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias,
                                         out_proj_weight, out_proj_bias, num_frames, num_heads, eps);
 }
@@ -181,11 +197,15 @@ at::Tensor message_attention(const at::Tensor& messages, const at::Tensor& ln_we
 }  // namespace on_cuda
 #endif  // XCLIP_WITH_CUDA
 
+// What the tiles may use: "auto" the widest vectors the CPU has (bf16 on the convert path),
+// "avx512_bf16" that plus the native bf16 forward where the CPU has avx512_bf16 (opt-in: see
+// cpu/bf16_tiles.h), "avx2" AVX2 alone.
 void set_cpu_isa(const std::string& name) {
-  if (name != "auto" && name != "avx2")
-    throw pybind11::value_error("set_cpu_isa: name: expected \"auto\" (the widest the CPU has) or \"avx2\", got \"" +
-                                name + "\"");
+  if (name != "auto" && name != "avx512_bf16" && name != "avx2")
+    throw pybind11::value_error("set_cpu_isa: name: expected \"auto\" (the widest the CPU has), \"avx512_bf16\" or "
+                                "\"avx2\", got \"" + name + "\"");
   limit_tiles_to_avx2(name == "avx2");
+  allow_native_bf16(name == "avx512_bf16");
 }
 
 constexpr bool built_with_cuda() {
@@ -202,6 +222,12 @@ constexpr bool built_with_cpu_tiles() {
 #else
   return false;
 #endif
+}
+
+// How bfloat16 IFA runs now where the head dim is a multiple of 32 (bf16_tiles.h).
+const char* bf16_path() {
+  if (!built_with_cpu_tiles()) return "float32 BLAS";
+  return bf16_native() ? "native" : "convert";
 }
 
 #define XCLIP_STRINGIFY_VALUE(x) #x
@@ -256,8 +282,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("torch_version", []() { return std::string(xclip_ext::kTorchVersion); },
              "The torch version this extension was compiled against (major.minor.patch).");
   module.def("set_cpu_isa", &xclip_ext::set_cpu_isa, py::arg("name"),
-             "The widest instruction set the CPU tile kernels may use: \"auto\" (the widest the CPU has) or "
-             "\"avx2\". Thread-safe; a no-op where has_cpu_tiles() is false.");
+             "The instruction set the CPU tile kernels may use: \"auto\" (the widest the CPU has; bfloat16 "
+             "on the convert path), \"avx512_bf16\" (that, and the native bfloat16 forward where the CPU has "
+             "avx512_bf16) or \"avx2\". Thread-safe; a no-op where has_cpu_tiles() is false.");
+  module.def("cpu_has_native_bf16", &xclip_ext::cpu_has_native_bf16,
+             "Whether this build and CPU have the native bfloat16 forward (avx512_bf16), whatever set_cpu_isa says.");
+  module.def("bf16_path", []() { return std::string(xclip_ext::bf16_path()); },
+             "How bfloat16 IFA runs now (head dims that are multiples of 32): \"native\" (vdpbf16ps), "
+             "\"convert\" (float32 tiles on widened copies), or \"float32 BLAS\" without the tiles.");
   module.def("cpu_isa", []() { return std::string(xclip_ext::tile_isa()); },
              "What the CPU tile kernels run on now: \"avx512\", \"avx2\", or \"none\" without them.");
 }

@@ -12,7 +12,7 @@ namespace xclip_ext {
 // Intra-frame attention (IFA). q, k, v: (F, N, H, D), last dim contiguous, other strides free;
 // msg_k, msg_v: (F, H, D). Returns out (F, N, H, D) contiguous in q's dtype and lse (F, H, N),
 // the natural-log log-sum-exp of each query row over its N keys plus the message key, in
-// float32 (float64 for float64 inputs).
+// float32 (float64 for float64 inputs; float32 for bfloat16).
 std::tuple<at::Tensor, at::Tensor> frame_attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& msg_k, const at::Tensor& msg_v, double scale);
@@ -30,7 +30,7 @@ at::Tensor message_attention_forward_cpu(
     int64_t num_frames, int64_t num_heads, double eps);
 // CFA backward from the forward's inputs (recomputed, nothing saved): the gradients of
 // messages, ln_weight, ln_bias, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
-// contiguous, in the messages' dtype (float32 or float64).
+// contiguous, in the messages' dtype (float32, float64 or bfloat16).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& messages, const at::Tensor& ln_weight,
                                const at::Tensor& ln_bias, const at::Tensor& in_proj_weight,

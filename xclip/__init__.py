@@ -7,6 +7,7 @@ that loads the official and Hugging Face checkpoints and runs on any ``xclip_ker
 """
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .collection import classify_collection, embed
 from .config import VARIANTS, XCLIPConfig
 from .model import XCLIP, VideoFeatures, build_model
 from .tokenizer import tokenize
@@ -18,6 +19,8 @@ __all__ = [
     "VideoFeatures",
     "XCLIPConfig",
     "build_model",
+    "classify_collection",
+    "embed",
     "load_checkpoint",
     "tokenize",
 ]

@@ -26,7 +26,9 @@ checkpoints use 8, 16, 32), and differ from it only where its float rounding mis
 tie.
 
 Decoding reads the stream once, front to back, and keeps only the sampled frames (already
-resized), so memory does not grow with the video's length. The frame count is the container's
+resized and cropped), so memory does not grow with the video's length. Each frame is resized
+and cropped by its own size, so a stream whose resolution changes mid-way (legal in MPEG
+streams, e.g. concatenated or adaptive-bitrate ones) gives views like any other. The frame count is the container's
 when it declares one; otherwise (or when the stream ends before it) the frames are counted by
 decoding. PyAV (``pip install av``) is imported only when a file is decoded.
 """
@@ -214,6 +216,12 @@ def _import_av() -> Any:
     return av
 
 
+def require_decoder() -> None:
+    """Import PyAV now: an ``ImportError`` with the install command when it is missing (a command
+    checks this once, before its first file, instead of failing every file alike)."""
+    _import_av()
+
+
 def _open(path: str) -> Any:
     """An open PyAV input container of ``path`` with at least one video stream."""
     av = _import_av()
@@ -341,8 +349,11 @@ def load_views(
     num_clips = checks.integer("num_clips", num_clips)
     short_side = resize_for_crops(image_size, num_crops)
 
-    def resize(frame: torch.Tensor) -> torch.Tensor:
-        return resize_short_side(frame, short_side)
+    def resize_and_crop(frame: torch.Tensor) -> torch.Tensor:
+        # Each frame by its own size: a stream may change resolution mid-way (a new sequence
+        # header, e.g. concatenated or adaptive-bitrate streams), so the frames of one clip can
+        # differ in size until they are cropped. (3, H, W) -> (num_crops, 3, S, S).
+        return spatial_crops(resize_short_side(frame, short_side), image_size, num_crops)
 
     count = declared_frame_count(path)
     if count <= 0:
@@ -354,7 +365,7 @@ def load_views(
             raise _too_short(path, count, num_frames)
         clips = [segment_indices(count, num_frames, k, num_clips) for k in range(num_clips)]
         wanted = sorted({i for clip in clips for i in clip})
-        kept, decoded = _decode(path, wanted, resize, count_all=False)
+        kept, decoded = _decode(path, wanted, resize_and_crop, count_all=False)
         if len(kept) == len(wanted):
             break
         # The declared count was too large: the stream ended after `decoded` frames. Sample
@@ -362,10 +373,7 @@ def load_views(
         count = decoded
     else:  # pragma: no cover - the second pass samples only indices below the decoded count
         raise VideoError(f"path: {path}: frame count changed between two decoding passes")
-    views = []
-    for clip in clips:
-        frames = torch.stack([kept[i] for i in clip])  # (T, 3, h, w), resized
-        views.append(normalize(spatial_crops(frames, image_size, num_crops)))  # (crops, T, 3, S, S)
+    views = [normalize(torch.stack([kept[i] for i in clip], dim=1)) for clip in clips]  # (crops, T, 3, S, S)
     return torch.cat(views)
 
 

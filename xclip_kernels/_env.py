@@ -35,13 +35,14 @@ def gemm_provider() -> str | None:
     return None if value in ("", "auto") else value
 
 
-CPU_ISAS = ("auto", "avx2")
+CPU_ISAS = ("auto", "avx512_bf16", "avx2")
 
 
 def cpu_isa() -> str | None:
     """Instruction set named by ``XCLIP_KERNELS_CPU_ISA`` for the ``cpp`` tile kernels, or None.
 
-    "auto" (the widest the CPU has) or "avx2" (e.g. to compare with AVX-512). Read once, when
+    "auto" (the widest the CPU has), "avx512_bf16" (that, and the native bfloat16 forward on
+    CPUs with avx512_bf16) or "avx2" (e.g. to compare with AVX-512). Read once, when
     the extension is loaded, as oneDNN reads ``ONEDNN_MAX_CPU_ISA``; afterwards
     :func:`xclip_kernels.backends.cpp.set_cpu_isa` changes it.
     """

@@ -9,6 +9,13 @@ Each backend registers these with ``torch.library.register_autograd`` on its own
   them) and applies the chain rule. :func:`message_attention_backward` is that backward in
   PyTorch ops, used where no compiled one exists (Triton, CUDA); the CPU extension has a
   kernel of the same signature.
+
+The compiled and Triton backward ops are not themselves differentiable. When autograd asks
+for a differentiable gradient (``create_graph=True``: grad mode is on inside the backward),
+both formulas compute it instead from PyTorch ops that autograd can differentiate again: frame
+attention through the reference formula (recomputing the ``(N, N + 1)`` probabilities, in at
+least float32), the message path through :func:`message_attention_backward`. Double backward
+is then exact on every fused backend, at the cost of the unfused memory and time.
 """
 
 from __future__ import annotations
@@ -35,11 +42,36 @@ def frame_attention_grad(backward_op: Callable) -> Callable:
 
     def grad(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):  # noqa: ANN001, ANN202
         q, k, v, msg_k, msg_v, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the backward op's result would carry no graph (autograd would
+            # treat its second derivative as zero), so compute one that does.
+            return (*differentiable_frame_attention_backward(grad_out, q, k, v, msg_k, msg_v, ctx.scale), None)
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         return (*backward_op(grad_out, q, k, v, msg_k, msg_v, out, lse, ctx.scale), None)
 
     return grad
+
+
+def differentiable_frame_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, msg_k: torch.Tensor,
+    msg_v: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, ...]:
+    """The five input gradients of frame attention as a graph autograd can differentiate again.
+
+    grad_out, q, k, v: ``(F, N, H, D)``; msg_k, msg_v: ``(F, H, D)``. Returns the gradients of
+    q, k, v, msg_k and msg_v in their dtypes, computed by differentiating the reference formula
+    in at least float32 with ``create_graph=True``.
+    """
+    from .backends import reference  # the backends import this module
+
+    # Inputs outside the graph get a stand-in leaf, so that autograd.grad has a variable to
+    # differentiate with respect to; those inputs' gradients are discarded by autograd.
+    inputs = [t if t.requires_grad else t.detach().requires_grad_(True) for t in (q, k, v, msg_k, msg_v)]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    with torch.enable_grad():
+        out = reference.frame_attention(*(t.to(compute) for t in inputs), scale)
+        return torch.autograd.grad(out, inputs, grad_out.to(compute), create_graph=True)
 
 
 def message_attention_setup(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -53,7 +85,10 @@ def message_attention_grad(backward_op: Callable[..., MessageGrads]) -> Callable
     num_heads, eps)``; only the gradients autograd asks for are returned (None elsewhere)."""
 
     def grad(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN202
-        grads = backward_op(grad_out.contiguous(), *ctx.saved_tensors, *ctx.sizes)
+        # create_graph=True: the PyTorch formula, which autograd differentiates again (a compiled
+        # op's result would carry no graph and its second derivative would silently be wrong).
+        op = message_attention_backward if torch.is_grad_enabled() else backward_op
+        grads = op(grad_out.contiguous(), *ctx.saved_tensors, *ctx.sizes)
         wanted = ctx.needs_input_grad
         return (*(g if needed else None for g, needed in zip(grads, wanted[:7])), None, None, None)
 

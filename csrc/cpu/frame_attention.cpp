@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../xclip_ops.h"
+#include "bf16_tiles.h"
 #include "simd_kernels.h"
 
 namespace xclip_ext {
@@ -242,8 +243,57 @@ FusedForward fused_problem(const at::Tensor& q, const at::Tensor& k, const at::T
 
 void check_cpu_dtype(const at::Tensor& q) {
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU tensor, got ", q.device());
-  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-                    "q: the cpp backend computes in float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || q.scalar_type() == at::kBFloat16,
+                    "q: the cpp backend computes in float32, float64 or bfloat16, got ", q.scalar_type());
+}
+
+// bf16 tensors as their bits (bf16_tiles.h).
+inline const uint16_t* bits_of(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+inline uint16_t* bits_of(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// bf16 in, bf16 out, lse float32: on the tiles for head dims they take; elsewhere (other head
+// dims, builds without the tiles) widened to float32 copies, run on the float32 path and the
+// output rounded once, which is as accurate and the rare case.
+std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& msg_k, const at::Tensor& msg_v, double scale) {
+  if (!bf16_tiles_support(q.size(3))) {
+    auto [out, lse] = frame_attention_forward_cpu(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat),
+                                                  msg_k.to(at::kFloat), msg_v.to(at::kFloat), scale);
+    return {out.to(at::kBFloat16), lse};
+  }
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  bf16_forward(Bf16Forward{q.size(0), q.size(1), q.size(2), q.size(3), static_cast<float>(scale), bits_of(q),
+                           bits_of(k), bits_of(v), bits_of(msg_k), bits_of(msg_v), strides_of(q), strides_of(k),
+                           strides_of(v), head_strides_of(msg_k), head_strides_of(msg_v), bits_of(out),
+                           lse.data_ptr<float>(), q.size(2) * q.size(3)});
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_bf16(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& msg_k, const at::Tensor& msg_v, const at::Tensor& out, const at::Tensor& lse, double scale) {
+  if (!bf16_tiles_support(q.size(3))) {
+    auto grads = frame_attention_backward_cpu(grad_out.to(at::kFloat), q.to(at::kFloat), k.to(at::kFloat),
+                                              v.to(at::kFloat), msg_k.to(at::kFloat), msg_v.to(at::kFloat),
+                                              out.to(at::kFloat), lse, scale);
+    return {std::get<0>(grads).to(at::kBFloat16), std::get<1>(grads).to(at::kBFloat16),
+            std::get<2>(grads).to(at::kBFloat16), std::get<3>(grads).to(at::kBFloat16),
+            std::get<4>(grads).to(at::kBFloat16)};
+  }
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(q.sizes(), q.options());
+  auto dv = at::empty(q.sizes(), q.options());
+  auto dmk = at::empty(msg_k.sizes(), q.options());  // every element written, as dq
+  auto dmv = at::empty(msg_v.sizes(), q.options());
+  if (q.numel() == 0) return {dq, dk, dv, dmk.zero_(), dmv.zero_()};
+  bf16_backward(Bf16Backward{q.size(0), q.size(1), q.size(2), q.size(3), static_cast<float>(scale), bits_of(q),
+                             bits_of(k), bits_of(v), bits_of(msg_k), bits_of(msg_v), bits_of(out), bits_of(grad_out),
+                             lse.data_ptr<float>(), strides_of(q), strides_of(k), strides_of(v), strides_of(out),
+                             strides_of(grad_out), head_strides_of(msg_k), head_strides_of(msg_v), bits_of(dq),
+                             bits_of(dk), bits_of(dv), bits_of(dmk), bits_of(dmv), q.size(2) * q.size(3)});
+  return {dq, dk, dv, dmk, dmv};
 }
 
 }  // namespace
@@ -255,6 +305,7 @@ std::tuple<at::Tensor, at::Tensor> frame_attention_forward_cpu(const at::Tensor&
                                                                const at::Tensor& msg_v, double scale) {
   check_cpu_dtype(q);
   TORCH_CHECK(cpu_blas_available(), "frame_attention: no sgemm_/dgemm_ BLAS symbol in this torch build");
+  if (q.scalar_type() == at::kBFloat16) return forward_bf16(q, k, v, msg_k, msg_v, scale);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options());
   if (q.numel() == 0) return {out, lse};
@@ -273,6 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_att
     double scale) {
   check_cpu_dtype(q);
   TORCH_CHECK(cpu_blas_available(), "frame_attention_backward: no sgemm_/dgemm_ BLAS symbol in this torch build");
+  if (q.scalar_type() == at::kBFloat16) return backward_bf16(grad_out, q, k, v, msg_k, msg_v, out, lse, scale);
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::empty(q.sizes(), q.options());
   auto dv = at::empty(q.sizes(), q.options());

@@ -32,7 +32,7 @@ namespace {
 template <typename T>
 void softmax_over_frames(const T* q, const T* rows, int64_t row_stride, int64_t key_offset, int64_t num_frames,
                          int64_t dim, T scale, T* probs) {
-  T m = std::numeric_limits<T>::lowest();  // finite: the file builds with -ffast-math
+  T m = -std::numeric_limits<T>::infinity();  // all -inf scores give NaN, as in the reference
   for (int64_t s = 0; s < num_frames; ++s) {
     const T* key = rows + s * row_stride + key_offset;
     T sum = 0;
@@ -186,8 +186,16 @@ at::Tensor message_attention_forward_cpu(const at::Tensor& messages, const at::T
                                          const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
                                          const at::Tensor& out_proj_bias, int64_t num_frames, int64_t num_heads,
                                          double eps) {
+  if (messages.scalar_type() == at::kBFloat16) {
+    // A few hundred rows: computed in float32 on float32 copies, the output rounded once.
+    return message_attention_forward_cpu(messages.to(at::kFloat), ln_weight.to(at::kFloat), ln_bias.to(at::kFloat),
+                                         in_proj_weight.to(at::kFloat), in_proj_bias.to(at::kFloat),
+                                         out_proj_weight.to(at::kFloat), out_proj_bias.to(at::kFloat), num_frames,
+                                         num_heads, eps)
+        .to(at::kBFloat16);
+  }
   TORCH_CHECK_VALUE(messages.scalar_type() == at::kFloat || messages.scalar_type() == at::kDouble,
-                    "messages: the cpp backend computes in float32 or float64, got ", messages.scalar_type());
+                    "messages: the cpp backend computes in float32, float64 or bfloat16, got ", messages.scalar_type());
   const int64_t width = messages.size(1);
   // The tiles read plain row-major memory (no-ops for the contiguous tensors the op passes).
   const auto residual = messages.contiguous();
@@ -204,8 +212,18 @@ message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mes
                                const at::Tensor& ln_bias, const at::Tensor& in_proj_weight,
                                const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
                                int64_t num_frames, int64_t num_heads, double eps) {
+  if (messages.scalar_type() == at::kBFloat16) {
+    // As the forward: float32 inside (accumulation included), each gradient rounded once.
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    const auto b = [](const at::Tensor& t) { return t.to(at::kBFloat16); };
+    const auto grads = message_attention_backward_cpu(f(grad_out), f(messages), f(ln_weight), f(ln_bias),
+                                                      f(in_proj_weight), f(in_proj_bias), f(out_proj_weight),
+                                                      num_frames, num_heads, eps);
+    return {b(std::get<0>(grads)), b(std::get<1>(grads)), b(std::get<2>(grads)), b(std::get<3>(grads)),
+            b(std::get<4>(grads)), b(std::get<5>(grads)), b(std::get<6>(grads))};
+  }
   TORCH_CHECK_VALUE(messages.scalar_type() == at::kFloat || messages.scalar_type() == at::kDouble,
-                    "messages: the cpp backend computes in float32 or float64, got ", messages.scalar_type());
+                    "messages: the cpp backend computes in float32, float64 or bfloat16, got ", messages.scalar_type());
   const int64_t width = messages.size(1);
   const auto input = messages.contiguous(), grad = grad_out.contiguous();
   const auto in_w = in_proj_weight.contiguous(), out_w = out_proj_weight.contiguous();

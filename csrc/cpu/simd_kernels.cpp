@@ -1,5 +1,6 @@
-// Instantiates the tile kernels (ifa_tiles.inc, linear_tiles.inc) for AVX2 and AVX-512 and
-// picks one at run time.
+// Instantiates the tile kernels (ifa_tiles.inc, linear_tiles.inc, and bf16_tiles.inc for
+// bfloat16) for AVX2 and AVX-512 and picks one at run time; the opt-in native bf16 forward
+// (ifa_tiles_bf16.inc) is a third instantiation, for AVX512_BF16.
 //
 // The AVX-512 copy is compiled under `#pragma GCC target` rather than a -mavx512f flag so that
 // one translation unit, built with the project's AVX2 flags, holds both: nothing outside the
@@ -8,6 +9,8 @@
 //
 // An x86-64 source: the build compiles it, with XCLIP_CPU_TILES defined, only for that target.
 #include "simd_kernels.h"
+
+#include "bf16_tiles.h"
 
 #ifndef XCLIP_CPU_TILES
 #error "simd_kernels.cpp is built only together with XCLIP_CPU_TILES (the headers then declare its functions)"
@@ -33,6 +36,7 @@ constexpr int kLinearCols = 4;
 #include "simd_vec.inc"
 #include "ifa_tiles.inc"
 #include "linear_tiles.inc"
+#include "bf16_tiles.inc"
 }  // namespace tiles_avx2
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -47,7 +51,19 @@ constexpr int kLinearCols = 6;
 #include "simd_vec.inc"
 #include "ifa_tiles.inc"
 #include "linear_tiles.inc"
+#include "bf16_tiles.inc"
 }  // namespace tiles_avx512
+#pragma GCC pop_options
+
+// The native bf16 forward on vdpbf16ps, in a namespace of its own so that nothing else is
+// compiled for AVX512_BF16 (it runs only where CPUID has it). It builds on the AVX-512 tiles'
+// vectors and helpers: their target is a subset of this one, so they inline here.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
+namespace tiles_avx512_bf16 {
+using namespace tiles_avx512;
+#include "ifa_tiles_bf16.inc"
+}  // namespace tiles_avx512_bf16
 #pragma GCC pop_options
 #endif
 
@@ -58,6 +74,7 @@ constexpr int64_t kSkinnyMaxRows = 64;
 // Set from Python (set_cpu_isa, once at load time from the environment, and by tests); read
 // once per call. Relaxed order: nothing else is published through it.
 std::atomic<bool> tiles_limited_to_avx2{false};
+std::atomic<bool> native_bf16_allowed{false};
 
 bool use_avx512() {
 #ifdef XCLIP_HAVE_AVX512_TILES
@@ -67,6 +84,21 @@ bool use_avx512() {
 #else
   return false;
 #endif
+}
+
+bool has_native_bf16() {
+#ifdef XCLIP_HAVE_AVX512_TILES
+  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool use_native_bf16() {
+  return has_native_bf16() && use_avx512() && native_bf16_allowed.load(std::memory_order_relaxed);
 }
 
 template <typename Problem, typename Tasks, typename Scratch>
@@ -106,6 +138,36 @@ void fused_backward(const FusedBackward& problem) {
     return run_parallel(problem, tiles_avx512::backward_tasks, tiles_avx512::backward_scratch_floats);
 #endif
   run_parallel(problem, tiles_avx2::backward_tasks, tiles_avx2::backward_scratch_floats);
+}
+
+bool bf16_tiles_support(int64_t dim) { return fused_forward_supports(dim); }
+
+void allow_native_bf16(bool allow) { native_bf16_allowed.store(allow, std::memory_order_relaxed); }
+
+bool bf16_native() { return use_native_bf16(); }
+
+bool cpu_has_native_bf16() { return has_native_bf16(); }
+
+void bf16_forward(const Bf16Forward& problem) {
+#ifdef XCLIP_HAVE_AVX512_TILES
+  // As in float32, a head dim that is a multiple of 16 but not of 32 takes the AVX2 tiles.
+  if (problem.dim % tiles_avx512::kPanel == 0) {
+    if (use_native_bf16())
+      return run_parallel(problem, tiles_avx512_bf16::forward_tasks_native,
+                          tiles_avx512_bf16::forward_native_scratch_floats);
+    if (use_avx512())
+      return run_parallel(problem, tiles_avx512::forward_tasks_bf16, tiles_avx512::forward_bf16_scratch_floats);
+  }
+#endif
+  run_parallel(problem, tiles_avx2::forward_tasks_bf16, tiles_avx2::forward_bf16_scratch_floats);
+}
+
+void bf16_backward(const Bf16Backward& problem) {
+#ifdef XCLIP_HAVE_AVX512_TILES
+  if (use_avx512() && problem.dim % tiles_avx512::kPanel == 0)
+    return run_parallel(problem, tiles_avx512::backward_tasks_bf16, tiles_avx512::backward_bf16_scratch_floats);
+#endif
+  run_parallel(problem, tiles_avx2::backward_tasks_bf16, tiles_avx2::backward_bf16_scratch_floats);
 }
 
 bool skinny_linear_supports(int64_t rows, int64_t inner) {

@@ -4,6 +4,7 @@
 // whole tile rows and a row's max or sum is four xor-shuffles.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
@@ -19,11 +20,8 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
 __device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
-__device__ __forceinline__ double exp2_(double x) { return exp2(x); }
 __device__ __forceinline__ float log2_(float x) { return log2f(x); }
-__device__ __forceinline__ double log2_(double x) { return log2(x); }
 __device__ __forceinline__ float rsqrt_(float x) { return rsqrtf(x); }
-__device__ __forceinline__ double rsqrt_(double x) { return rsqrt(x); }
 template <typename T>
 __device__ __forceinline__ T max_(T a, T b) { return a > b ? a : b; }
 
@@ -47,6 +45,14 @@ __device__ __forceinline__ T half_warp_max(T v) {
   for (int off = kTX / 2; off > 0; off >>= 1) v = max_(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
+
+// Host side: the dtypes the kernels are built for, float32, float16 and bfloat16 (accumulating in
+// float32). No float64: the registry never sends it to CUDA (xclip_kernels/backends/cuda.py
+// declares these three), its instantiations were a quarter of the build time, and the binding
+// rejects it with a ValueError before any dispatch (csrc/binding.cpp, on_cuda).
+#define XCLIP_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)              \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // Host side: calls fn with the head dim padded to a compile-time DP in {32, 64, 96, 128};
 // ``what`` names the op and argument in the error for larger head dims.

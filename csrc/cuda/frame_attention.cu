@@ -18,8 +18,8 @@
 // scalar fp32 math in shared memory is the variant that is easy to get right, and at X-CLIP's
 // sizes (N = 50..577, D = 64) IFA is a few percent of the model's FLOPs and is bound by memory
 // and latency rather than by the multiply rate (docs/benchmarking.md#hardware-limits). All
-// math is in the accumulation type (fp32; fp64 for double inputs), inputs are converted once
-// when a tile is staged into shared memory.
+// math is in the accumulation type (fp32 for all three input dtypes: fp32, fp16, bf16; no fp64
+// is built), inputs are converted once when a tile is staged into shared memory.
 //
 // Why these tiles. 128 threads = 4 warps laid out as 8 row groups (ty) x 16 lanes (tx); a
 // half-warp owns whole tile rows, so row max/sum reductions are 4 xor-shuffles that never
@@ -35,7 +35,7 @@
 //   forward    BM=64 queries, BN=64|32 keys:   DP=64: 69.2 KiB, DP=128: 77.5 KiB
 //   dK/dV      BN=64|32 keys, BM=32 queries:   DP=64: 73.0 KiB, DP=128: 76.8 KiB
 //   dQ         BM=64|32 queries, BN=32 keys:   DP=64: 62.2 KiB, DP=128: 72.0 KiB
-// (twice that for float64, which only A100/H100-class GPUs can hold). Registers: at most 64
+// Registers: at most 64
 // accumulators per thread plus a 16-32 entry score tile.
 //
 // Indexing: all global offsets are int64; N, H, D and tile indices are int. The grid is
@@ -575,7 +575,7 @@ std::tuple<at::Tensor, at::Tensor> frame_attention_forward_cuda(const at::Tensor
   check_sizes(frames, tokens, heads, head_dim);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "frame_attention_forward_cuda", [&] {
+  XCLIP_DISPATCH_CUDA_TYPES(q.scalar_type(), "frame_attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_head_dim(head_dim, "frame_attention (cuda): head dim D", [&](auto dp) {
       constexpr int DP = decltype(dp)::value;
@@ -618,13 +618,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_att
   }
   check_sizes(frames, tokens, heads, head_dim);
 
-  // delta_i = sum_d dO_id O_id in the accumulation type, laid out (F, H, N) like lse.
-  const at::ScalarType acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // delta_i = sum_d dO_id O_id in the accumulation type (float32), laid out (F, H, N) like lse.
+  const at::ScalarType acc_type = at::kFloat;
   const at::Tensor delta = (grad_out.to(acc_type) * out.to(acc_type)).sum(-1).transpose(1, 2).contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dmk, dmv;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "frame_attention_backward_cuda", [&] {
+  XCLIP_DISPATCH_CUDA_TYPES(q.scalar_type(), "frame_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_head_dim(head_dim, "frame_attention (cuda): head dim D", [&](auto dp) {
       constexpr int DP = decltype(dp)::value;

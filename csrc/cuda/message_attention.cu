@@ -267,36 +267,35 @@ at::Tensor message_attention_forward_cuda(const at::Tensor& messages_in, const a
   if (frames > 0 && width > 0) {
     TORCH_CHECK_VALUE(videos <= INT32_MAX && num_heads <= 65535, "message_attention (cuda): too many videos or heads");
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, messages.scalar_type(), "message_attention_forward_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          dispatch_head_dim(head_dim, "message_attention (cuda): head dim W / num_heads", [&](auto dp) {
-            constexpr int DP = decltype(dp)::value;
-            const int tp = static_cast<int>((num_frames + kTY - 1) / kTY * kTY);
-            const size_t smem = static_cast<size_t>(CfaSmem<DP>(tp).total) * sizeof(acc_t);
-            auto kernel = cfa_fwd_kernel<scalar_t, acc_t, DP>;
-            int device = 0;
-            C10_CUDA_CHECK(cudaGetDevice(&device));
-            int limit = 0;
-            C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-            TORCH_CHECK(smem <= static_cast<size_t>(limit), "message_attention_forward_cuda: needs ", smem,
-                        " bytes of shared memory per block for T = ", num_frames, ", head dim ", head_dim,
-                        "; this GPU allows ", limit);
-            if (smem > 48 * 1024) {
-              C10_CUDA_CHECK(
-                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-            }
-            const dim3 grid(static_cast<unsigned>(videos), static_cast<unsigned>(num_heads));
-            const double scale_log2e = kLog2e / std::sqrt(static_cast<double>(head_dim));
-            kernel<<<grid, kThreads, smem, stream>>>(
-                messages.data_ptr<scalar_t>(), lnw.data_ptr<scalar_t>(), lnb.data_ptr<scalar_t>(),
-                w_in.data_ptr<scalar_t>(), b_in.data_ptr<scalar_t>(), b_out.data_ptr<scalar_t>(),
-                mixed.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), static_cast<int>(num_frames),
-                static_cast<int>(width), static_cast<int>(head_dim), static_cast<acc_t>(eps),
-                static_cast<acc_t>(scale_log2e));
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        });
+    XCLIP_DISPATCH_CUDA_TYPES(messages.scalar_type(), "message_attention_forward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      dispatch_head_dim(head_dim, "message_attention (cuda): head dim W / num_heads", [&](auto dp) {
+        constexpr int DP = decltype(dp)::value;
+        const int tp = static_cast<int>((num_frames + kTY - 1) / kTY * kTY);
+        const size_t smem = static_cast<size_t>(CfaSmem<DP>(tp).total) * sizeof(acc_t);
+        auto kernel = cfa_fwd_kernel<scalar_t, acc_t, DP>;
+        int device = 0;
+        C10_CUDA_CHECK(cudaGetDevice(&device));
+        int limit = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        TORCH_CHECK(smem <= static_cast<size_t>(limit), "message_attention_forward_cuda: needs ", smem,
+                    " bytes of shared memory per block for T = ", num_frames, ", head dim ", head_dim,
+                    "; this GPU allows ", limit);
+        if (smem > 48 * 1024) {
+          C10_CUDA_CHECK(
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        }
+        const dim3 grid(static_cast<unsigned>(videos), static_cast<unsigned>(num_heads));
+        const double scale_log2e = kLog2e / std::sqrt(static_cast<double>(head_dim));
+        kernel<<<grid, kThreads, smem, stream>>>(
+            messages.data_ptr<scalar_t>(), lnw.data_ptr<scalar_t>(), lnb.data_ptr<scalar_t>(),
+            w_in.data_ptr<scalar_t>(), b_in.data_ptr<scalar_t>(), b_out.data_ptr<scalar_t>(),
+            mixed.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), static_cast<int>(num_frames),
+            static_cast<int>(width), static_cast<int>(head_dim), static_cast<acc_t>(eps),
+            static_cast<acc_t>(scale_log2e));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
   }
   // The output projection, accumulating onto messages + out_proj_bias: the second launch.
   return at::addmm(residual, mixed, out_proj_weight.t());

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import xclip
-from video_helpers import write_video
+from video_helpers import write_resolution_change, write_video
 from xclip import classify as xc
 from xclip import cli
 from xclip import text_cache as tc
@@ -284,11 +284,131 @@ def test_bad_files_are_reported_and_the_others_still_run(capsys, checkpoint, fil
     assert top["label"] == LABELS[int(expected.argmax())]
 
 
+def test_a_file_that_changes_resolution_or_raises_does_not_stop_the_others(
+    capsys, monkeypatch, checkpoint, model, files, tmp_path
+) -> None:
+    """A real stream whose frames change from landscape to portrait is classified (it used to
+    end the whole call with an uncaught torch.stack error); any other error while one file is
+    decoded or classified is that file's one-line error, and the next files still run."""
+    g = torch.Generator().manual_seed(9)
+    changing = tmp_path / "changing.ts"
+    write_resolution_change(changing, [
+        torch.randint(0, 256, (5, 48, 64, 3), generator=g, dtype=torch.uint8),
+        torch.randint(0, 256, (6, 64, 48, 3), generator=g, dtype=torch.uint8),
+    ])
+    expected = expected_probabilities(model, changing)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(files["a"].read_bytes())
+    real_load_views = xc.load_views
+
+    def load_views(path, *args, **kwargs):
+        if os.fspath(path) == str(broken):
+            raise RuntimeError("decoder state lost\nsecond line of detail")
+        return real_load_views(path, *args, **kwargs)
+
+    monkeypatch.setattr(xc, "load_views", load_views)
+    common = ("--checkpoint", checkpoint, "--labels", LABEL_ARG, "--cache-dir", tmp_path, "--json")
+    status, out, err = run(capsys, changing, broken, files["a"], *common)
+    assert status == 1
+    results = parse_json(out)
+    assert [r["path"] for r in results] == [str(changing), str(files["a"])]
+    top = results[0]["top"][0]
+    assert top["label"] == LABELS[int(expected.argmax())]
+    torch.testing.assert_close(torch.tensor(top["probability"]), expected.max(), rtol=1e-5, atol=1e-6)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert errors == [f"xclip classify: error: path: {broken}: RuntimeError: decoder state lost; second line of detail"]
+    assert "1 of 3 files failed" in err
+
+
 def test_a_bad_checkpoint_is_one_clear_error(capsys, files, tmp_path) -> None:
     missing = tmp_path / "nope.pth"
     status, out, err = run(capsys, files["a"], "--checkpoint", missing, "--labels", LABEL_ARG, "--cache-dir", tmp_path)
-    assert status == 1 and out == ""
-    assert "error: checkpoint:" in err and "nope.pth" in err
+    assert status == 2 and out == ""  # a usage error: nothing was classified
+    assert "error: checkpoint:" in err and "nope.pth" in err and len(err.splitlines()) == 1
+
+
+def unusable_backends() -> list[str]:
+    """Backends that cannot run on the CPU of this machine (triton, cuda, xformers, usually)."""
+    from xclip_kernels import get_backend as backend_named
+
+    return [
+        name for name in ("triton", "cuda", "xformers")
+        if backend_named(name).unavailable_reasons() or "cpu" not in backend_named(name).devices
+        or backend_named(name).device_reasons("cpu")
+    ]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "xformers"])
+def test_a_backend_this_machine_cannot_run_is_one_line_exit_2(capsys, checkpoint, files, tmp_path, backend) -> None:
+    if backend not in unusable_backends():
+        pytest.skip(f"{backend} runs on the CPU here")
+    common = ("--checkpoint", checkpoint, "--labels", LABEL_ARG, "--cache-dir", tmp_path)
+    status, out, err = run(capsys, files["a"], *common, "--backend", backend)
+    assert status == 2 and out == ""
+    (line,) = err.splitlines()
+    assert line.startswith(f"xclip classify: error: backend: {backend} cannot run on cpu here: ")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "meta"], "device: expected a device that holds data, such as cpu or cuda:0, got meta"),
+        (["--device", "cuda:x"], "device: expected a torch device such as cpu or cuda:0, got 'cuda:x'"),
+    ],
+)
+def test_a_device_that_cannot_compute_is_one_line_exit_2(capsys, checkpoint, files, tmp_path, extra, message) -> None:
+    common = ("--checkpoint", checkpoint, "--labels", LABEL_ARG, "--cache-dir", tmp_path)
+    status, out, err = run(capsys, files["a"], *common, *extra)
+    assert status == 2 and out == ""
+    assert err.splitlines() == [f"xclip classify: error: {message}"]
+
+
+def test_labels_that_are_not_utf8_are_one_line_exit_2(capsys, checkpoint, files, tmp_path) -> None:
+    # Python keeps argv bytes that are not UTF-8 as lone surrogates: b"b\xff" arrives as "b\udcff".
+    common = ("--checkpoint", str(checkpoint), "--cache-dir", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", str(files["a"]), *common, "--labels", "a,b\udcff"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "--labels: expected UTF-8 text, got b'b\\xff'" in line
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_bytes(b"archery\nbowl\xffing\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classify", str(files["a"]), *common, "--labels-file", str(labels_file)])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"--labels-file: expected UTF-8 text, got byte 0xff at offset 12 of {labels_file}" in line
+    # From Python (run_classify), the same check names the label's position.
+    with pytest.raises(ValueError, match=r"labels\[1\]: expected UTF-8 text, got b'b\\xff'"):
+        cli.run_classify(videos=[str(files["a"])], checkpoint=str(checkpoint), labels=["a", "b\udcff"], use_cache=False)
+
+
+def test_an_over_long_label_is_one_line_for_cli_users_exit_2(capsys, checkpoint, files, tmp_path) -> None:
+    long_label = " ".join(["archery"] * 90)
+    common = ("--checkpoint", str(checkpoint), "--cache-dir", str(tmp_path))
+    status, out, err = run(capsys, files["a"], *common, "--labels", f"bowling,{long_label}")
+    assert status == 2 and out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("xclip classify: error: label 2 ('archery archery") and line.endswith("shorten it"), line
+    assert "truncate=True" not in line  # that advice is for Python callers
+
+
+def test_usage_errors_print_one_line_and_no_traceback_from_the_real_entry_point(checkpoint, files, tmp_path) -> None:
+    cases = [
+        ["--device", "meta"],
+        ["--labels-file", str(tmp_path / "missing.txt")],
+        ["--top-k", "0"],
+    ] + [["--backend", name] for name in unusable_backends()[:1]]
+    for extra in cases:
+        labels = [] if extra[0] == "--labels-file" else ["--labels", LABEL_ARG]
+        result = subprocess.run(
+            [sys.executable, "-m", "xclip", "classify", str(files["a"]), "--checkpoint", str(checkpoint),
+             "--no-cache", *labels, *extra],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 2, (extra, result.stderr)
+        assert result.stdout == "" and len(result.stderr.splitlines()) == 1, (extra, result.stderr)
+        assert "Traceback" not in result.stderr and "error: " in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -296,7 +416,7 @@ def test_a_bad_checkpoint_is_one_clear_error(capsys, files, tmp_path) -> None:
     [
         (["--backend", "bogus"], "backend: expected one of"),
         (["--device", "cuda:x"], "device: expected a torch device"),
-        (["--labels", "a " * 100], "texts[0]"),  # longer than the 77-token context
+        (["--labels", "a " * 100], "label 1 ("),  # longer than the 77-token context
     ],
 )
 def test_bad_run_settings_exit_2_and_say_why(capsys, checkpoint, files, tmp_path, extra, message) -> None:

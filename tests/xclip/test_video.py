@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from video_helpers import write_video
+from video_helpers import write_resolution_change, write_video
 from xclip import video as xv
 
 av = pytest.importorskip("av")
@@ -243,6 +243,27 @@ def test_load_views_clips_times_crops(lossless_mp4, noise_frames) -> None:
         torch.testing.assert_close(views[clip * 3 : clip * 3 + 3], expected)
     # The two clips sample different frames.
     assert xv.segment_indices(N, 4, 0, 2) == [1, 6, 11, 16] and xv.segment_indices(N, 4, 1, 2) == [3, 8, 13, 18]
+
+
+@pytest.mark.parametrize("crops", [1, 3])
+def test_a_stream_whose_resolution_changes_gives_views_like_any_other(tmp_path: Path, crops: int) -> None:
+    """Landscape 64x48 frames, then portrait 48x64 ones in the same stream: every sampled frame
+    is resized and cropped by its own size (it used to end the call with a torch.stack size
+    error, and with it a classify batch)."""
+    first = random_frames(9, seed=1)  # (9, 48, 64, 3)
+    second = random_frames(11, seed=2).reshape(11, W, H, 3)  # portrait: 48 wide, 64 high
+    path = tmp_path / "changes.ts"
+    write_resolution_change(path, [first, second])
+    frames = list(first) + list(second)
+    decoded = xv.read_frames(path, range(len(frames)))
+    assert [tuple(f.shape) for f in decoded] == [(3, H, W)] * 9 + [(3, W, H)] * 11  # the control
+    views = xv.load_views(path, 4, 32, num_clips=2, num_crops=crops)
+    assert views.shape == (2 * crops, 4, 3, 32, 32)
+    for clip in range(2):
+        indices = xv.segment_indices(len(frames), 4, clip, 2)
+        assert any(i < 9 for i in indices) and any(i >= 9 for i in indices)  # both sizes in the clip
+        expected = torch.cat([xv.preprocess(frames[i].permute(2, 0, 1)[None], 32, crops) for i in indices], dim=1)
+        torch.testing.assert_close(views[clip * crops : (clip + 1) * crops], expected)
 
 
 def test_lossy_mpeg4_frames_decode_close_to_the_encoded_colours(tmp_path: Path) -> None:

@@ -50,3 +50,26 @@ def write_video(
                 container.mux(packet)
         for packet in stream.encode():  # flush the encoder's delayed frames
             container.mux(packet)
+
+
+def write_resolution_change(
+    path: str | os.PathLike, segments: list[torch.Tensor], *, codec: str = "libx264rgb", pix_fmt: str = "rgb24",
+    options: dict[str, str] | None = None,
+) -> None:
+    """One MPEG-TS stream whose frame size changes between ``segments`` (each uint8
+    ``(N, H, W, 3)`` RGB, sizes free): each is encoded alone, then the transport streams are
+    concatenated byte for byte, which is a valid stream with a new sequence header at each
+    change (as FFmpeg's concat protocol makes). Lossless RGB H.264 by default (``crf`` 0)."""
+    if not str(path).endswith(".ts"):
+        raise ValueError(f"path: expected a .ts file (MPEG transport streams concatenate), got {str(path)!r}")
+    if options is None and codec == "libx264rgb":
+        options = {"crf": "0"}
+    data = b""
+    for index, frames in enumerate(segments):
+        part = f"{os.fspath(path)}.part{index}.ts"
+        write_video(part, frames, codec=codec, pix_fmt=pix_fmt, options=options)
+        with open(part, "rb") as f:
+            data += f.read()
+        os.remove(part)
+    with open(path, "wb") as f:
+        f.write(data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from xclip_kernels.backends import reference
 from xclip_kernels.registry import OpInputs
 from xk_helpers import (
     DTYPES,
+    FRAME_NON_FINITE,
     assert_matches_truth,
+    assert_same_non_finite,
     cpu_backends,
     automatic_cpu_backend,
     frame_inputs,
@@ -163,6 +166,115 @@ def test_reference_backend_is_the_reference_function(dtype):
 def test_automatic_choice_gives_the_first_available_backends_result_on_cpu():
     inputs = frame_inputs(2, 17, 3, 32, torch.float32, seed=8)
     assert torch.equal(xk.frame_attention(*inputs), xk.frame_attention(*inputs, backend=automatic_cpu_backend()))
+
+
+# --------------------------------------------------------------------------- NaN and Inf
+
+# Each path of the cpp kernels: the float32 tiles on the widest instruction set the CPU has
+# (D = 64), the AVX2 tiles (D = 80 is not a multiple of the AVX-512 panel, so AVX2 runs it on
+# every CPU), and the BLAS path (float32 with D = 24, and float64).
+NON_FINITE_PATHS = [
+    pytest.param(torch.float32, 64, id="fp32-D64"),
+    pytest.param(torch.float32, 80, id="fp32-D80"),
+    pytest.param(torch.float32, 24, id="fp32-D24"),
+    pytest.param(torch.float64, 64, id="fp64-D64"),
+]
+
+
+# Where PyTorch's own scaled_dot_product_attention (CPU, this torch) departs from the
+# reference: (case, dtype or None for every dtype) -> what it does. Strict: a torch that
+# matches the reference makes these cases fail, so the list is kept true.
+SDPA_DEPARTURES = {
+    ("every-score-minus-inf", None): "sdpa gives 0, not NaN, for a query whose every score is -Inf",
+    ("-inf-k", torch.float32): "sdpa's float32 backward gives finite dv rows where a NaN softmax row makes them NaN",
+    ("qk-overflows-to-inf", torch.float32): "sdpa's float32 backward gives finite dv rows where a NaN softmax row "
+                                            "makes them NaN",
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, head_dim", NON_FINITE_PATHS)
+@pytest.mark.parametrize("case, change", FRAME_NON_FINITE)
+def test_non_finite_inputs_come_out_as_the_references(request, backend, dtype, head_dim, case, change):
+    """NaN and Inf in any input, and q.k overflowing, give NaN/Inf exactly where the reference
+    at the same dtype does, in the output and in every gradient (no fast-math shortcut may hide them)."""
+    shape = (2, 17, 3, head_dim)
+    _skip_unsupported(backend, dtype, head_dim, True)
+    departure = SDPA_DEPARTURES.get((case, None)) or SDPA_DEPARTURES.get((case, dtype))
+    if backend == "sdpa" and departure:
+        request.applymarker(pytest.mark.xfail(reason=departure, strict=True))
+    inputs = frame_inputs(*shape, dtype, seed=14)
+    change(inputs)
+    upstream = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    out, grads = output_and_grads(xk.frame_attention, leaves(inputs), upstream, backend=backend)
+    expected, expected_grads = output_and_grads(reference.frame_attention, leaves(inputs), upstream)
+    assert_same_non_finite(out, expected, dtype, "output")
+    for name, grad, want in zip(NAMES, grads, expected_grads):
+        assert_same_non_finite(grad, want, dtype, f"grad of {name}")
+
+
+# --------------------------------------------------------------------------- empty inputs, double backward
+
+# F, N or H = 0, on the tile path's head dim (64) and the BLAS path's (24).
+ZERO_SIZE = [pytest.param(s, id="F{}-N{}-H{}-D{}".format(*s))
+             for s in [(0, 5, 2, 64), (2, 0, 2, 64), (2, 5, 0, 64), (0, 5, 2, 24), (2, 0, 2, 24), (2, 5, 0, 24)]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ZERO_SIZE)
+def test_zero_size_inputs_give_empty_outputs_and_the_references_gradients(backend, dtype, shape):
+    _skip_unsupported(backend, dtype, shape[-1], True)
+    inputs = leaves(frame_inputs(*shape, dtype))
+    out = xk.frame_attention(*inputs, backend=backend)
+    assert out.shape == shape and out.dtype == dtype
+    # .sum() hands the backward an expanded (stride 0) empty gradient, as real graphs do.
+    grads = torch.autograd.grad(out.sum(), inputs)
+    expected = torch.autograd.grad(reference.frame_attention(*(ref := leaves(inputs))).sum(), ref)
+    for name, grad, want in zip(NAMES, grads, expected):
+        assert torch.equal(grad, want), f"grad of {name}: {grad}, the reference {want}"
+
+
+# What a backend without a second derivative raises instead (PyTorch's own error).
+NO_DOUBLE_BACKWARD = {"sdpa": r"derivative for aten::_scaled_dot_product_\w+_backward is not implemented"}
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_double_backward_is_exact_or_raises(backend):
+    """gradgradcheck in float64; the fused backends (whose backward ops are not differentiable)
+    compute a differentiable gradient under create_graph=True instead of a silently wrong one."""
+    inputs = leaves(frame_inputs(2, 3, 2, 4, torch.float64, seed=16))
+
+    def attend(*t):  # noqa: ANN002, ANN202
+        return xk.frame_attention(*t, backend=backend)
+
+    if backend in NO_DOUBLE_BACKWARD:
+        with pytest.raises(RuntimeError, match=NO_DOUBLE_BACKWARD[backend]):
+            torch.autograd.gradgradcheck(attend, inputs, fast_mode=True)
+        return
+    assert torch.autograd.gradgradcheck(attend, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in NO_DOUBLE_BACKWARD])
+def test_second_derivatives_in_float32_match_float64_reference(backend):
+    """The float32 tile path's shape (D = 64): gradients of a function of the gradients."""
+    shape = (2, 17, 3, 64)
+    inputs = leaves(frame_inputs(*shape, torch.float32, seed=17))
+    gen = torch.Generator().manual_seed(18)
+    upstream = torch.randn(shape, dtype=torch.float64, generator=gen)
+    weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in inputs]
+
+    def second(fn, tensors):  # noqa: ANN001, ANN202
+        out = fn(*tensors)
+        grads = torch.autograd.grad(out, tensors, upstream.to(out.dtype), create_graph=True)
+        return torch.autograd.grad(sum((g * w.to(g.dtype)).sum() for g, w in zip(grads, weights)), tensors)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "an autograd kernel was not registered": never a silent zero
+        ours = second(lambda *t: xk.frame_attention(*t, backend=backend), inputs)
+    truth = second(reference.frame_attention, leaves(inputs, torch.float64))
+    for name, got, want in zip(NAMES, ours, truth):
+        assert_matches_truth(got, want, torch.float32, f"second derivative w.r.t. {name}")
 
 
 # --------------------------------------------------------------------------- the math itself

@@ -15,7 +15,9 @@ from xk_helpers import (
     automatic_cpu_backend,
     DTYPES,
     MESSAGE_ARG_NAMES,
+    MESSAGE_NON_FINITE,
     assert_matches_truth,
+    assert_same_non_finite,
     cpu_backends,
     leaves,
     message_inputs,
@@ -122,6 +124,71 @@ def test_backward_formula_matches_float64_autograd_of_the_reference(dtype, case)
     truth = torch.autograd.grad(reference.message_attention(*inputs, num_frames, heads), inputs, upstream)
     for name, grad, expected in zip(MESSAGE_ARG_NAMES, grads, truth, strict=True):
         assert_matches_truth(grad, expected, dtype, f"grad of {name}")
+
+
+# Each path of the cpp message kernels: the outer-product projection tiles (16 rows, W = 768),
+# the dot-product tiles (7 rows, W = 96), BLAS (72 rows), and float64.
+NON_FINITE_CASES = [
+    pytest.param(torch.float32, (2, 8, 768, 12), id="fp32-b2-T8-W768"),
+    pytest.param(torch.float32, (1, 7, 96, 3), id="fp32-b1-T7-W96"),
+    pytest.param(torch.float32, (9, 8, 64, 2), id="fp32-b9-T8-W64"),
+    pytest.param(torch.float64, (2, 8, 64, 2), id="fp64-b2-T8-W64"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, case", NON_FINITE_CASES)
+@pytest.mark.parametrize("name, change", MESSAGE_NON_FINITE)
+def test_non_finite_inputs_come_out_as_the_references(backend, dtype, case, name, change):
+    """NaN and Inf in messages or weights, and q.k overflowing, give NaN/Inf exactly where the
+    reference at the same dtype does, in the output and in every gradient."""
+    videos, frames, width, heads = case
+    _skip_unsupported(backend, dtype, width, heads, True)
+    tensors = message_inputs(videos, frames, width, dtype, seed=5)
+    change(tensors)
+    upstream = torch.randn(videos * frames, width, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    out, grads = output_and_grads(
+        lambda *t: _call(xk.message_attention, t, frames, heads, backend=backend), leaves(tensors), upstream
+    )
+    expected, expected_grads = output_and_grads(lambda *t: _call(_reference, t, frames, heads), leaves(tensors), upstream)
+    assert_same_non_finite(out, expected, dtype, "output")
+    for name, grad, want in zip(MESSAGE_ARG_NAMES, grads, expected_grads):
+        assert_same_non_finite(grad, want, dtype, f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width, heads", [(768, 12), (64, 2)], ids=["W768", "W64"])
+def test_no_videos_give_an_empty_output_and_the_references_gradients(backend, dtype, width, heads):
+    _skip_unsupported(backend, dtype, width, heads, True)
+    tensors = leaves(message_inputs(0, 8, width, dtype))
+    out = _call(xk.message_attention, tensors, 8, heads, backend=backend)
+    assert out.shape == (0, width) and out.dtype == dtype
+    # .sum() hands the backward an expanded (stride 0) empty gradient, as real graphs do.
+    grads = torch.autograd.grad(out.sum(), tensors)
+    expected = torch.autograd.grad(_call(_reference, (ref := leaves(tensors)), 8, heads).sum(), ref)
+    for name, grad, want in zip(MESSAGE_ARG_NAMES, grads, expected):
+        assert torch.equal(grad, want), f"grad of {name}: {grad}, the reference {want}"
+
+
+# What a backend without a second derivative raises instead (PyTorch's own error).
+NO_DOUBLE_BACKWARD = {"sdpa": r"derivative for aten::_scaled_dot_product_\w+_backward is not implemented"}
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_double_backward_is_exact_or_raises(backend):
+    """gradgradcheck in float64; the fused backends (whose backward ops are not differentiable)
+    use the PyTorch backward formula under create_graph=True instead of a silently wrong one."""
+    tensors = leaves(message_inputs(2, 3, 8, torch.float64, seed=7))
+
+    def attend(*t):  # noqa: ANN002, ANN202
+        return _call(xk.message_attention, t, 3, 2, backend=backend)
+
+    if backend in NO_DOUBLE_BACKWARD:
+        with pytest.raises(RuntimeError, match=NO_DOUBLE_BACKWARD[backend]):
+            torch.autograd.gradgradcheck(attend, tensors, fast_mode=True)
+        return
+    assert torch.autograd.gradgradcheck(attend, tensors, fast_mode=True)
 
 
 def test_reference_backend_is_the_reference_function():

@@ -194,7 +194,7 @@ def test_when_nothing_fits_one_error_lists_every_candidate(monkeypatch, spies):
     message = str(info.value)
     lines = message.splitlines()
     assert lines[0] == "no backend can run frame_attention on cpu float16, head dim 8:"
-    assert lines[1].startswith("  cpp: ") and "dtype float16 not supported (supports float32, float64)" in lines[1]
+    assert lines[1].startswith("  cpp: ") and "dtype float16 not supported (supports float32, float64, bfloat16)" in lines[1]
     assert lines[2].startswith("  xformers: ") and "device 'cpu' not supported" in lines[2]
     assert len(lines) == 3
     assert spies == []
@@ -231,20 +231,25 @@ def test_supported_call_has_no_reasons():
     assert get_backend("reference").not_supported_reasons(_probe(dtype=torch.bfloat16, requires_grad=True)) == []
 
 
+def test_cpu_bfloat16_goes_to_cpp_first():
+    # backend=None on CPU bf16 tensors takes cpp wherever it is built (tests/.../test_cpp.py runs it).
+    assert torch.bfloat16 in get_backend("cpp").dtypes
+    assert registry.PRIORITY["cpu"][0] == "cpp"
+
+
 @pytest.mark.parametrize(
     "name, changes, reason",
     [
         ("sdpa", {"device_type": "mps"}, "device 'mps' not supported (supports cpu, cuda)"),
         ("cuda", {}, "device 'cpu' not supported (supports cuda)"),
         ("cpp", {"device_type": "cuda"}, "device 'cuda' not supported (supports cpu)"),
-        ("cpp", {"dtype": torch.float16}, "dtype float16 not supported (supports float32, float64)"),
-        ("cpp", {"dtype": torch.bfloat16}, "dtype bfloat16 not supported (supports float32, float64)"),
+        ("cpp", {"dtype": torch.float16}, "dtype float16 not supported (supports float32, float64, bfloat16)"),
         ("xformers", {"dtype": torch.float64, "device_type": "cuda"}, "dtype float64 not supported (supports float16, bfloat16, float32)"),
         ("xformers", {"head_dim": 256, "device_type": "cuda"}, "head dim 256 > 128"),
         ("triton", {"head_dim": 160, "device_type": "cuda"}, "head dim 160 > 128"),
         ("xformers", {"op": "message_attention", "device_type": "cuda"}, "does not implement message_attention"),
     ],
-    ids=["device-mps", "cuda-on-cpu", "cpp-on-cuda", "cpp-fp16", "cpp-bf16", "xformers-fp64", "xformers-D256", "triton-D160", "xformers-op"],
+    ids=["device-mps", "cuda-on-cpu", "cpp-on-cuda", "cpp-fp16", "xformers-fp64", "xformers-D256", "triton-D160", "xformers-op"],
 )
 def test_not_supported_reasons(name, changes, reason):
     reasons = get_backend(name).not_supported_reasons(_probe(**changes))
@@ -378,7 +383,7 @@ def test_reading_every_declaration_imports_no_extension_triton_or_xformers():
     "variable, value, message",
     [
         ("XCLIP_KERNELS_BACKEND", "fastest", "XCLIP_KERNELS_BACKEND: expected one of reference, sdpa"),
-        ("XCLIP_KERNELS_CPU_ISA", "bogus", "XCLIP_KERNELS_CPU_ISA: expected one of auto, avx2 (or unset), got 'bogus'"),
+        ("XCLIP_KERNELS_CPU_ISA", "bogus", "XCLIP_KERNELS_CPU_ISA: expected one of auto, avx512_bf16, avx2 (or unset), got 'bogus'"),
         ("XCLIP_KERNELS_GEMM", "mkl", "XCLIP_KERNELS_GEMM: expected one of auto, matmul, onednn (or unset), got 'mkl'"),
     ],
 )

@@ -3,7 +3,8 @@
 The ground truth is always :mod:`xclip_kernels.backends.reference` run in float64 on the
 *same* (already rounded) values the op under test received, so only the op's own arithmetic
 is measured. Tolerances follow ``docs/testing.md#tolerances``: fp32 within 1e-5 relative to
-the tensor's scale, fp64 within 1e-10.
+the tensor's scale, fp64 within 1e-10; bf16/fp16 within 2x (outputs) or 3x (gradients) the
+error of plain PyTorch at that dtype.
 """
 
 from __future__ import annotations
@@ -48,6 +49,31 @@ def assert_matches_truth(actual: torch.Tensor, truth: torch.Tensor, dtype: torch
             f"max |error| {error.max().item():.3g}; worst at {index}: got {actual[index].item()!r}, "
             f"expected {truth[index].item()!r} (atol {tol['atol']:.3g}, rtol {tol['rtol']:.3g})"
         )
+
+
+LOW_PRECISION_FACTOR = {"output": 2.0, "gradient": 3.0}
+"""The 2x/3x rule of ``docs/testing.md#low-precision``: outputs, gradients."""
+
+
+def assert_within_low_precision_rule(
+    actual: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor, kind: str, what: str
+) -> None:
+    """``actual`` (bf16/fp16) is as close to the float64 ``truth`` as the rule asks:
+    ``max|actual - truth| <= factor * max|plain - truth| + 1e-5 * max(1, max|truth|)``, with
+    ``plain`` the reference run at ``actual``'s dtype on the same rounded inputs and ``factor``
+    2 for an ``"output"``, 3 for a ``"gradient"``; ``actual`` finite, of ``plain``'s dtype."""
+    assert actual.dtype == plain.dtype, f"{what}: dtype {actual.dtype}, expected {plain.dtype}"
+    assert actual.shape == truth.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(truth.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    if truth.numel() == 0:
+        return
+    factor = LOW_PRECISION_FACTOR[kind]
+    err = (actual.double() - truth).abs().max().item()
+    base = (plain.double() - truth).abs().max().item()
+    floor = 1e-5 * max(1.0, truth.abs().max().item())
+    assert err <= factor * base + floor, (
+        f"{what}: max |error| {err:.3g} > {factor:g} x {base:.3g} (plain PyTorch at {actual.dtype}) + {floor:.3g}"
+    )
 
 
 def leaves(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
@@ -155,3 +181,96 @@ def nan_padded(tensors: Sequence[torch.Tensor], pad: int) -> list[torch.Tensor]:
         buffer[:, : t.shape[1]] = t
         views.append(buffer[:, : t.shape[1]])
     return views
+
+
+# --------------------------------------------------------------------------- NaN and Inf
+#
+# Non-finite inputs must come out exactly as the reference's do (docs/testing.md#nan-and-inf):
+# the truth is the reference at the test dtype on the same values (an overflow of q.k in
+# float32 does not overflow in float64), NaN, +Inf and -Inf in the same positions, the finite
+# elements within the usual tolerance.
+
+NAN, INF = float("nan"), float("inf")
+
+
+def assert_same_non_finite(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """``actual`` has NaN, +Inf and -Inf exactly where ``expected`` (the reference at ``dtype``)
+    has them, and its finite elements match within the tolerance of ``docs/testing.md``."""
+    assert actual.dtype == dtype and actual.shape == expected.shape, (
+        f"{what}: {actual.dtype} {tuple(actual.shape)}, expected {dtype} {tuple(expected.shape)}")
+    for name, test in (("NaN", torch.isnan), ("+Inf", lambda t: t == INF), ("-Inf", lambda t: t == -INF)):
+        got, want = test(actual), test(expected)
+        if not torch.equal(got, want):
+            first = tuple(int(i) for i in (got != want).nonzero()[0])
+            raise AssertionError(
+                f"{what}: {name} at {int(got.sum())} elements, the reference at {int(want.sum())}; first difference "
+                f"at {first}: got {actual[first].item()!r}, the reference {expected[first].item()!r}")
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(actual[finite], expected[finite], **tolerance(dtype, expected[finite].double()),
+                               msg=lambda m: f"{what}, finite elements: {m}")
+
+
+def _put(index: int, where: tuple, value: float) -> Callable[[list[torch.Tensor]], None]:
+    def change(tensors: list[torch.Tensor]) -> None:
+        tensors[index][where] = value
+    return change
+
+
+def _big(t: torch.Tensor) -> float:
+    """16 sqrt(max) of t's dtype: the product of two overflows, even after a scale of 1/16."""
+    return 16 * torch.finfo(t.dtype).max ** 0.5
+
+
+def _overflowing_scores(sign: float) -> Callable[[list[torch.Tensor]], None]:
+    """The score of query 3 and key 4 in frame 0, head 1 overflows to sign * Inf (+Inf: that
+    query's softmax is NaN; -Inf: that key has weight 0 and everything stays finite). Both
+    are big in dim 0 only and every other query and key of the head is 0 there, so no other
+    score is big (huge finite scores would make the gradients ill-conditioned)."""
+    def change(tensors: list[torch.Tensor]) -> None:
+        q, k, msg_k = tensors[0], tensors[1], tensors[3]
+        q[0, :, 1, 0] = k[0, :, 1, 0] = msg_k[0, 1, 0] = 0.0
+        q[0, 3, 1, 0] = _big(q)
+        k[0, 4, 1, 0] = sign * _big(k)
+    return change
+
+
+def _every_score_minus_inf(tensors: list[torch.Tensor]) -> None:
+    """Every score of frame 0, head 1 (the message key's too) overflows to -Inf: NaN, as softmax of all -Inf."""
+    big = _big(tensors[0])
+    tensors[0][0, :, 1] = big
+    tensors[1][0, :, 1] = -big
+    tensors[3][0, 1] = -big
+
+
+def _overflowing_message_scores(tensors: list[torch.Tensor]) -> None:
+    """Element 5 of every query and key (through the in_proj bias) is big: every score +Inf, all NaN."""
+    width = tensors[0].shape[1]
+    tensors[4][5] = tensors[4][width + 5] = _big(tensors[4])
+
+
+FRAME_NON_FINITE = [
+    # (name, change of [q, k, v, msg_k, msg_v] in place); inputs at least (2, 5, 2, 8)
+    pytest.param("nan-q", _put(0, (0, 3, 1, 5), NAN), id="nan-q"),
+    pytest.param("nan-k", _put(1, (1, 2, 0, 7), NAN), id="nan-k"),
+    pytest.param("nan-v", _put(2, (0, 4, 1, 5), NAN), id="nan-v"),
+    pytest.param("nan-msg_k", _put(3, (1, 0, 2), NAN), id="nan-msg_k"),
+    pytest.param("nan-msg_v", _put(4, (0, 1, 6), NAN), id="nan-msg_v"),
+    pytest.param("inf-q", _put(0, (1, 3, 0, 5), INF), id="inf-q"),
+    pytest.param("-inf-k", _put(1, (0, 2, 1, 7), -INF), id="-inf-k"),
+    pytest.param("inf-v", _put(2, (1, 4, 1, 5), INF), id="inf-v"),
+    pytest.param("-inf-msg_v", _put(4, (1, 0, 3), -INF), id="-inf-msg_v"),
+    pytest.param("qk-overflows-to-inf", _overflowing_scores(+1.0), id="qk-overflows-to-inf"),
+    pytest.param("qk-overflows-to-minus-inf", _overflowing_scores(-1.0), id="qk-overflows-to-minus-inf"),
+    pytest.param("every-score-minus-inf", _every_score_minus_inf, id="every-score-minus-inf"),
+]
+
+MESSAGE_NON_FINITE = [
+    # (name, change of the seven message_attention tensors in place); W >= 16, T >= 2, b >= 1
+    pytest.param("nan-message", _put(0, (1, 5), NAN), id="nan-message"),  # its video NaN, the others finite
+    pytest.param("inf-message", _put(0, (1, 5), INF), id="inf-message"),
+    pytest.param("nan-ln_weight", _put(1, (5,), NAN), id="nan-ln_weight"),
+    pytest.param("nan-in_proj_weight-v", _put(3, (-1, 7), NAN), id="nan-in_proj_weight-v"),
+    pytest.param("nan-out_proj_weight", _put(5, (5, 7), NAN), id="nan-out_proj_weight"),  # one output column NaN
+    pytest.param("inf-out_proj_bias", _put(6, (3,), INF), id="inf-out_proj_bias"),  # one output column +Inf
+    pytest.param("qk-overflows-to-inf", _overflowing_message_scores, id="qk-overflows-to-inf"),
+]

@@ -36,7 +36,8 @@ reads, with the class labels beside them in ``labels.txt``.
 
 Modules, by job:
 
-- :mod:`xclip.train.data`: the video folder, synthetic clips, mixup / CutMix, the sharded loader;
+- :mod:`xclip.train.data`: the video folder (skipping files it cannot load), synthetic clips, mixup / CutMix,
+  the sharded loader;
 - :mod:`xclip.train.classifier`: the module a step trains (X-CLIP with its class prompts);
 - :mod:`xclip.train.recipe`: parameter groups, text freezing, the schedule, one step;
 - :mod:`xclip.train.distributed`: the process group, DDP / FSDP2 wrapping, gradient and loss sync;
@@ -48,6 +49,7 @@ from .cli import build_parser, check_args, parse_args
 from .data import (
     VIDEO_EXTENSIONS,
     ClipLoader,
+    SkippedFiles,
     SyntheticVideos,
     VideoFolder,
     default_clip_loader,
@@ -86,6 +88,7 @@ __all__ = [
     "ClipLoader",
     "Distributed",
     "FinetuneResult",
+    "SkippedFiles",
     "SyntheticVideos",
     "VideoClassifier",
     "VideoFolder",

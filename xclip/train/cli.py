@@ -30,6 +30,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     data.add_argument("--synthetic", type=int, metavar="N", help="instead of --data: N random clips (smoke tests)")
     data.add_argument("--synthetic-classes", type=int, default=4, metavar="K", help="classes of --synthetic (%(default)s)")
     data.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank (%(default)s)")
+    data.add_argument(
+        "--strict-data", action="store_true",
+        help="a --data file that cannot be loaded ends the run (default: it is skipped with a warning, its "
+        "place in the batch taken by the next file, and the skipped files are listed at the end)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(

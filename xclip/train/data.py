@@ -2,14 +2,20 @@
 
 A dataset item is ``(clip (T, 3, S, S) float, class index)``; every dataset also has
 ``labels`` (the prompt text of each class, by index) and ``classes`` (the class names).
+
+A video folder can skip files that cannot be loaded (:class:`SkippedFiles`): the item of a bad
+file is the next loadable file's, the file is remembered (in every loader process) and never
+tried again, and the run reports them at the end; without it a bad file raises, naming itself.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import multiprocessing
 import os
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +58,53 @@ def no_clip_loader(path: str) -> torch.Tensor:
     raise RuntimeError("VideoFolder.load_clip was not set")
 
 
+class SkippedFiles:
+    """The files of a :class:`VideoFolder` that could not be loaded, with the reason, by path.
+
+    With ``shared=True`` the record lives in a ``multiprocessing`` manager process, so that the
+    DataLoader's worker processes (each with its own copy of the dataset) add to one record the
+    run reads at the end; call :meth:`close` when done. Without, a plain dict (``--workers 0``).
+    """
+
+    def __init__(self, *, shared: bool = False) -> None:
+        self._manager = multiprocessing.Manager() if shared else None
+        self._files: dict[str, str] = self._manager.dict() if self._manager is not None else {}
+
+    def __getstate__(self) -> dict[str, object]:
+        # A worker process gets the record (a picklable proxy), not the manager.
+        return {"_manager": None, "_files": self._files}
+
+    def __contains__(self, path: object) -> bool:
+        try:
+            return path in self._files
+        except (OSError, EOFError):  # the manager is gone (the run ended while a worker prefetched)
+            return False
+
+    def record(self, path: str, reason: str) -> bool:
+        """Remember ``path`` as unloadable; True when it was not known yet (two workers failing
+        on one file at once may both see True: the cost is one repeated warning)."""
+        try:
+            if path in self._files:
+                return False
+            self._files[path] = reason
+            return True
+        except (OSError, EOFError):
+            return False
+
+    def items(self) -> dict[str, str]:
+        """A plain copy: ``{path: reason}``."""
+        try:
+            return dict(self._files.items())
+        except (OSError, EOFError):
+            return {}
+
+    def close(self) -> None:
+        """Stop the manager process (a no-op when not shared or closed already)."""
+        if self._manager is not None:
+            self._manager.shutdown()
+            self._manager = None
+
+
 class VideoFolder(Dataset):
     """Labelled videos in ``root/<class_name>/<video files>``.
 
@@ -60,12 +113,21 @@ class VideoFolder(Dataset):
     class index)``; ``load_clip(path)`` makes the clip. ``argument`` names the source in
     error messages (the run passes ``"--data"``).
 
+    ``skipped``: ``None`` (the default), and a file that ``load_clip`` cannot load raises,
+    naming it; a :class:`SkippedFiles`, and such a file is recorded there (with a warning on
+    stderr the first time) and the item is the next loadable file's, in sample order, with
+    that file's class, so that batches stay full (a skipped file's place in the epoch goes to
+    a repeat of another). Files already recorded are not tried again.
+
     Raises:
         FileNotFoundError / NotADirectoryError: ``root`` is missing or not a folder.
         ValueError: fewer than two class folders, or a class folder without video files.
     """
 
-    def __init__(self, root: str | os.PathLike, load_clip: ClipLoader, *, argument: str = "root") -> None:
+    def __init__(
+        self, root: str | os.PathLike, load_clip: ClipLoader, *, argument: str = "root",
+        skipped: SkippedFiles | None = None,
+    ) -> None:
         root_path = Path(root)
         layout = "a folder of class folders (root/<class_name>/<video files>)"
         if not root_path.exists():
@@ -78,6 +140,8 @@ class VideoFolder(Dataset):
             raise ValueError(f"{argument}: expected at least 2 class folders in {str(root)!r}, got {len(folders)} ({found})")
         self.root = root_path
         self.load_clip = load_clip
+        self.argument = argument
+        self.skipped = skipped
         self.classes = [p.name for p in folders]
         self.labels = [label_text(name) for name in self.classes]
         empty = [name for name, text in zip(self.classes, self.labels) if not text]
@@ -100,12 +164,28 @@ class VideoFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        clip = self.load_clip(path)
-        if not isinstance(clip, torch.Tensor) or clip.dim() != 4 or clip.shape[1] != 3 or not clip.is_floating_point():
-            got = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
-            raise ValueError(f"load_clip: expected a float tensor (T, 3, S, S) for {path!r}, got {got}")
-        return clip, label
+        count = len(self.samples)
+        for offset in range(count if self.skipped is not None else 1):
+            path, label = self.samples[(index + offset) % count]
+            if self.skipped is not None and path in self.skipped:
+                continue
+            try:
+                clip = self.load_clip(path)
+            except ImportError:  # a missing decoder fails every file alike: not a bad file
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever a broken file makes the decoder raise
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+                if self.skipped is None:
+                    raise RuntimeError(f"{self.argument}: {path} could not be loaded ({reason})") from exc
+                if self.skipped.record(path, reason):
+                    print(f"warning: {self.argument}: skipping {path}: {reason}", file=sys.stderr, flush=True)
+                continue
+            if not isinstance(clip, torch.Tensor) or clip.dim() != 4 or clip.shape[1] != 3 or not clip.is_floating_point():
+                got = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
+                raise ValueError(f"load_clip: expected a float tensor (T, 3, S, S) for {path!r}, got {got}")
+            return clip, label
+        path, reason = next(iter(self.skipped.items().items()), ("?", "?"))  # all recorded by now
+        raise RuntimeError(f"{self.argument}: none of the {count} video files could be loaded (e.g. {path}: {reason})")
 
 
 class SyntheticVideos(Dataset):

@@ -25,7 +25,16 @@ from xclip.config import XCLIPConfig
 from xclip.model import XCLIP
 
 from .cli import PROG, parse_args
-from .data import ClipLoader, SyntheticVideos, VideoFolder, default_clip_loader, mix_batch, no_clip_loader, sharded_loader
+from .data import (
+    ClipLoader,
+    SkippedFiles,
+    SyntheticVideos,
+    VideoFolder,
+    default_clip_loader,
+    mix_batch,
+    no_clip_loader,
+    sharded_loader,
+)
 from .distributed import Distributed, mean_over_processes, setup_distributed, teardown_distributed, wrap_for_training
 from .classifier import VideoClassifier
 from .recipe import build_optimizer, freeze_text_tower, param_groups, train_step, warmup_cosine_scheduler
@@ -35,7 +44,9 @@ from .recipe import build_optimizer, freeze_text_tower, param_groups, train_step
 class FinetuneResult:
     """What :func:`main` returns: the trained ``model`` (sharded under FSDP), the global
     mean loss of every step, ``steps`` taken, throughput in clips/s over all processes
-    (steps after the first), the class ``labels`` and the final checkpoint (or None)."""
+    (steps after the first), the class ``labels``, the final checkpoint (or None) and the
+    ``--data`` files skipped because they could not be loaded (``{path: reason}``, all
+    processes)."""
 
     model: XCLIP
     losses: list[float]
@@ -43,6 +54,7 @@ class FinetuneResult:
     clips_per_s: float
     labels: list[str]
     checkpoint: Path | None
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def main(
@@ -72,15 +84,21 @@ def train(args: argparse.Namespace, run: Distributed, load_clip: ClipLoader | No
     """The run of checked arguments ``args`` (:func:`~xclip.train.cli.parse_args`) in process
     ``run``: build, write the labels, train, save the final checkpoint."""
     training = build_training(args, run, load_clip)
-    write_labels(training)
-    log_start(training)
-    progress = run_epochs(training)
-    checkpoint = save_final_checkpoint(training)
-    if progress.steps > 1:
-        log(run, f"done: {progress.steps} steps, {progress.clips_per_s:.1f} clips/s after the first step")
+    try:
+        write_labels(training)
+        log_start(training)
+        progress = run_epochs(training)
+        checkpoint = save_final_checkpoint(training)
+        if progress.steps > 1:
+            log(run, f"done: {progress.steps} steps, {progress.clips_per_s:.1f} clips/s after the first step")
+        skipped = skipped_files(training)
+        log_skipped(training, skipped)
+    finally:
+        if training.skipped is not None:
+            training.skipped.close()
     return FinetuneResult(
         training.model, progress.losses, progress.steps, progress.clips_per_s, list(training.labels),
-        checkpoint if run.is_main else None,
+        checkpoint if run.is_main else None, skipped,
     )
 
 
@@ -113,6 +131,9 @@ class Training:
     autocast_dtype: torch.dtype | None
     total_steps: int
     output: Path | None
+    skipped: SkippedFiles | None = None
+    """Where the ``--data`` files that could not be loaded are recorded (None: ``--strict-data``
+    or synthetic data)."""
 
     @property
     def clips_per_step(self) -> int:
@@ -141,6 +162,9 @@ def build_training(args: argparse.Namespace, run: Distributed, load_clip: ClipLo
         param_groups(model, lr=args.lr, weight_decay=args.weight_decay, new_lr_scale=args.new_lr_scale)
     )
 
+    if folder is not None and not args.strict_data:  # made last: nothing after it can fail
+        # Loader workers are processes with their own copy of the folder: a shared record.
+        folder.skipped = SkippedFiles(shared=args.workers > 0)
     loader = sharded_loader(
         dataset, batch_size=args.batch_size, rank=run.rank, world_size=run.world_size, seed=args.seed,
         workers=args.workers, pin_memory=run.device.type == "cuda",
@@ -153,6 +177,7 @@ def build_training(args: argparse.Namespace, run: Distributed, load_clip: ClipLo
         scaler=torch.amp.GradScaler(run.device.type) if amp == "fp16" else None,
         amp=amp, autocast_dtype=autocast_dtype, total_steps=total_steps,
         output=Path(args.output) if args.output is not None else None,
+        skipped=folder.skipped if folder is not None else None,
     )
 
 
@@ -337,6 +362,35 @@ def log_step(training: Training, epoch: int, progress: Progress, learning_rates:
         f"epoch {epoch + 1} step {step}/{total} loss {progress.losses[-1]:.4f} lr {lrs} "
         f"{rate:.1f} clips/s{memory} [{datetime.datetime.now():%H:%M:%S}]",
     )
+
+
+def skipped_files(training: Training) -> dict[str, str]:
+    """The ``--data`` files skipped so far by every process, ``{path: reason}`` (every rank
+    must call this in a distributed run: the records are gathered)."""
+    mine = training.skipped.items() if training.skipped is not None else {}
+    if training.run.world_size == 1:
+        return mine
+    gathered: list[dict[str, str] | None] = [None] * training.run.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return {path: reason for part in gathered for path, reason in (part or {}).items()}
+
+
+SKIPPED_LISTED = 20
+"""Skipped files named one by one in the summary; the rest are counted."""
+
+
+def log_skipped(training: Training, skipped: dict[str, str]) -> None:
+    """The summary of the skipped ``--data`` files on rank 0 (nothing when none were)."""
+    if not skipped:
+        return
+    lines = [
+        f"skipped {len(skipped)} of {training.clips} --data files that could not be loaded (each replaced by "
+        "the next file; --strict-data makes them an error):"
+    ]
+    lines += [f"  {path}: {reason}" for path, reason in sorted(skipped.items())[:SKIPPED_LISTED]]
+    if len(skipped) > SKIPPED_LISTED:
+        lines.append(f"  ... and {len(skipped) - SKIPPED_LISTED} more")
+    log(training.run, "\n".join(lines))
 
 
 # -- checkpoints (rank 0) ---------------------------------------------------------------------

@@ -16,6 +16,11 @@ runs as :func:`xclip_kernels.frame_attention`: q, k, v of the frame tokens plus 
 token's key and value, no concatenated copy, no query row for the message token. Nothing is
 copied out of the model, so training the patched model updates HF's parameters.
 
+A call the kernels cannot serve (``output_attentions=True``: the kernels never form the
+attention weights; attention dropout in training; an attention mask) runs the layer's original
+forward for that call, as Hugging Face's own SDPA path falls back to eager attention when the
+weights are asked for, with one :class:`HFFallbackWarning` per reason per process.
+
 This module imports nothing from ``transformers``: HF layers are recognised by their class,
 looked up in ``sys.modules`` (a process that has not imported HF's X-CLIP holds no such layer).
 """
@@ -25,7 +30,9 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import threading
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -36,13 +43,23 @@ from .. import checks
 from ..ops import frame_attention, message_attention
 from ..registry import get_backend, preload
 
-__all__ = ["patch_hf_xclip", "unpatch", "unpatch_hf_xclip"]
+__all__ = ["HFFallbackWarning", "patch_hf_xclip", "unpatch", "unpatch_hf_xclip"]
 
 _HF_MODULE = "transformers.models.x_clip.modeling_x_clip"
 _HF_LAYER = "XCLIPVisionEncoderLayer"  # HF's name for the official CrossFramelAttentionBlock
 _PATCH_ATTRIBUTE = "_xclip_kernels_patch"
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+class HFFallbackWarning(UserWarning):
+    """A patched Hugging Face block ran its original forward for a call the xclip_kernels ops
+    cannot serve (issued once per reason per process)."""
+
+
+_WARNED: set[str] = set()
+"""The fallback reasons already warned about in this process."""
+_WARNED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -70,11 +87,12 @@ def patch_hf_xclip(model: ModuleT, backend: str | None = None) -> ModuleT:
             choice at each call. Patching a patched model again only changes the backend.
 
     The patched blocks take and return what HF's do (``hidden_states`` ``(b*T, L, W)`` ->
-    ``(b*T, L, W)``; a 1-tuple on transformers 4) and honour HF gradient checkpointing. They
-    raise ``NotImplementedError`` where the kernels cannot do what HF would: an attention
-    mask, ``output_attentions=True`` (the kernels never form the attention weights; unpatch to
-    get them) and attention dropout in training. ``torch.compile(model, fullgraph=True)``
-    traces the patched blocks.
+    ``(b*T, L, W)``; a 1-tuple on transformers 4) and honour HF gradient checkpointing. A
+    call the kernels cannot serve runs the layer's original forward instead, for that call
+    only, and warns once per process and reason with :class:`HFFallbackWarning`: an attention
+    mask, ``output_attentions=True`` (passed or the config's default; the kernels never form
+    the attention weights) and attention dropout in training. Every other call runs on the
+    kernels. ``torch.compile(model, fullgraph=True)`` traces the patched blocks.
 
     Raises:
         TypeError: ``model`` is not a module, or holds no HF cross-frame block.
@@ -154,23 +172,15 @@ def _patched_forward(
     not needed.
     """
     patch: _Patch = getattr(layer, _PATCH_ATTRIBUTE)
-    if attention_mask is not None or causal_attention_mask is not None:
-        raise NotImplementedError(
-            "attention_mask: the xclip_kernels ops take no mask (HF's vision tower passes none); "
-            "call xclip_kernels.integrations.unpatch_hf_xclip(model) to run HF's forward with one"
-        )
-    if output_attentions is None:
-        output_attentions = getattr(layer.self_attn.config, "output_attentions", False)
-    if output_attentions:
-        raise NotImplementedError(
-            "output_attentions=True: the xclip_kernels ops never form the attention weights; "
-            "call xclip_kernels.integrations.unpatch_hf_xclip(model) to get them from HF's forward"
-        )
-    if layer.training and (layer.self_attn.dropout > 0 or layer.message_attn.dropout > 0):
-        raise NotImplementedError(
-            f"attention_dropout: the xclip_kernels ops have no attention dropout, got "
-            f"{layer.self_attn.dropout} in training; set config.attention_dropout = 0 or unpatch"
-        )
+    reason = _fallback_reason(layer, attention_mask, causal_attention_mask, output_attentions)
+    if reason is not None:
+        _warn_once(reason)
+        if output_attentions is not None:  # given by the caller: the original forward must see it too
+            kwargs["output_attentions"] = output_attentions
+        if causal_attention_mask is not None or patch.returns_tuple:  # the transformers 4 signature
+            kwargs["causal_attention_mask"] = causal_attention_mask
+        original = patch.original if patch.original is not None else types.MethodType(type(layer).forward, layer)
+        return original(hidden_states, attention_mask, **kwargs)
     checks.tensor("hidden_states", hidden_states, ndim=3)
     body = functools.partial(_cross_frame_block, layer, patch.backend)
     # transformers 5 checkpoints inside the class's forward, which this one replaces.
@@ -179,6 +189,47 @@ def _patched_forward(
     else:
         out = body(hidden_states)
     return (out,) if patch.returns_tuple else out
+
+
+_FALLBACK_WHY = {
+    "attention_mask": "the xclip_kernels ops take no attention mask (HF's vision tower passes none)",
+    "output_attentions": "output_attentions=True: the xclip_kernels ops never form the attention weights",
+    "attention_dropout": "attention dropout in training: the xclip_kernels ops have no attention dropout",
+}
+
+
+def _fallback_reason(
+    layer: nn.Module,
+    attention_mask: torch.Tensor | None,
+    causal_attention_mask: torch.Tensor | None,
+    output_attentions: bool | None,
+) -> str | None:
+    """The key in :data:`_FALLBACK_WHY` of why this call needs HF's own forward, or None when
+    the kernels can serve it."""
+    if attention_mask is not None or causal_attention_mask is not None:
+        return "attention_mask"
+    if output_attentions is None:  # not passed: HF's output capture reads the config's default
+        output_attentions = getattr(layer.self_attn.config, "output_attentions", False)
+    if output_attentions:
+        return "output_attentions"
+    if layer.training and (layer.self_attn.dropout > 0 or layer.message_attn.dropout > 0):
+        return "attention_dropout"
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    """One :class:`HFFallbackWarning` per ``reason`` per process (whatever the warning filters
+    say: a training loop would otherwise repeat it every layer of every step)."""
+    with _WARNED_LOCK:
+        if reason in _WARNED:
+            return
+        _WARNED.add(reason)
+    warnings.warn(
+        f"patch_hf_xclip: {_FALLBACK_WHY[reason]}; these calls run Hugging Face's original forward "
+        "of the cross-frame blocks (other calls still run on xclip_kernels). Warned once per process.",
+        HFFallbackWarning,
+        stacklevel=3,
+    )
 
 
 def _cross_frame_block(layer: nn.Module, backend: str | None, hidden_states: torch.Tensor) -> torch.Tensor:

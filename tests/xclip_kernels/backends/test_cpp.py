@@ -18,6 +18,7 @@ from xclip_kernels.backends import _extension, cpp, reference
 from xk_helpers import (
     MESSAGE_ARG_NAMES,
     assert_matches_truth,
+    assert_within_low_precision_rule,
     frame_inputs,
     leaves,
     message_inputs,
@@ -137,17 +138,20 @@ def test_cpu_isa_is_set_and_reported():
         else:
             widest = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
             assert cpp.cpu_isa() == widest
-        with pytest.raises(ValueError, match=r'set_cpu_isa: name: expected "auto" .* or "avx2", got "avx512"'):
+        cpp.set_cpu_isa("avx512_bf16")  # adds the native bf16 forward: the float32 tiles are unchanged
+        if extension.has_cpu_tiles():
+            assert cpp.cpu_isa() == widest
+        with pytest.raises(ValueError, match=r'set_cpu_isa: name: expected "auto" .*, "avx512_bf16" or "avx2", got "avx512"'):
             cpp.set_cpu_isa("avx512")
     finally:
         cpp.set_cpu_isa("auto")
 
 
-def _cpu_isa_in_a_fresh_process(value: str) -> subprocess.CompletedProcess:
+def _cpu_isa_in_a_fresh_process(value: str, report: str = "cpu_isa") -> subprocess.CompletedProcess:
     root = Path(xk.__file__).resolve().parent.parent
     env = {**os.environ, "XCLIP_KERNELS_CPU_ISA": value,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    code = "from xclip_kernels.backends import cpp; print(cpp.cpu_isa())"
+    code = f"from xclip_kernels.backends import cpp; print(cpp.{report}())"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -156,9 +160,14 @@ def test_cpu_isa_variable_is_applied_when_the_extension_loads():
     assert result.returncode == 0, result.stderr
     expected = "avx2" if _extension.extension().has_cpu_tiles() else "none"
     assert result.stdout.strip() == expected
+    native = _cpu_isa_in_a_fresh_process("avx512_bf16", report="bf16_path")
+    assert native.returncode == 0, native.stderr
+    extension = _extension.extension()
+    expected = "native" if extension.cpu_has_native_bf16() else "convert" if extension.has_cpu_tiles() else "float32 BLAS"
+    assert native.stdout.strip() == expected
     bad = _cpu_isa_in_a_fresh_process("sse4")
     assert bad.returncode != 0
-    assert "ValueError: XCLIP_KERNELS_CPU_ISA: expected one of auto, avx2 (or unset), got 'sse4'" in bad.stderr
+    assert "ValueError: XCLIP_KERNELS_CPU_ISA: expected one of auto, avx512_bf16, avx2 (or unset), got 'sse4'" in bad.stderr
 
 
 def test_message_backward_has_a_kernel_for_each_device():
@@ -296,3 +305,185 @@ def test_half_precision_is_refused_with_a_reason():
     inputs = frame_inputs(2, 5, 2, 16, torch.float32)
     with pytest.raises(xk.BackendNotSupportedError, match=r"cpp: dtype float16 not supported"):
         xk.frame_attention(*(t.half() for t in inputs), backend="cpp")
+
+
+# --------------------------------------------------------------------------- bfloat16
+
+NO_NATIVE_BF16 = "this CPU (or build) lacks avx512_bf16: only the convert path runs here"
+
+
+@pytest.fixture
+def bf16_path(request):  # noqa: ANN001, ANN201
+    """bf16 on the path of the test's parameter for its duration: "native" (vdpbf16ps, skipped
+    where the CPU lacks it), "convert" (float32 tiles on widened copies, the default: AVX-512
+    where the CPU has it) or "convert-avx2"; "auto" again afterwards."""
+    extension = _extension.extension()
+    if request.param == "native" and not extension.cpu_has_native_bf16():
+        pytest.skip(NO_NATIVE_BF16)
+    if request.param == "convert-avx2" and not extension.has_cpu_tiles():
+        pytest.skip(NO_TILES)
+    cpp.set_cpu_isa({"native": "avx512_bf16", "convert": "auto", "convert-avx2": "avx2"}[request.param])
+    if extension.has_cpu_tiles():
+        assert cpp.bf16_path() == ("native" if request.param == "native" else "convert")
+    yield request.param
+    cpp.set_cpu_isa("auto")
+
+
+BF16_PATHS = ["native", "convert", "convert-avx2"]
+
+
+def _bf16_case(shape: tuple[int, int, int, int], seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """bf16 inputs (fresh leaves) and a bf16 upstream gradient."""
+    inputs = leaves(frame_inputs(*shape, torch.bfloat16, seed=seed))
+    upstream = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).bfloat16()
+    return inputs, upstream
+
+
+def _assert_bf16_rule(inputs: list[torch.Tensor], upstream: torch.Tensor, what: str, backward: bool = True) -> None:
+    """cpp in bf16 against the float64 reference on the same rounded inputs, at most 2x (output)
+    and 3x (each gradient) the error of the reference itself run in bf16."""
+    call = lambda *t: xk.frame_attention(*t, backend="cpp")  # noqa: E731
+    if not backward:
+        with torch.no_grad():
+            out = call(*inputs)
+            plain = reference.frame_attention(*inputs)
+            truth = reference.frame_attention(*(t.double() for t in inputs))
+        assert_within_low_precision_rule(out, plain, truth, "output", f"output {what}")
+        return
+    out, grads = output_and_grads(call, leaves(inputs), upstream)
+    plain, plain_grads = output_and_grads(reference.frame_attention, leaves(inputs), upstream)
+    truth, truth_grads = output_and_grads(reference.frame_attention, leaves(inputs, torch.float64), upstream.double())
+    assert_within_low_precision_rule(out, plain, truth, "output", f"output {what}")
+    for name, grad, plain_grad, expected in zip(("q", "k", "v", "msg_k", "msg_v"), grads, plain_grads, truth_grads):
+        assert_within_low_precision_rule(grad, plain_grad, expected, "gradient", f"d{name} {what}")
+
+
+@pytest.mark.parametrize("bf16_path", BF16_PATHS, indirect=True)
+@pytest.mark.parametrize("shape", [(2, 1, 3, 64), (2, 7, 2, 64), (3, 50, 2, 32), (1, 197, 2, 64), (2, 13, 2, 16),
+                                   (2, 33, 2, 48), (2, 9, 2, 20)])
+def test_bf16_matches_reference_within_the_low_precision_rule(bf16_path, shape):
+    # D = 64 and 32 run natively (forward) where the CPU has avx512_bf16; D = 16 and 48 (multiples
+    # of 16, not of 32) take the AVX2 convert path; D = 20 widens to float32 for the BLAS path.
+    inputs, upstream = _bf16_case(shape, seed=21)
+    _assert_bf16_rule(inputs, upstream, f"{shape} on {bf16_path}")
+
+
+@pytest.mark.parametrize("bf16_path", BF16_PATHS, indirect=True)
+def test_bf16_every_tile_tail(bf16_path):
+    # N = 1..25: every tail height of the 12-row (AVX-512) and 6-row (AVX2) tiles, odd and even
+    # key counts (the native path pairs keys), and key panels that end anywhere in 32 columns.
+    for tokens in range(1, 26):
+        inputs, upstream = _bf16_case((1, tokens, 2, 64), seed=tokens)
+        _assert_bf16_rule(inputs, upstream, f"N = {tokens} on {bf16_path}")
+
+
+@pytest.mark.parametrize("bf16_path", BF16_PATHS, indirect=True)
+def test_bf16_strided_views_of_a_fused_qkv_give_the_contiguous_result(bf16_path):
+    qkv = torch.randn(2, 50, 3, 2, 64, generator=torch.Generator().manual_seed(31)).bfloat16()
+    msg = torch.randn(2, 2, 2, 64, generator=torch.Generator().manual_seed(32)).bfloat16().unbind(1)
+    views = list(qkv.clone().requires_grad_(True).unbind(2))  # non-leaf views of one fused tensor
+    dense = leaves([t.contiguous() for t in qkv.unbind(2)])
+    upstream = torch.randn(2, 50, 2, 64, generator=torch.Generator().manual_seed(33)).bfloat16()
+    out_views, grads_views = output_and_grads(lambda *t: xk.frame_attention(*t, backend="cpp"),
+                                              [*views, *leaves(msg)], upstream)
+    out_dense, grads_dense = output_and_grads(lambda *t: xk.frame_attention(*t, backend="cpp"),
+                                              [*dense, *leaves(msg)], upstream)
+    assert not views[0].is_contiguous()
+    assert torch.equal(out_views, out_dense)
+    assert all(torch.equal(a, b) for a, b in zip(grads_views, grads_dense))
+
+
+@pytest.mark.parametrize("bf16_path", BF16_PATHS, indirect=True)
+def test_bf16_ignores_memory_beyond_n(bf16_path):
+    inputs = frame_inputs(3, 50, 2, 64, torch.bfloat16, seed=34)
+    padded = nan_padded(inputs[:3], pad=13)
+    out = xk.frame_attention(*padded, *inputs[3:], backend="cpp")
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, xk.frame_attention(*inputs, backend="cpp"))
+
+
+@pytest.mark.parametrize("bf16_path", BF16_PATHS, indirect=True)
+@pytest.mark.parametrize("shape", [(0, 5, 2, 64), (2, 0, 2, 64), (2, 5, 0, 64)])
+def test_bf16_zero_size(bf16_path, shape):
+    inputs, upstream = _bf16_case(shape, seed=35)
+    out, grads = output_and_grads(lambda *t: xk.frame_attention(*t, backend="cpp"), inputs, upstream)
+    assert out.shape == shape and out.dtype == torch.bfloat16
+    for grad, t in zip(grads, inputs):
+        assert grad.shape == t.shape and grad.dtype == torch.bfloat16
+        assert grad.eq(0).all()  # with no query row, nothing flows into the message key or value
+
+
+# Where a non-finite input goes: (input index, position, value). The reference's pattern of NaN
+# and Inf in the output is the truth.
+NON_FINITE = {
+    "q-nan": (0, (0, 3, 1, 5), float("nan")),
+    "k-nan": (1, (0, 3, 1, 5), float("nan")),
+    "v-nan": (2, (1, 6, 0, 9), float("nan")),
+    "v-inf": (2, (1, 6, 0, 9), float("inf")),
+    "q-inf": (0, (0, 3, 1, 5), float("inf")),
+    "k-minus-inf": (1, (1, 2, 0, 1), float("-inf")),
+    "msg_k-nan": (3, (1, 1, 7), float("nan")),
+    "msg_v-inf": (4, (0, 0, 3), float("-inf")),
+}
+@pytest.mark.parametrize("bf16_path", BF16_PATHS, indirect=True)
+@pytest.mark.parametrize("case", list(NON_FINITE))
+def test_bf16_nan_and_inf_propagate_as_in_the_reference(bf16_path, case):
+    index, position, value = NON_FINITE[case]
+    inputs = frame_inputs(2, 17, 2, 64, torch.bfloat16, seed=36)
+    inputs[index][position] = value
+    out = xk.frame_attention(*inputs, backend="cpp")
+    truth = reference.frame_attention(*(t.double() for t in inputs))
+    assert truth.isnan().any() or truth.isinf().any()  # the case means something
+    assert torch.equal(out.isnan(), truth.isnan()), f"NaN at {int(out.isnan().sum())}, reference {int(truth.isnan().sum())}"
+    assert torch.equal(out.isinf(), truth.isinf()), f"Inf at {int(out.isinf().sum())}, reference {int(truth.isinf().sum())}"
+    assert torch.equal(out.isinf() & (out > 0), truth.isinf() & (truth > 0))
+    finite = torch.isfinite(truth)
+    plain = reference.frame_attention(*inputs)
+    assert_within_low_precision_rule(out[finite], plain[finite], truth[finite], "output", case)
+
+
+@pytest.mark.parametrize("videos, num_frames, width, heads", [(2, 8, 768, 12), (3, 5, 64, 4), (1, 1, 32, 2)])
+def test_bf16_message_path_matches_reference_within_the_low_precision_rule(videos, num_frames, width, heads):
+    tensors = message_inputs(videos, num_frames, width, torch.bfloat16, seed=37)
+    upstream = torch.randn(videos * num_frames, width, generator=torch.Generator().manual_seed(38)).bfloat16()
+    ours, grads = output_and_grads(
+        lambda *t: xk.message_attention(*t, num_frames=num_frames, num_heads=heads, backend="cpp"),
+        leaves(tensors), upstream)
+    ref = lambda *t: reference.message_attention(*t, num_frames, heads)  # noqa: E731
+    plain, plain_grads = output_and_grads(ref, leaves(tensors), upstream)
+    truth, truth_grads = output_and_grads(ref, leaves(tensors, torch.float64), upstream.double())
+    case = f"messages {videos}x{num_frames}x{width}"
+    assert_within_low_precision_rule(ours, plain, truth, "output", case)
+    for name, grad, plain_grad, expected in zip(MESSAGE_ARG_NAMES, grads, plain_grads, truth_grads, strict=True):
+        assert_within_low_precision_rule(grad, plain_grad, expected, "gradient", f"grad of {name}, {case}")
+
+
+def test_automatic_choice_runs_bf16_on_cpp():
+    from xclip_kernels.registry import OpInputs, select_backend
+
+    for op, grad in (("frame_attention", False), ("frame_attention", True), ("message_attention", True)):
+        assert select_backend(OpInputs(op, "cpu", torch.bfloat16, 64, grad, 8)).name == "cpp"
+    inputs = frame_inputs(2, 17, 2, 64, torch.bfloat16, seed=39)
+    assert torch.equal(xk.frame_attention(*inputs), xk.frame_attention(*inputs, backend="cpp"))
+
+
+def test_bf16_opcheck():
+    q, k, v, msg_k, msg_v = leaves(frame_inputs(2, 17, 2, 32, torch.bfloat16, seed=40))
+    torch.library.opcheck(torch.ops.xclip_ext.frame_attention.default, (q, k, v, msg_k, msg_v, 0.2))
+    messages = leaves(message_inputs(2, 3, 64, torch.bfloat16))
+    torch.library.opcheck(torch.ops.xclip_ext.message_attention.default, (*messages, 3, 2, 1e-5))
+
+
+def test_bf16_path_is_reported_and_follows_set_cpu_isa():
+    extension = _extension.extension()
+    convert = "convert" if extension.has_cpu_tiles() else "float32 BLAS"
+    try:
+        assert cpp.bf16_path() == convert  # the default
+        cpp.set_cpu_isa("avx512_bf16")
+        assert cpp.bf16_path() == ("native" if extension.cpu_has_native_bf16() else convert)
+        cpp.set_cpu_isa("avx2")
+        assert cpp.bf16_path() == convert
+    finally:
+        cpp.set_cpu_isa("auto")
+    notes = " ".join(xk.get_backend("cpp").notes())
+    assert "bfloat16" in notes and ("avx512_bf16" in notes or "without the x86-64" in notes)

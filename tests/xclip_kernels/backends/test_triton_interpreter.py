@@ -16,7 +16,16 @@ import xclip
 import xclip_kernels as xk
 from xclip_kernels.backends import reference
 from xclip_kernels.registry import OpInputs, get_backend, select_backend
-from xk_helpers import assert_matches_truth, frame_inputs, leaves, message_inputs, nan_padded, output_and_grads
+from xk_helpers import (
+    FRAME_NON_FINITE,
+    assert_matches_truth,
+    assert_same_non_finite,
+    frame_inputs,
+    leaves,
+    message_inputs,
+    nan_padded,
+    output_and_grads,
+)
 
 _REASONS = get_backend("triton").not_supported_reasons(OpInputs("frame_attention", "cpu", torch.float32, 64, True))
 pytestmark = [
@@ -71,6 +80,48 @@ def test_frame_attention_ignores_memory_beyond_n():
     out = xk.frame_attention(*padded, *inputs[3:], backend="triton")
     assert torch.isfinite(out).all()
     assert torch.equal(out, xk.frame_attention(*inputs, backend="triton"))
+
+
+@pytest.mark.parametrize("case, change", [p for p in FRAME_NON_FINITE if p.id in ("nan-q", "nan-k", "qk-overflows-to-inf")])
+def test_frame_attention_non_finite_inputs_come_out_as_the_references(case, change):
+    # A few cases, cheaply: the GPU tests run all of them (test_triton_cuda.py).
+    shape = (2, 17, 3, 32)
+    inputs = frame_inputs(*shape, torch.float32, seed=14)
+    change(inputs)
+    upstream = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    out, grads = output_and_grads(xk.frame_attention, leaves(inputs), upstream, backend="triton")
+    expected, expected_grads = output_and_grads(reference.frame_attention, leaves(inputs), upstream)
+    assert_same_non_finite(out, expected, torch.float32, "output")
+    for name, grad, want in zip(("q", "k", "v", "msg_k", "msg_v"), grads, expected_grads):
+        assert_same_non_finite(grad, want, torch.float32, f"grad of {name}")
+
+
+def test_double_backward_matches_float64_reference():
+    # The Triton backward ops are not differentiable: under create_graph=True the autograd
+    # formulas switch to differentiable PyTorch ones (xclip_kernels/autograd.py). fp32 (Triton
+    # has no float64), so against the float64 reference rather than gradgradcheck.
+    gen = torch.Generator().manual_seed(18)
+    cases = [
+        (lambda *t: xk.frame_attention(*t, backend="triton"), reference.frame_attention,
+         frame_inputs(2, 5, 2, 16, torch.float32, seed=17)),
+        (lambda *t: xk.message_attention(*t, num_frames=3, num_heads=2, backend="triton"),
+         lambda *t: reference.message_attention(*t, 3, 2), message_inputs(2, 3, 32, torch.float32, seed=7)),
+    ]
+    for ours_fn, reference_fn, tensors in cases:
+        out_shape = tensors[0].shape
+        upstream = torch.randn(out_shape, dtype=torch.float64, generator=gen)
+        weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in tensors]
+
+        def second(fn, inputs):  # noqa: ANN001, ANN202
+            out = fn(*inputs)
+            grads = torch.autograd.grad(out, inputs, upstream.to(out.dtype), create_graph=True)
+            return torch.autograd.grad(sum((g * w.to(g.dtype)).sum() for g, w in zip(grads, weights)), inputs,
+                                       materialize_grads=True)  # the bias gradient is constant
+
+        ours = second(ours_fn, leaves(tensors))
+        truth = second(reference_fn, leaves(tensors, torch.float64))
+        for index, (got, want) in enumerate(zip(ours, truth)):
+            assert_matches_truth(got, want, torch.float32, f"second derivative w.r.t. argument {index}")
 
 
 def test_frame_attention_repeated_forwards_are_bitwise_identical():

@@ -1,6 +1,7 @@
 """``xclip_kernels.integrations``: a Hugging Face ``XCLIPModel`` patched in place runs its
-cross-frame blocks on our ops with the same logits and gradients, unpatches exactly, and
-refuses what it cannot do with a message naming it.
+cross-frame blocks on our ops with the same logits and gradients, unpatches exactly, refuses
+bad arguments with a message naming them, and runs HF's own forward (one warning) for a call
+the kernels cannot serve.
 
 The model is a tiny HF ``XCLIPModel`` with non-trivial random weights (LayerNorms and biases
 included, so using the wrong norm or bias shows). Logits are compared as
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ast
 import copy
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -347,29 +349,137 @@ def test_forced_backend_that_cannot_run_raises_its_reasons(model, inputs):
         logits(model, *inputs)
 
 
-def test_output_attentions_is_not_implemented(model, inputs):
+# -- what the kernels cannot serve: HF's own forward for that call -----------------------------
+
+CPU_BACKENDS = ["reference", "sdpa", "cpp"]
+
+
+@pytest.fixture
+def warned(monkeypatch) -> None:
+    """A fresh once-per-process memory of fallback warnings for this test."""
+    monkeypatch.setattr(integrations, "_WARNED", set())
+
+
+def kernel_calls(monkeypatch) -> dict[str, int]:
+    """Count the integration's calls of the two ops from now on."""
+    calls = {"frame_attention": 0, "message_attention": 0}
+    for op in calls:
+        def counted(*args, _op=op, _real=getattr(integrations, op), **kwargs):
+            calls[_op] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(integrations, op, counted)
+    return calls
+
+
+def fallback_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, integrations.HFFallbackWarning)]
+
+
+def use_attention(model: torch.nn.Module, implementation: str) -> None:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None:
+            config._attn_implementation = implementation
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_output_attentions_runs_hf_forward_with_one_warning(backend, implementation, model, inputs, monkeypatch, warned):
+    """``output_attentions=True`` (passed, or the config's default) gives exactly what the
+    unpatched model gives, attention weights included (HF's eager attention forms them; its
+    sdpa attention gives none); the next plain call runs on the kernels again."""
+    skip_unless_runs("cpu", backend, grad=False)
     video, text = inputs
-    patch_hf_xclip(model)
-    with pytest.raises(NotImplementedError, match="output_attentions=True.*unpatch_hf_xclip"):
-        model(input_ids=text, pixel_values=video, output_attentions=True)
-    config = cross_frame_layers(model)[0].self_attn.config  # the config's default counts too
-    config._attn_implementation = "eager"  # HF allows output_attentions only there
-    config.output_attentions = True
-    with pytest.raises(NotImplementedError, match="output_attentions=True"):
+    use_attention(model, implementation)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HF's own note that sdpa forms no weights
+        expected = model(input_ids=text, pixel_values=video, output_attentions=True)
+        plain = logits(model, video, text)
+    if implementation == "eager":  # the control: the weights of both cross-frame blocks are there
+        assert [tuple(a.shape) for a in expected.vision_model_output.attentions] == [
+            (2 * FRAMES, HEADS, TOKENS + 1, TOKENS + 1)
+        ] * 2
+    patch_hf_xclip(model, backend=backend)
+    calls = kernel_calls(monkeypatch)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")  # "once" must come from the patch, not the filters
+        got = model(input_ids=text, pixel_values=video, output_attentions=True)
+        again = model(input_ids=text, pixel_values=video, output_attentions=True)
+    assert calls == {"frame_attention": 0, "message_attention": 0}
+    for out in (got, again):
+        assert torch.equal(out.logits_per_video, expected.logits_per_video)
+        assert len(out.vision_model_output.attentions) == len(expected.vision_model_output.attentions)
+        for a, b in zip(out.vision_model_output.attentions, expected.vision_model_output.attentions):
+            assert torch.equal(a, b)
+    messages = fallback_warnings(record)
+    assert len(messages) == 1, messages  # two layers, two calls: one warning
+    assert "output_attentions=True" in messages[0] and "original forward" in messages[0]
+
+    with torch.no_grad():
+        assert_close(logits(model, video, text), plain, HF_ATOL)  # a plain call: the kernels again
+    assert calls == {"frame_attention": 2, "message_attention": 2}
+
+    if implementation == "eager":  # HF allows a config default of output_attentions only there
+        config = cross_frame_layers(model)[0].self_attn.config  # the config's default counts too
+        config.output_attentions = True
+        with torch.no_grad(), warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            assert torch.equal(logits(model, video, text), expected.logits_per_video)
+        assert calls == {"frame_attention": 2, "message_attention": 2}
+        assert fallback_warnings(record) == []  # already warned in this process
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_dropout_in_training_runs_hf_forward(backend, inputs, monkeypatch, warned):
+    """In training with attention dropout the patched model gives HF's logits and gradients for
+    the same seed (the same dropout draws); in eval, where dropout is off, the kernels run."""
+    skip_unless_runs("cpu", backend)
+    video, text = inputs
+    model = make_hf_model(attention_dropout=0.3).train()
+    torch.manual_seed(7)
+    expected = grads(model, video, text)
+    torch.manual_seed(7)
+    expected_logits = logits(model, video, text).detach()
+    torch.manual_seed(8)
+    assert not torch.equal(logits(model, video, text).detach(), expected_logits)  # dropout is on
+    patch_hf_xclip(model, backend=backend)
+    calls = kernel_calls(monkeypatch)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.manual_seed(7)
+        got = grads(model, video, text)
+        torch.manual_seed(7)
+        got_logits = logits(model, video, text).detach()
+    assert calls == {"frame_attention": 0, "message_attention": 0}
+    assert torch.equal(got_logits, expected_logits)
+    assert_same_grads(got, expected)
+    messages = fallback_warnings(record)
+    assert len(messages) == 1 and "attention dropout in training" in messages[0]
+
+    model.eval()
+    with torch.no_grad():
         logits(model, video, text)
+    assert calls == {"frame_attention": 2, "message_attention": 2}
 
 
-def test_attention_mask_and_attention_dropout_are_not_implemented(inputs):
-    layer = cross_frame_layers(make_hf_model(attention_dropout=0.1))[0]
-    patch_hf_xclip(layer)
+def test_attention_mask_runs_hf_forward(monkeypatch, warned):
+    layer = cross_frame_layers(make_hf_model())[0]
     hidden = torch.randn(FRAMES, 5, WIDTH)
-    with pytest.raises(NotImplementedError, match="attention_mask"):
-        layer(hidden, torch.zeros(FRAMES, 1, 6, 6))
-    layer.eval()
-    layer(hidden, None)  # dropout is inactive in eval
-    layer.train()
-    with pytest.raises(NotImplementedError, match=r"attention_dropout: .* got 0.1 in training"):
-        layer(hidden, None)
+    mask = torch.zeros(FRAMES, 1, 6, 6)
+    mask[..., 2] = -1e4  # one key hidden from every query: the mask matters
+    with torch.no_grad():
+        expected = layer(hidden, mask)
+        assert not torch.allclose(expected, layer(hidden, None))
+        patch_hf_xclip(layer, backend="sdpa")
+        calls = kernel_calls(monkeypatch)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            got = layer(hidden, mask)
+            layer(hidden, mask)
+    assert calls == {"frame_attention": 0, "message_attention": 0}
+    assert torch.equal(got, expected)
+    messages = fallback_warnings(record)
+    assert len(messages) == 1 and "attention mask" in messages[0]
 
 
 def test_the_package_imports_no_transformers_at_import_time():

@@ -14,16 +14,64 @@ it runs under ``TRITON_INTERPRET=1`` (set before triton is imported), for tests.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ... import autograd, flop_formulas
-from ._common import LOG2E, block_d, dot_precision
+from ._common import LOG2E, block_d, checked_grid, dot_precision, launch_device
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration and grid (the launchers below use these, and so does the static check
+# of every configuration: what runs is what is checked)
+
+IFA_KERNELS = ("forward", "backward_dkdv", "backward_dq")
 
 
-def _tiles(head_dim: int) -> tuple[int, int]:
-    return (64, 64) if head_dim <= 64 else (64, 32)
+class LaunchConfig(NamedTuple):
+    """One kernel's compile-time choices: its ``tl.constexpr`` tile sizes, ``tl.dot`` precision,
+    ``num_warps`` and ``num_stages`` (None: Triton's default)."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    precision: str
+    num_warps: int
+    num_stages: int | None
+
+
+def ifa_launch_config(kernel: str, dtype: torch.dtype, head_dim: int) -> LaunchConfig:
+    """What the launcher compiles ``kernel`` (one of :data:`IFA_KERNELS`) with for inputs of
+    ``dtype`` and head dim ``head_dim``.
+
+    fp16/bf16: (query x key) tiles of 64 x 64, 64 x 32 above D = 64, 4 warps, on tensor cores.
+    fp32 computes exact (``ieee``) products with FMAs, and Triton's FMA ``tl.dot`` holds each
+    thread's rows of both operands over the whole reduction in registers: at those tiles the
+    fp32 kernels spilled 1.5-35 KB per thread (sm_80/sm_90) and the D = 128 backward asked for
+    145 KiB of shared memory. fp32 takes 16 x 16 tiles over 8 warps without software pipelining
+    (``num_stages=1``): no spills, at most 170 registers and 33 KiB of shared memory
+    (BENCHMARKS.md, GPU).
+    """
+    if kernel not in IFA_KERNELS:
+        raise ValueError(f"kernel: expected one of {IFA_KERNELS}, got {kernel!r}")
+    if dtype == torch.float32:
+        block_m, block_n, num_warps, num_stages = 16, 16, 8, 1
+    else:
+        block_m, block_n, num_warps, num_stages = 64, 64 if head_dim <= 64 else 32, 4, None
+    return LaunchConfig(block_m, block_n, block_d(head_dim), dot_precision(dtype), num_warps, num_stages)
+
+
+def ifa_grid(frames: int, heads: int, tokens: int, block: int) -> tuple[int, int]:
+    """The programs of an IFA kernel: ``(F * H, ceil(N / block))``.
+
+    F * H goes on axis 0 (limit 2^31 - 1): it passes 65535, the limit of axes 1 and 2, as soon
+    as b * T * H does (L/14, H = 16: b * T > 4095). The tiles of N go on axis 1. Raises
+    ValueError when an axis is past CUDA's limit.
+    """
+    return checked_grid((frames * heads, triton.cdiv(tokens, block)), "frame_attention (triton)",
+                        ("F * H frame-heads", f"tiles of {block} of N = {tokens}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,8 +89,8 @@ def _ifa_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_fh = tl.program_id(1)
+    pid_fh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     f = (pid_fh // H).to(tl.int64)
     h = (pid_fh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -89,8 +137,8 @@ def _ifa_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_fh = tl.program_id(1)
+    pid_fh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     f = (pid_fh // H).to(tl.int64)
     h = (pid_fh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,8 +179,8 @@ def _ifa_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_fh = tl.program_id(1)
+    pid_fh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     f = (pid_fh // H).to(tl.int64)
     h = (pid_fh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -183,6 +231,15 @@ def _last_dim_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
+def _constexprs(head_dim: int, config: LaunchConfig) -> dict:
+    """The keyword arguments of a launch: the kernel's constexprs and its compile options."""
+    options = {"num_warps": config.num_warps}
+    if config.num_stages is not None:
+        options["num_stages"] = config.num_stages
+    return dict(HEAD_DIM=head_dim, BLOCK_D=config.block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                PRECISION=config.precision, **options)
+
+
 def _ifa_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, msg_k: torch.Tensor, msg_v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,17 +247,16 @@ def _ifa_forward(
     frames, tokens, heads, head_dim = q.shape
     out = torch.empty((frames, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((frames, heads, tokens), dtype=torch.float32, device=q.device)
-    block_m, block_n = _tiles(head_dim)
-    grid = (triton.cdiv(tokens, block_m), frames * heads)
-    _ifa_fwd_kernel[grid](
-        q, k, v, msg_k, msg_v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), msg_k.stride(0), msg_k.stride(1), msg_v.stride(0), msg_v.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        tokens, heads, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), num_warps=4,
-    )
+    config = ifa_launch_config("forward", q.dtype, head_dim)
+    grid = ifa_grid(frames, heads, tokens, config.block_m)
+    with launch_device(q):
+        _ifa_fwd_kernel[grid](
+            q, k, v, msg_k, msg_v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), msg_k.stride(0), msg_k.stride(1), msg_v.stride(0), msg_v.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            tokens, heads, scale * LOG2E, **_constexprs(head_dim, config),
+        )
     return out, lse
 
 
@@ -215,25 +271,27 @@ def _ifa_backward(
     dq = torch.empty((frames, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    block_m, block_n = _tiles(head_dim)
-    m_tiles = triton.cdiv(tokens, block_m)
+    dkdv = ifa_launch_config("backward_dkdv", q.dtype, head_dim)
+    dq_config = ifa_launch_config("backward_dq", q.dtype, head_dim)
+    dkdv_grid = ifa_grid(frames, heads, tokens, dkdv.block_n)
+    dq_grid = ifa_grid(frames, heads, tokens, dq_config.block_m)
+    m_tiles = dq_grid[1]
     dmk_part = torch.empty((frames, heads, m_tiles, head_dim), dtype=torch.float32, device=q.device)
     dmv_part = torch.empty_like(dmk_part)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-                  PRECISION=dot_precision(q.dtype), num_warps=4)
-    _ifa_bwd_dkdv_kernel[(triton.cdiv(tokens, block_n), frames * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        tokens, heads, scale, scale * LOG2E, **common,
-    )
-    _ifa_bwd_dq_kernel[(m_tiles, frames * heads)](
-        q, k, v, msg_k, msg_v, grad_out, lse, delta, dq, dmk_part, dmv_part,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), msg_k.stride(0), msg_k.stride(1), msg_v.stride(0), msg_v.stride(1),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        tokens, heads, m_tiles, scale, scale * LOG2E, **common,
-    )
+    with launch_device(q):
+        _ifa_bwd_dkdv_kernel[dkdv_grid](
+            q, k, v, grad_out, lse, delta, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            tokens, heads, scale, scale * LOG2E, **_constexprs(head_dim, dkdv),
+        )
+        _ifa_bwd_dq_kernel[dq_grid](
+            q, k, v, msg_k, msg_v, grad_out, lse, delta, dq, dmk_part, dmv_part,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), msg_k.stride(0), msg_k.stride(1), msg_v.stride(0), msg_v.stride(1),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            tokens, heads, m_tiles, scale, scale * LOG2E, **_constexprs(head_dim, dq_config),
+        )
     return dq, dk, dv, dmk_part.sum(2).to(msg_k.dtype), dmv_part.sum(2).to(msg_v.dtype)
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ... import autograd, flop_formulas
-from ._common import LOG2E, block_d, dot_precision
+from ._common import LOG2E, block_d, checked_grid, dot_precision, launch_device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +92,20 @@ def _cfa_fwd_kernel(
              mask=mask_t[:, None] & mask_d[None, :])
 
 
+def cfa_launch_config(dtype: torch.dtype, head_dim: int, num_frames: int) -> dict:
+    """The constexprs and compile options the launcher compiles the CFA kernel with for messages
+    of ``dtype``, head dim ``head_dim`` and ``num_frames`` messages per video (T <= 64: one
+    tile holds a video's messages)."""
+    return dict(HEAD_DIM=head_dim, BLOCK_T=max(16, triton.next_power_of_2(num_frames)), BLOCK_K=32,
+                BLOCK_D=block_d(head_dim), PRECISION=dot_precision(dtype), num_warps=4)
+
+
+def cfa_grid(frames: int, num_frames: int, num_heads: int) -> tuple[int, int]:
+    """The programs of the CFA kernel: ``(b, H)``, videos on axis 0 (limit 2^31 - 1) and heads
+    on axis 1 (65535). Raises ValueError when an axis is past CUDA's limit."""
+    return checked_grid((frames // num_frames, num_heads), "message_attention (triton)", ("videos", "heads"))
+
+
 def _cfa_forward(
     messages: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, in_proj_weight: torch.Tensor,
     in_proj_bias: torch.Tensor, out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor,
@@ -102,13 +116,13 @@ def _cfa_forward(
     head_dim = width // num_heads
     mixed = torch.empty_like(messages)
     residual = torch.empty_like(messages)
-    _cfa_fwd_kernel[(frames // num_frames, num_heads)](
-        messages, ln_weight.contiguous(), ln_bias.contiguous(), in_proj_weight, in_proj_bias.contiguous(),
-        out_proj_bias.contiguous(), mixed, residual,
-        num_frames, width, num_heads, eps, head_dim**-0.5 * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_T=max(16, triton.next_power_of_2(num_frames)), BLOCK_K=32,
-        BLOCK_D=block_d(head_dim), PRECISION=dot_precision(messages.dtype), num_warps=4,
-    )
+    with launch_device(messages):
+        _cfa_fwd_kernel[cfa_grid(frames, num_frames, num_heads)](
+            messages, ln_weight.contiguous(), ln_bias.contiguous(), in_proj_weight, in_proj_bias.contiguous(),
+            out_proj_bias.contiguous(), mixed, residual,
+            num_frames, width, num_heads, eps, head_dim**-0.5 * LOG2E,
+            **cfa_launch_config(messages.dtype, head_dim, num_frames),
+        )
     # Output projection with the residual accumulated by the GEMM: the second launch.
     return torch.addmm(residual, mixed, out_proj_weight.t())
 

@@ -1,0 +1,263 @@
+"""xclip.collection (``classify --output``, ``embed``): a collection of synthetic videos gives
+the per-file classify's answers, survives kill -9 and resumes with every video once, splits
+over two torchrun processes, records bad files, computes accuracy and writes embeddings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import xclip
+from video_helpers import write_video
+from xclip import classify as xc
+from xclip import collection
+from xclip import video as xv
+from xclip.cli import main
+
+pytest.importorskip("av")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = xclip.XCLIPConfig(
+    image_size=32, patch_size=8, vision_width=128, vision_layers=2, vision_heads=2, embed_dim=64,
+    text_width=64, text_layers=2, text_heads=1, num_frames=3, mit_heads=1, prompt_heads=1,
+)
+LABELS = ["archery", "bowling", "playing the violin", "surfing water", "skiing", "juggling"]
+LABEL_ARG = ",".join(LABELS)
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    xclip.build_model(TINY).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> xclip.XCLIP:
+    return xclip.load_checkpoint(checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Five small videos (one in a sub-folder, one .MKV), a text file named .mp4 and files the
+    folder search must skip (hidden, not a video)."""
+    root = tmp_path_factory.mktemp("videos")
+    (root / "sub").mkdir()
+    g = torch.Generator().manual_seed(5)
+    for name, (n, h, w) in {
+        "a.mp4": (9, 48, 64), "b.MKV": (7, 64, 40), "c.mp4": (12, 40, 40), "sub/d.mp4": (5, 48, 48),
+        "sub/e.avi": (6, 32, 56),
+    }.items():
+        write_video(root / name, torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8))
+    (root / "bad.mp4").write_text("not a video\n" * 20)
+    (root / ".hidden.mp4").write_text("skipped")
+    (root / "notes.txt").write_text("skipped")
+    return root
+
+
+def videos(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".mp4", ".mkv", ".avi") and p.name[0] != "." and p.name != "bad.mp4")
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def probabilities(record: dict) -> torch.Tensor:
+    """The record's probabilities in LABELS order (top-k = all labels)."""
+    by_label = {row["label"]: row["probability"] for row in record["top"]}
+    return torch.tensor([by_label[label] for label in LABELS])
+
+
+def test_results_equal_per_file_classify_and_bad_files_are_recorded(capsys, checkpoint, folder, tmp_path) -> None:
+    common = ["--checkpoint", str(checkpoint), "--labels", LABEL_ARG, "--cache-dir", str(tmp_path / "cache"),
+              "--top-k", "6", "--views", "2x3"]
+    good = videos(folder)
+    assert main(["classify", *map(str, good), *common, "--json", "--quiet"]) == 0
+    per_file = {r["path"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+
+    out = tmp_path / "results.jsonl"
+    # Two decode processes, 8 clips a batch: 6 views per file, so batches span files.
+    status = main(["classify", str(folder), *common, "--output", str(out), "--workers", "2", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert status == 1  # the bad file
+    got = {r["path"]: r for r in records(out)}
+    assert set(got) == set(per_file) | {str(folder / "bad.mp4")}  # hidden file and notes.txt not searched
+    assert "not a video file" in got[str(folder / "bad.mp4")]["error"]
+    assert "6 videos, 1 errors" in err
+    for path, expected in per_file.items():
+        assert [row["label"] for row in got[path]["top"]] == [row["label"] for row in expected["top"]]
+        torch.testing.assert_close(probabilities(got[path]), probabilities(expected), rtol=1e-5, atol=1e-6)
+
+    # Without --resume an existing output is refused (exit 2, nothing written).
+    before = out.read_bytes()
+    assert main(["classify", str(folder), *common, "--output", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err and out.read_bytes() == before
+    # --resume with everything done: nothing decoded, nothing added.
+    assert main(["classify", str(folder), *common, "--output", str(out), "--resume", "--workers", "0"]) == 0
+    assert "0 videos, 0 errors, 6 already done" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_killed_run_resumes_with_every_video_once(checkpoint, folder, tmp_path) -> None:
+    good = [str(p) for p in videos(folder)]
+    # A FIFO as the third input: opening it blocks until a writer comes, so the run is
+    # certainly mid-way (two results written, the rest not) when it is killed.
+    fifo = tmp_path / "blocking.mp4"
+    os.mkfifo(fifo)
+    inputs = [*good[:2], str(fifo), *good[2:]]
+    common = ["--checkpoint", str(checkpoint), "--labels", LABEL_ARG, "--cache-dir", str(tmp_path / "cache"),
+              "--top-k", "6", "--workers", "0", "--batch-size", "1", "--quiet"]
+    out = tmp_path / "results.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    for key in TORCHRUN_VARIABLES:
+        env.pop(key, None)
+    proc = subprocess.Popen([sys.executable, "-m", "xclip", "classify", *inputs, *common, "--output", str(out)],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        time.sleep(0.3)  # it is blocked on the FIFO: nothing more can come
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert [r["path"] for r in records(out)] == good[:2]
+    with open(out, "a") as f:  # and a write torn by the kill
+        f.write('{"path": "' + good[2] + '", "top": [{"lab')
+    fifo.unlink()
+    write_video(fifo, torch.randint(0, 256, (4, 32, 32, 3), generator=torch.Generator().manual_seed(9), dtype=torch.uint8))
+
+    assert main(["classify", *inputs, *common, "--output", str(out), "--resume"]) == 0
+    resumed = records(out)
+    assert sorted(r["path"] for r in resumed) == sorted(inputs)  # each exactly once, the torn line gone
+    clean = tmp_path / "clean.jsonl"
+    assert main(["classify", *inputs, *common, "--output", str(clean)]) == 0
+    by_path = {r["path"]: r for r in records(clean)}
+    for record in resumed:  # the same batches (size 1): the same numbers
+        assert record == by_path[record["path"]]
+
+
+def test_manifest_labels_give_known_accuracy(model, folder, tmp_path) -> None:
+    good = videos(folder)[:4]
+    features = xc.encode_labels(model, LABELS)
+    ranked = []  # each video's labels from the per-file classify, most probable first
+    for path in good:
+        result = xc.classify_file(model, features, LABELS, str(path), k=len(LABELS))
+        ranked.append([label for label, _ in result.top])
+    # True labels at ranks 1, 1, 2, 6 of 6: top-1 2/4, top-5 3/4; a labelled bad file: failed.
+    truth = [ranked[0][0], ranked[1][0], ranked[2][1], ranked[3][5]]
+    manifest = tmp_path / "lists" / "val.csv"
+    manifest.parent.mkdir()
+    rows = ["path,label", *(f"{os.path.relpath(p, manifest.parent)},{t}" for p, t in zip(good, truth)),
+            f"{folder / 'bad.mp4'},{LABELS[0]}"]
+    manifest.write_text("\n".join(rows) + "\n")
+    items = collection.collect_inputs([], manifest)
+    assert [i.path for i in items[:4]] == [os.path.join(manifest.parent, os.path.relpath(p, manifest.parent)) for p in good]
+    summary = collection.classify_collection(model, LABELS, features, items, tmp_path / "r.jsonl", k=1, batch_size=2)
+    assert summary.accuracy == {"top1": 0.5, "top5": 0.75, "labelled": 4, "failed": 1}
+    assert summary.videos == 5 and summary.errors == 1
+    assert [r.get("rank") for r in records(tmp_path / "r.jsonl")] == [1, 1, 2, 6, None]
+
+    with pytest.raises(ValueError, match="not one of the 6 labels"):
+        collection.classify_collection(model, LABELS, features, [collection.Item(str(good[0]), "diving")], tmp_path / "x")
+
+
+def test_manifest_formats_and_errors(tmp_path) -> None:
+    (tmp_path / "list.txt").write_text("# a comment\na.mp4\n\n/abs/b.mp4\n")
+    (tmp_path / "list.jsonl").write_text('{"path": "a.mp4", "label": "x"}\n\n{"path": "b.mp4"}\n')
+    assert collection.read_manifest(tmp_path / "list.txt") == [
+        collection.Item(str(tmp_path / "a.mp4")), collection.Item("/abs/b.mp4")]
+    assert collection.read_manifest(tmp_path / "list.jsonl") == [
+        collection.Item(str(tmp_path / "a.mp4"), "x"), collection.Item(str(tmp_path / "b.mp4"))]
+    (tmp_path / "nopath.csv").write_text("file,label\na.mp4,x\n")
+    with pytest.raises(ValueError, match="'path' column"):
+        collection.read_manifest(tmp_path / "nopath.csv")
+    (tmp_path / "bad.jsonl").write_text('{"path": "a.mp4"}\n["b.mp4"]\n')
+    with pytest.raises(ValueError, match="line 2"):
+        collection.read_manifest(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="videos: expected at least one"):
+        collection.collect_inputs([tmp_path])  # a folder without videos
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_processes_give_the_single_process_results(capsys, checkpoint, folder, tmp_path) -> None:
+    common = ["--checkpoint", str(checkpoint), "--labels", LABEL_ARG, "--cache-dir", str(tmp_path / "cache"),
+              "--top-k", "6", "--workers", "0", "--batch-size", "2", "--quiet"]
+    single = tmp_path / "single.jsonl"
+    assert main(["classify", str(folder), *common, "--output", str(single)]) == 1
+    two = tmp_path / "two.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    for key in TORCHRUN_VARIABLES:
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "-m", "xclip", "classify", str(folder), *common, "--output", str(two)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-4000:]  # the bad file, on one of the ranks
+    assert not list(tmp_path.glob("two.jsonl.part-*"))  # merged by rank 0 and removed
+    merged, expected = records(two), records(single)
+    assert sorted(r["path"] for r in merged) == sorted(r["path"] for r in expected)
+    assert [r["path"] for r in merged] == [str(p) for p in collection.find_videos(folder)]  # input order
+    by_path = {r["path"]: r for r in expected}
+    for record in merged:
+        if "error" in record:
+            assert record == by_path[record["path"]]
+        else:
+            torch.testing.assert_close(probabilities(record), probabilities(by_path[record["path"]]), rtol=1e-5, atol=1e-6)
+
+
+def test_embed_writes_shards_index_and_text_and_resumes(capsys, checkpoint, model, folder, tmp_path) -> None:
+    out = tmp_path / "emb"
+    status = main(["embed", str(folder), "--checkpoint", str(checkpoint), "--labels", LABEL_ARG, "--output", str(out),
+                   "--workers", "0", "--batch-size", "3", "--shard-size", "2", "--views", "2", "--quiet"])
+    assert status == 1  # bad.mp4
+    index = records(out / collection.INDEX)
+    errors = [r for r in index if "error" in r]
+    assert [r["path"] for r in errors] == [str(folder / "bad.mp4")]
+    rows = {r["path"]: r for r in index if "error" not in r}
+    assert set(rows) == {str(p) for p in videos(folder)}
+    from safetensors import safe_open
+
+    for path, record in rows.items():
+        with safe_open(str(out / record["shard"]), framework="pt") as f:
+            row = f.get_tensor("video")[record["row"]]
+            assert json.loads(f.metadata()["paths"])[record["row"]] == path
+        views = xv.load_views(path, TINY.num_frames, TINY.image_size, num_clips=2)
+        with torch.no_grad():
+            expected = model.encode_video(views).mean(dim=0)
+        torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-5)
+    with safe_open(str(out / collection.TEXT), framework="pt") as f:
+        assert json.loads(f.metadata()["labels"]) == LABELS
+        torch.testing.assert_close(f.get_tensor("text"), xc.encode_labels(model, LABELS))
+
+    # An interruption after the first shard: its index lines stay, the next shard's are gone
+    # (and its file orphaned). Resume re-does exactly the missing videos.
+    first = index[0]["shard"] if "shard" in index[0] else next(r["shard"] for r in index if "shard" in r)
+    kept = [r for r in index if r.get("shard") == first]
+    (out / collection.INDEX).write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"path": "torn')
+    summary = xclip.embed(model, [folder], out, resume=True, num_clips=2, batch_size=3, shard_size=2)
+    assert summary.skipped == len(kept) and summary.videos == 6 - len(kept)
+    again = records(out / collection.INDEX)
+    assert sorted(r["path"] for r in again) == sorted(r["path"] for r in index)
+    referenced = {r["shard"] for r in again if "shard" in r}
+    assert referenced == {p.name for p in out.glob("video-*.safetensors")}  # no orphan left
