@@ -147,17 +147,27 @@ void attend_over_frames_backward(const at::Tensor& qkv, const at::Tensor& d_mixe
   });
 }
 
-// out = x weight^T + bias (+ residual): the register tiles for float32 shapes they handle, else
-// one addmm. All tensors contiguous; residual may be undefined.
+// A bf16 tensor's elements as their bits, the form the tiles take them in.
+const uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// out = x weight^T + bias (+ residual): the register tiles for float32 x of the shapes they
+// handle, else one addmm. The weight has x's dtype or, with float32 x, is bf16: the tiles read
+// it as stored; the addmm (a shape the tiles do not take, a build without them) gets a float32
+// copy of it. All tensors contiguous; residual may be undefined.
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& residual) {
   const int64_t rows = x.size(0), inner = x.size(1), outputs = weight.size(0);
   if (x.scalar_type() == at::kFloat && skinny_linear_supports(rows, inner)) {
     auto out = at::empty({rows, outputs}, x.options());
-    skinny_linear({x.data_ptr<float>(), rows, inner, weight.data_ptr<float>(), outputs, bias.data_ptr<float>(),
-                   residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>()});
+    const float* res = residual.defined() ? residual.data_ptr<float>() : nullptr;
+    if (weight.scalar_type() == at::kBFloat16)
+      skinny_linear(SkinnyLinearBf16{x.data_ptr<float>(), rows, inner, bf16_bits(weight), outputs,
+                                     bias.data_ptr<float>(), res, out.data_ptr<float>()});
+    else
+      skinny_linear(SkinnyLinear{x.data_ptr<float>(), rows, inner, weight.data_ptr<float>(), outputs,
+                                 bias.data_ptr<float>(), res, out.data_ptr<float>()});
     return out;
   }
-  return at::addmm(residual.defined() ? residual + bias : bias, x, weight.t());
+  return at::addmm(residual.defined() ? residual + bias : bias, x, weight.t().to(x.scalar_type()));
 }
 
 // The weight gradient a^T b of a linear layer, a (F, outputs) and b (F, inputs) contiguous.
@@ -169,13 +179,18 @@ at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-// The input gradient g weight of a linear layer, g (F, outputs) and weight (outputs, inputs) contiguous.
+// The input gradient g weight of a linear layer, g (F, outputs) and weight (outputs, inputs)
+// contiguous; the weight has g's dtype or, with float32 g, is bf16 (read as in project).
 at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& weight) {
   if (grad.scalar_type() != at::kFloat || !skinny_linear_grad_supports(grad.size(0), weight.size(1)))
-    return at::mm(grad, weight);
+    return at::mm(grad, weight.to(grad.scalar_type()));
   auto out = at::empty({grad.size(0), weight.size(1)}, grad.options());
-  skinny_input_grad({grad.data_ptr<float>(), grad.size(0), grad.size(1), weight.data_ptr<float>(), weight.size(1),
-                     out.data_ptr<float>()});
+  if (weight.scalar_type() == at::kBFloat16)
+    skinny_input_grad(SkinnyInputGradBf16{grad.data_ptr<float>(), grad.size(0), grad.size(1), bf16_bits(weight),
+                                          weight.size(1), out.data_ptr<float>()});
+  else
+    skinny_input_grad(SkinnyInputGrad{grad.data_ptr<float>(), grad.size(0), grad.size(1), weight.data_ptr<float>(),
+                                      weight.size(1), out.data_ptr<float>()});
   return out;
 }
 
@@ -187,11 +202,13 @@ at::Tensor message_attention_forward_cpu(const at::Tensor& messages, const at::T
                                          const at::Tensor& out_proj_bias, int64_t num_frames, int64_t num_heads,
                                          double eps) {
   if (messages.scalar_type() == at::kBFloat16) {
-    // A few hundred rows: computed in float32 on float32 copies, the output rounded once.
-    return message_attention_forward_cpu(messages.to(at::kFloat), ln_weight.to(at::kFloat), ln_bias.to(at::kFloat),
-                                         in_proj_weight.to(at::kFloat), in_proj_bias.to(at::kFloat),
-                                         out_proj_weight.to(at::kFloat), out_proj_bias.to(at::kFloat), num_frames,
-                                         num_heads, eps)
+    // Computed in float32, the output rounded once. The messages (a few hundred rows), the
+    // LayerNorm parameters and the biases (vectors) are widened here; the two projection
+    // weights stay bf16 and the tiles widen them in registers (project), so no weight-sized
+    // copy is made per call (but where the tiles are not built or do not take the shape).
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    return message_attention_forward_cpu(f(messages), f(ln_weight), f(ln_bias), in_proj_weight, f(in_proj_bias),
+                                         out_proj_weight, f(out_proj_bias), num_frames, num_heads, eps)
         .to(at::kBFloat16);
   }
   TORCH_CHECK_VALUE(messages.scalar_type() == at::kFloat || messages.scalar_type() == at::kDouble,
@@ -213,11 +230,13 @@ message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mes
                                const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
                                int64_t num_frames, int64_t num_heads, double eps) {
   if (messages.scalar_type() == at::kBFloat16) {
-    // As the forward: float32 inside (accumulation included), each gradient rounded once.
+    // As the forward: float32 inside (accumulation included), the weights read as bf16 by the
+    // projection and input-gradient tiles, each gradient rounded once (the weight gradients
+    // are weight-sized float32 results rounded to bf16: outputs, not copies of an input).
     const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
     const auto b = [](const at::Tensor& t) { return t.to(at::kBFloat16); };
     const auto grads = message_attention_backward_cpu(f(grad_out), f(messages), f(ln_weight), f(ln_bias),
-                                                      f(in_proj_weight), f(in_proj_bias), f(out_proj_weight),
+                                                      in_proj_weight, f(in_proj_bias), out_proj_weight,
                                                       num_frames, num_heads, eps);
     return {b(std::get<0>(grads)), b(std::get<1>(grads)), b(std::get<2>(grads)), b(std::get<3>(grads)),
             b(std::get<4>(grads)), b(std::get<5>(grads)), b(std::get<6>(grads))};
