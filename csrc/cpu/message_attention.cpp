@@ -174,12 +174,22 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   return at::addmm(residual.defined() ? residual + bias : bias, x, weight.t().to(x.scalar_type()));
 }
 
-// The weight gradient a^T b of a linear layer, a (F, outputs) and b (F, inputs) contiguous.
-at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() != at::kFloat || !skinny_linear_grad_supports(a.size(0), b.size(1))) return at::mm(a.t(), b);
+// The weight gradient a^T b of a linear layer, a (F, outputs) and b (F, inputs) contiguous, in
+// the weight's dtype: a's, or bf16 with float32 a and b (the tiles round each float32 sum to
+// bf16 as they store it; no float32 result the size of the weight).
+at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, at::ScalarType weight_dtype) {
+  if (a.scalar_type() != at::kFloat || !skinny_linear_grad_supports(a.size(0), b.size(1)))
+    return at::mm(a.t(), b).to(weight_dtype);
+  if (weight_dtype == at::kBFloat16) {
+    auto out = at::empty({a.size(1), b.size(1)}, a.options().dtype(at::kBFloat16));
+    skinny_weight_grad(SkinnyWeightGradBf16{a.data_ptr<float>(), b.data_ptr<float>(), a.size(0), a.size(1), b.size(1),
+                                            reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())});
+    return out;
+  }
   auto out = at::empty({a.size(1), b.size(1)}, a.options());
   if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 != 0) return at::mm_out(out, a.t(), b);  // not torch's allocator
-  skinny_weight_grad({a.data_ptr<float>(), b.data_ptr<float>(), a.size(0), a.size(1), b.size(1), out.data_ptr<float>()});
+  skinny_weight_grad(SkinnyWeightGrad{a.data_ptr<float>(), b.data_ptr<float>(), a.size(0), a.size(1), b.size(1),
+                                      out.data_ptr<float>()});
   return out;
 }
 
@@ -236,7 +246,7 @@ message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mes
   if (messages.scalar_type() == at::kBFloat16) {
     // As the forward: float32 inside (accumulation included), the weights read as bf16 by the
     // projection and input-gradient tiles, each gradient rounded once (the weight gradients
-    // are weight-sized float32 results rounded to bf16: outputs, not copies of an input).
+    // by their tiles as they are stored: the .to below leaves those as they are).
     const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
     const auto b = [](const at::Tensor& t) { return t.to(at::kBFloat16); };
     const auto grads = message_attention_backward_cpu(f(grad_out), f(messages), f(ln_weight), f(ln_bias),
@@ -258,9 +268,9 @@ message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mes
   AT_DISPATCH_FLOATING_TYPES(messages.scalar_type(), "message_attention_backward_cpu", [&] {
     attend_over_frames_backward<scalar_t>(qkv, d_mixed, d_qkv, mixed, num_frames, num_heads);
   });
-  auto d_out_proj_weight = weight_grad(grad, mixed);
+  auto d_out_proj_weight = weight_grad(grad, mixed, out_w.scalar_type());
   auto d_out_proj_bias = grad.sum(0);
-  auto d_in_proj_weight = weight_grad(d_qkv, normed);
+  auto d_in_proj_weight = weight_grad(d_qkv, normed, in_w.scalar_type());
   auto d_in_proj_bias = d_qkv.sum(0);
   const auto d_normed = input_grad(d_qkv, in_w);
   auto [d_messages, d_ln_weight, d_ln_bias] = at::native_layer_norm_backward(

@@ -233,8 +233,8 @@ bool skinny_linear_grad_supports(int64_t rows, int64_t columns) {
 
 namespace {
 
-template <typename Tasks>
-void run_weight_grad(const SkinnyWeightGrad& problem, int64_t row_tile, Tasks tasks) {
+template <typename P, typename Tasks>
+void run_weight_grad(const P& problem, int64_t row_tile, Tasks tasks) {
   const int64_t groups = (problem.a_cols + row_tile - 1) / row_tile;
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     tasks(problem, begin * row_tile, std::min(end * row_tile, problem.a_cols));
@@ -251,12 +251,21 @@ void run_input_grad(const P& problem, int64_t width, Pack pack, int64_t transpos
 
 }  // namespace
 
-void skinny_weight_grad(const SkinnyWeightGrad& problem) {
+namespace {
+
+template <typename P>
+void skinny_weight_grad_of(const P& problem) {
 #ifdef XCLIP_HAVE_AVX512_TILES
-  if (use_avx512()) return run_weight_grad(problem, tiles_avx512::kGradRowTile, tiles_avx512::weight_grad_tasks);
+  if (use_avx512()) return run_weight_grad(problem, tiles_avx512::kGradRowTile, tiles_avx512::weight_grad_tasks<P>);
 #endif
-  run_weight_grad(problem, tiles_avx2::kGradRowTile, tiles_avx2::weight_grad_tasks);
+  run_weight_grad(problem, tiles_avx2::kGradRowTile, tiles_avx2::weight_grad_tasks<P>);
 }
+
+}  // namespace
+
+void skinny_weight_grad(const SkinnyWeightGrad& problem) { skinny_weight_grad_of(problem); }
+
+void skinny_weight_grad(const SkinnyWeightGradBf16& problem) { skinny_weight_grad_of(problem); }
 
 namespace {
 

@@ -77,14 +77,19 @@ using SkinnyLinear = SkinnyLinearOf<float>;
 using SkinnyLinearBf16 = SkinnyLinearOf<uint16_t>;
 
 // The backward of a linear layer on few rows, float32, contiguous.
-// Weight gradient: out (a_cols, b_cols) = a^T b for a (rows, a_cols) and b (rows, b_cols); out
-// 64-byte aligned (it is written with streaming stores).
-struct SkinnyWeightGrad {
+// Weight gradient: out (a_cols, b_cols) = a^T b for a (rows, a_cols) and b (rows, b_cols);
+// out float32, 64-byte aligned (it is written with streaming stores), or bf16 bits
+// (SkinnyWeightGradBf16: the gradient of a bf16 weight, each float32 sum rounded once as it
+// is stored, instead of a float32 result the size of the weight rounded by a second pass).
+template <typename Out>
+struct SkinnyWeightGradOf {
   const float* a;
   const float* b;
   int64_t rows, a_cols, b_cols;
-  float* out;
+  Out* out;
 };
+using SkinnyWeightGrad = SkinnyWeightGradOf<float>;
+using SkinnyWeightGradBf16 = SkinnyWeightGradOf<uint16_t>;
 
 // Input gradient: out (rows, outputs) = x weight for x (rows, inner) and weight (inner,
 // outputs); the weight float32 or bf16 bits (SkinnyInputGradBf16), as in SkinnyLinearOf.
@@ -122,6 +127,7 @@ bool skinny_linear_grad_supports(int64_t rows, int64_t columns);
 
 // Both run in parallel over rows (weight gradient) or columns (input gradient) of out.
 void skinny_weight_grad(const SkinnyWeightGrad& problem);
+void skinny_weight_grad(const SkinnyWeightGradBf16& problem);
 void skinny_input_grad(const SkinnyInputGrad& problem);
 void skinny_input_grad(const SkinnyInputGradBf16& problem);
 
@@ -149,6 +155,7 @@ inline void fused_backward(const FusedBackward&) { no_tiles_in_this_build(); }
 inline void skinny_linear(const SkinnyLinear&) { no_tiles_in_this_build(); }
 inline void skinny_linear(const SkinnyLinearBf16&) { no_tiles_in_this_build(); }
 inline void skinny_weight_grad(const SkinnyWeightGrad&) { no_tiles_in_this_build(); }
+inline void skinny_weight_grad(const SkinnyWeightGradBf16&) { no_tiles_in_this_build(); }
 inline void skinny_input_grad(const SkinnyInputGrad&) { no_tiles_in_this_build(); }
 inline void skinny_input_grad(const SkinnyInputGradBf16&) { no_tiles_in_this_build(); }
 
