@@ -12,6 +12,10 @@
 // LayerNorm and the q/k/v projection, then runs the attention's backward in one parallel loop
 // and the four weight-sized GEMMs on register tiles of their own (few rows: BLAS spends these
 // packing the big operand), a dozen calls in all instead of autograd replaying the unfused graph.
+//
+// bfloat16 runs the same float32 arithmetic: the messages and the vectors are widened (a few
+// hundred rows), the projection weights are read as bf16 by the tiles and widened in
+// registers, so the bf16 op moves half the weight bytes and copies no weight per call.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -147,35 +151,60 @@ void attend_over_frames_backward(const at::Tensor& qkv, const at::Tensor& d_mixe
   });
 }
 
-// out = x weight^T + bias (+ residual): the register tiles for float32 shapes they handle, else
-// one addmm. All tensors contiguous; residual may be undefined.
+// A bf16 tensor's elements as their bits, the form the tiles take them in.
+const uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// out = x weight^T + bias (+ residual): the register tiles for float32 x of the shapes they
+// handle, else one addmm. The weight has x's dtype or, with float32 x, is bf16: the tiles read
+// it as stored; the addmm (a shape the tiles do not take, a build without them) gets a float32
+// copy of it. All tensors contiguous; residual may be undefined.
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& residual) {
   const int64_t rows = x.size(0), inner = x.size(1), outputs = weight.size(0);
   if (x.scalar_type() == at::kFloat && skinny_linear_supports(rows, inner)) {
     auto out = at::empty({rows, outputs}, x.options());
-    skinny_linear({x.data_ptr<float>(), rows, inner, weight.data_ptr<float>(), outputs, bias.data_ptr<float>(),
-                   residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>()});
+    const float* res = residual.defined() ? residual.data_ptr<float>() : nullptr;
+    if (weight.scalar_type() == at::kBFloat16)
+      skinny_linear(SkinnyLinearBf16{x.data_ptr<float>(), rows, inner, bf16_bits(weight), outputs,
+                                     bias.data_ptr<float>(), res, out.data_ptr<float>()});
+    else
+      skinny_linear(SkinnyLinear{x.data_ptr<float>(), rows, inner, weight.data_ptr<float>(), outputs,
+                                 bias.data_ptr<float>(), res, out.data_ptr<float>()});
     return out;
   }
-  return at::addmm(residual.defined() ? residual + bias : bias, x, weight.t());
+  return at::addmm(residual.defined() ? residual + bias : bias, x, weight.t().to(x.scalar_type()));
 }
 
-// The weight gradient a^T b of a linear layer, a (F, outputs) and b (F, inputs) contiguous.
-at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() != at::kFloat || !skinny_linear_grad_supports(a.size(0), b.size(1))) return at::mm(a.t(), b);
+// The weight gradient a^T b of a linear layer, a (F, outputs) and b (F, inputs) contiguous, in
+// the weight's dtype: a's, or bf16 with float32 a and b (the tiles round each float32 sum to
+// bf16 as they store it; no float32 result the size of the weight).
+at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, at::ScalarType weight_dtype) {
+  if (a.scalar_type() != at::kFloat || !skinny_linear_grad_supports(a.size(0), b.size(1)))
+    return at::mm(a.t(), b).to(weight_dtype);
+  if (weight_dtype == at::kBFloat16) {
+    auto out = at::empty({a.size(1), b.size(1)}, a.options().dtype(at::kBFloat16));
+    skinny_weight_grad(SkinnyWeightGradBf16{a.data_ptr<float>(), b.data_ptr<float>(), a.size(0), a.size(1), b.size(1),
+                                            reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())});
+    return out;
+  }
   auto out = at::empty({a.size(1), b.size(1)}, a.options());
   if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 != 0) return at::mm_out(out, a.t(), b);  // not torch's allocator
-  skinny_weight_grad({a.data_ptr<float>(), b.data_ptr<float>(), a.size(0), a.size(1), b.size(1), out.data_ptr<float>()});
+  skinny_weight_grad(SkinnyWeightGrad{a.data_ptr<float>(), b.data_ptr<float>(), a.size(0), a.size(1), b.size(1),
+                                      out.data_ptr<float>()});
   return out;
 }
 
-// The input gradient g weight of a linear layer, g (F, outputs) and weight (outputs, inputs) contiguous.
+// The input gradient g weight of a linear layer, g (F, outputs) and weight (outputs, inputs)
+// contiguous; the weight has g's dtype or, with float32 g, is bf16 (read as in project).
 at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& weight) {
   if (grad.scalar_type() != at::kFloat || !skinny_linear_grad_supports(grad.size(0), weight.size(1)))
-    return at::mm(grad, weight);
+    return at::mm(grad, weight.to(grad.scalar_type()));
   auto out = at::empty({grad.size(0), weight.size(1)}, grad.options());
-  skinny_input_grad({grad.data_ptr<float>(), grad.size(0), grad.size(1), weight.data_ptr<float>(), weight.size(1),
-                     out.data_ptr<float>()});
+  if (weight.scalar_type() == at::kBFloat16)
+    skinny_input_grad(SkinnyInputGradBf16{grad.data_ptr<float>(), grad.size(0), grad.size(1), bf16_bits(weight),
+                                          weight.size(1), out.data_ptr<float>()});
+  else
+    skinny_input_grad(SkinnyInputGrad{grad.data_ptr<float>(), grad.size(0), grad.size(1), weight.data_ptr<float>(),
+                                      weight.size(1), out.data_ptr<float>()});
   return out;
 }
 
@@ -187,11 +216,13 @@ at::Tensor message_attention_forward_cpu(const at::Tensor& messages, const at::T
                                          const at::Tensor& out_proj_bias, int64_t num_frames, int64_t num_heads,
                                          double eps) {
   if (messages.scalar_type() == at::kBFloat16) {
-    // A few hundred rows: computed in float32 on float32 copies, the output rounded once.
-    return message_attention_forward_cpu(messages.to(at::kFloat), ln_weight.to(at::kFloat), ln_bias.to(at::kFloat),
-                                         in_proj_weight.to(at::kFloat), in_proj_bias.to(at::kFloat),
-                                         out_proj_weight.to(at::kFloat), out_proj_bias.to(at::kFloat), num_frames,
-                                         num_heads, eps)
+    // Computed in float32, the output rounded once. The messages (a few hundred rows), the
+    // LayerNorm parameters and the biases (vectors) are widened here; the two projection
+    // weights stay bf16 and the tiles widen them in registers (project), so no weight-sized
+    // copy is made per call (but where the tiles are not built or do not take the shape).
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    return message_attention_forward_cpu(f(messages), f(ln_weight), f(ln_bias), in_proj_weight, f(in_proj_bias),
+                                         out_proj_weight, f(out_proj_bias), num_frames, num_heads, eps)
         .to(at::kBFloat16);
   }
   TORCH_CHECK_VALUE(messages.scalar_type() == at::kFloat || messages.scalar_type() == at::kDouble,
@@ -213,11 +244,13 @@ message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mes
                                const at::Tensor& in_proj_bias, const at::Tensor& out_proj_weight,
                                int64_t num_frames, int64_t num_heads, double eps) {
   if (messages.scalar_type() == at::kBFloat16) {
-    // As the forward: float32 inside (accumulation included), each gradient rounded once.
+    // As the forward: float32 inside (accumulation included), the weights read as bf16 by the
+    // projection and input-gradient tiles, each gradient rounded once (the weight gradients
+    // by their tiles as they are stored: the .to below leaves those as they are).
     const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
     const auto b = [](const at::Tensor& t) { return t.to(at::kBFloat16); };
     const auto grads = message_attention_backward_cpu(f(grad_out), f(messages), f(ln_weight), f(ln_bias),
-                                                      f(in_proj_weight), f(in_proj_bias), f(out_proj_weight),
+                                                      in_proj_weight, f(in_proj_bias), out_proj_weight,
                                                       num_frames, num_heads, eps);
     return {b(std::get<0>(grads)), b(std::get<1>(grads)), b(std::get<2>(grads)), b(std::get<3>(grads)),
             b(std::get<4>(grads)), b(std::get<5>(grads)), b(std::get<6>(grads))};
@@ -235,9 +268,9 @@ message_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mes
   AT_DISPATCH_FLOATING_TYPES(messages.scalar_type(), "message_attention_backward_cpu", [&] {
     attend_over_frames_backward<scalar_t>(qkv, d_mixed, d_qkv, mixed, num_frames, num_heads);
   });
-  auto d_out_proj_weight = weight_grad(grad, mixed);
+  auto d_out_proj_weight = weight_grad(grad, mixed, out_w.scalar_type());
   auto d_out_proj_bias = grad.sum(0);
-  auto d_in_proj_weight = weight_grad(d_qkv, normed);
+  auto d_in_proj_weight = weight_grad(d_qkv, normed, in_w.scalar_type());
   auto d_in_proj_bias = d_qkv.sum(0);
   const auto d_normed = input_grad(d_qkv, in_w);
   auto [d_messages, d_ln_weight, d_ln_bias] = at::native_layer_norm_backward(

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace xclip_ext {
@@ -187,8 +188,8 @@ const float* packed_transposed(const float* x, int64_t rows, int64_t inner, Pack
 }
 
 // Parallel over groups of `cols` weight rows, so every worker runs full tiles.
-template <typename Tasks>
-void run_linear(const SkinnyLinear& problem, int64_t cols, Tasks tasks) {
+template <typename P, typename Tasks>
+void run_linear(const P& problem, int64_t cols, Tasks tasks) {
   const int64_t groups = (problem.outputs + cols - 1) / cols;
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     tasks(problem, begin * cols, std::min(end * cols, problem.outputs));
@@ -197,28 +198,34 @@ void run_linear(const SkinnyLinear& problem, int64_t cols, Tasks tasks) {
 
 // The outer-product form when the rows fill whole vectors and it is built for the width (x
 // packed transposed once by the calling thread, read by every worker), else the dot form.
-template <typename OuterTasks, typename Pack, typename DotTasks>
-void run_linear_forms(const SkinnyLinear& problem, int64_t width, OuterTasks outer, int64_t outer_cols, Pack pack,
+template <typename P, typename OuterTasks, typename Pack, typename DotTasks>
+void run_linear_forms(const P& problem, int64_t width, OuterTasks outer, int64_t outer_cols, Pack pack,
                       int64_t transposed_floats, DotTasks dot, int64_t dot_cols) {
   if (outer == nullptr || problem.rows % width != 0) return run_linear(problem, dot_cols, dot);
   const float* xt = packed_transposed(problem.x, problem.rows, problem.inner, pack, transposed_floats);
   run_linear(problem, outer_cols,
-             [xt, outer](const SkinnyLinear& p, int64_t begin, int64_t end) { outer(p, xt, begin, end); });
+             [xt, outer](const P& p, int64_t begin, int64_t end) { outer(p, xt, begin, end); });
 }
 
-void skinny_linear(const SkinnyLinear& problem) {
+// Either weight type: the same tiles, instantiated for it.
+template <typename P>
+void skinny_linear_of(const P& problem) {
 #ifdef XCLIP_HAVE_AVX512_TILES
   if (use_avx512() && problem.inner % tiles_avx512::kWidth == 0) {
     namespace t = tiles_avx512;
-    return run_linear_forms(problem, t::kWidth, t::outer_tasks_for(problem.inner), t::kOuterCols,
-                            t::pack_x_transposed, t::transposed_x_floats(problem.rows, problem.inner), t::linear_tasks,
-                            t::kLinearCols);
+    return run_linear_forms(problem, t::kWidth, t::outer_tasks_for<P>(problem.inner), t::kOuterCols,
+                            t::pack_x_transposed, t::transposed_x_floats(problem.rows, problem.inner),
+                            t::linear_tasks<P>, t::kLinearCols);
   }
 #endif
   namespace t = tiles_avx2;
-  run_linear_forms(problem, t::kWidth, t::outer_tasks_for(problem.inner), t::kOuterCols, t::pack_x_transposed,
-                   t::transposed_x_floats(problem.rows, problem.inner), t::linear_tasks, t::kLinearCols);
+  run_linear_forms(problem, t::kWidth, t::outer_tasks_for<P>(problem.inner), t::kOuterCols, t::pack_x_transposed,
+                   t::transposed_x_floats(problem.rows, problem.inner), t::linear_tasks<P>, t::kLinearCols);
 }
+
+void skinny_linear(const SkinnyLinear& problem) { skinny_linear_of(problem); }
+
+void skinny_linear(const SkinnyLinearBf16& problem) { skinny_linear_of(problem); }
 
 bool skinny_linear_grad_supports(int64_t rows, int64_t columns) {
   return rows <= kSkinnyMaxRows && columns % 16 == 0;  // whole vectors on either instruction set
@@ -226,16 +233,16 @@ bool skinny_linear_grad_supports(int64_t rows, int64_t columns) {
 
 namespace {
 
-template <typename Tasks>
-void run_weight_grad(const SkinnyWeightGrad& problem, int64_t row_tile, Tasks tasks) {
+template <typename P, typename Tasks>
+void run_weight_grad(const P& problem, int64_t row_tile, Tasks tasks) {
   const int64_t groups = (problem.a_cols + row_tile - 1) / row_tile;
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     tasks(problem, begin * row_tile, std::min(end * row_tile, problem.a_cols));
   });
 }
 
-template <typename Pack, typename Tasks>
-void run_input_grad(const SkinnyInputGrad& problem, int64_t width, Pack pack, int64_t transposed_floats, Tasks tasks) {
+template <typename P, typename Pack, typename Tasks>
+void run_input_grad(const P& problem, int64_t width, Pack pack, int64_t transposed_floats, Tasks tasks) {
   const float* xt = packed_transposed(problem.x, problem.rows, problem.inner, pack, transposed_floats);
   at::parallel_for(0, problem.outputs / width, 1, [&](int64_t begin, int64_t end) {
     tasks(problem, xt, begin * width, end * width);
@@ -244,24 +251,42 @@ void run_input_grad(const SkinnyInputGrad& problem, int64_t width, Pack pack, in
 
 }  // namespace
 
-void skinny_weight_grad(const SkinnyWeightGrad& problem) {
+namespace {
+
+template <typename P>
+void skinny_weight_grad_of(const P& problem) {
 #ifdef XCLIP_HAVE_AVX512_TILES
-  if (use_avx512()) return run_weight_grad(problem, tiles_avx512::kGradRowTile, tiles_avx512::weight_grad_tasks);
+  if (use_avx512()) return run_weight_grad(problem, tiles_avx512::kGradRowTile, tiles_avx512::weight_grad_tasks<P>);
 #endif
-  run_weight_grad(problem, tiles_avx2::kGradRowTile, tiles_avx2::weight_grad_tasks);
+  run_weight_grad(problem, tiles_avx2::kGradRowTile, tiles_avx2::weight_grad_tasks<P>);
 }
 
-void skinny_input_grad(const SkinnyInputGrad& problem) {
+}  // namespace
+
+void skinny_weight_grad(const SkinnyWeightGrad& problem) { skinny_weight_grad_of(problem); }
+
+void skinny_weight_grad(const SkinnyWeightGradBf16& problem) { skinny_weight_grad_of(problem); }
+
+namespace {
+
+template <typename P>
+void skinny_input_grad_of(const P& problem) {
 #ifdef XCLIP_HAVE_AVX512_TILES
   if (use_avx512()) {
     namespace t = tiles_avx512;
     return run_input_grad(problem, t::kWidth, t::pack_x_transposed, t::transposed_x_floats(problem.rows, problem.inner),
-                          t::input_grad_tasks);
+                          t::input_grad_tasks<P>);
   }
 #endif
   namespace t = tiles_avx2;
   run_input_grad(problem, t::kWidth, t::pack_x_transposed, t::transposed_x_floats(problem.rows, problem.inner),
-                 t::input_grad_tasks);
+                 t::input_grad_tasks<P>);
 }
+
+}  // namespace
+
+void skinny_input_grad(const SkinnyInputGrad& problem) { skinny_input_grad_of(problem); }
+
+void skinny_input_grad(const SkinnyInputGradBf16& problem) { skinny_input_grad_of(problem); }
 
 }  // namespace xclip_ext

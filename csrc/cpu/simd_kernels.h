@@ -1,5 +1,6 @@
 // float32 kernels on register tiles, built for AVX2 and for AVX-512 and chosen at run time:
-// the IFA forward (ifa_tiles.inc) and a linear layer for few rows (linear_tiles.inc). Plain pointers and strides, so the tile code needs no ATen.
+// the IFA forward (ifa_tiles.inc) and a linear layer for few rows (linear_tiles.inc; its
+// weight may also be bf16, widened in registers). Plain pointers and strides, so the tile code needs no ATen.
 //
 // The tiles are x86-64 code (simd_kernels.cpp), compiled only where the build defines
 // XCLIP_CPU_TILES. Elsewhere (another architecture, or a build asked for the portable
@@ -53,40 +54,56 @@ struct FusedBackward {
 
 // out = x weight^T + bias (+ residual), all float32 and contiguous: x (rows, inner), weight
 // (outputs, inner), bias (outputs) or null, residual and out (rows, outputs); residual may be
-// null, and out must not alias x or weight.
-struct SkinnyLinear {
+// null, and out must not alias x or weight. Weight is float32, or bfloat16 as its bits
+// (uint16_t: SkinnyLinearBf16), read as it is stored and widened in registers, so a bf16
+// model's weight is never copied to float32; everything else stays float32 either way.
+template <typename Weight>
+struct SkinnyLinearOf {
+  using WeightType = Weight;
   const float* x;
   int64_t rows, inner;
-  const float* weight;
+  const Weight* weight;
   int64_t outputs;
   const float* bias;
   const float* residual;
   float* out;
 
-  SkinnyLinear rows_from(int64_t m) const {
+  SkinnyLinearOf rows_from(int64_t m) const {
     return {x + m * inner, rows - m, inner, weight, outputs, bias, residual == nullptr ? nullptr : residual + m * outputs,
             out + m * outputs};
   }
 };
+using SkinnyLinear = SkinnyLinearOf<float>;
+using SkinnyLinearBf16 = SkinnyLinearOf<uint16_t>;
 
 // The backward of a linear layer on few rows, float32, contiguous.
-// Weight gradient: out (a_cols, b_cols) = a^T b for a (rows, a_cols) and b (rows, b_cols); out
-// 64-byte aligned (it is written with streaming stores).
-struct SkinnyWeightGrad {
+// Weight gradient: out (a_cols, b_cols) = a^T b for a (rows, a_cols) and b (rows, b_cols);
+// out float32, 64-byte aligned (it is written with streaming stores), or bf16 bits
+// (SkinnyWeightGradBf16: the gradient of a bf16 weight, each float32 sum rounded once as it
+// is stored, instead of a float32 result the size of the weight rounded by a second pass).
+template <typename Out>
+struct SkinnyWeightGradOf {
   const float* a;
   const float* b;
   int64_t rows, a_cols, b_cols;
-  float* out;
+  Out* out;
 };
+using SkinnyWeightGrad = SkinnyWeightGradOf<float>;
+using SkinnyWeightGradBf16 = SkinnyWeightGradOf<uint16_t>;
 
-// Input gradient: out (rows, outputs) = x weight for x (rows, inner) and weight (inner, outputs).
-struct SkinnyInputGrad {
+// Input gradient: out (rows, outputs) = x weight for x (rows, inner) and weight (inner,
+// outputs); the weight float32 or bf16 bits (SkinnyInputGradBf16), as in SkinnyLinearOf.
+template <typename Weight>
+struct SkinnyInputGradOf {
+  using WeightType = Weight;
   const float* x;
   int64_t rows, inner;
-  const float* weight;
+  const Weight* weight;
   int64_t outputs;
   float* out;
 };
+using SkinnyInputGrad = SkinnyInputGradOf<float>;
+using SkinnyInputGradBf16 = SkinnyInputGradOf<uint16_t>;
 
 #ifdef XCLIP_CPU_TILES
 
@@ -100,8 +117,9 @@ void fused_backward(const FusedBackward& problem);
 // Whether skinny_linear is the better choice than BLAS for this shape.
 bool skinny_linear_supports(int64_t rows, int64_t inner);
 
-// Runs the whole problem in parallel over weight rows.
+// Runs the whole problem in parallel over weight rows (same shapes supported for either weight).
 void skinny_linear(const SkinnyLinear& problem);
+void skinny_linear(const SkinnyLinearBf16& problem);
 
 // Whether the two kernels below are the better choice than BLAS: `rows` few, `columns` (the
 // columns of b, the outputs of the input gradient) whole vectors.
@@ -109,7 +127,9 @@ bool skinny_linear_grad_supports(int64_t rows, int64_t columns);
 
 // Both run in parallel over rows (weight gradient) or columns (input gradient) of out.
 void skinny_weight_grad(const SkinnyWeightGrad& problem);
+void skinny_weight_grad(const SkinnyWeightGradBf16& problem);
 void skinny_input_grad(const SkinnyInputGrad& problem);
+void skinny_input_grad(const SkinnyInputGradBf16& problem);
 
 // The widest instruction set the tiles may use: the CPU's widest (the default), or AVX2 even
 // where the CPU has AVX-512 (to compare the two, or to match another machine). Thread-safe;
@@ -133,8 +153,11 @@ inline bool skinny_linear_grad_supports(int64_t, int64_t) { return false; }
 inline void fused_forward(const FusedForward&) { no_tiles_in_this_build(); }
 inline void fused_backward(const FusedBackward&) { no_tiles_in_this_build(); }
 inline void skinny_linear(const SkinnyLinear&) { no_tiles_in_this_build(); }
+inline void skinny_linear(const SkinnyLinearBf16&) { no_tiles_in_this_build(); }
 inline void skinny_weight_grad(const SkinnyWeightGrad&) { no_tiles_in_this_build(); }
+inline void skinny_weight_grad(const SkinnyWeightGradBf16&) { no_tiles_in_this_build(); }
 inline void skinny_input_grad(const SkinnyInputGrad&) { no_tiles_in_this_build(); }
+inline void skinny_input_grad(const SkinnyInputGradBf16&) { no_tiles_in_this_build(); }
 
 inline void limit_tiles_to_avx2(bool) {}  // nothing to limit
 inline const char* tile_isa() { return "none"; }

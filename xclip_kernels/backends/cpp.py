@@ -12,8 +12,11 @@ and backward widen each frame-head into float32 buffers for the float32 tiles (t
 path). A native forward on ``vdpbf16ps`` (CPUs with ``avx512_bf16``, head dims that are
 multiples of 32) is opt-in, ``set_cpu_isa("avx512_bf16")``: on the Xeon it was measured on it
 is slower than the convert path (``BENCHMARKS.md``); :func:`bf16_path` says which runs. Other
-head dims and builds without the tiles widen whole tensors to float32 for the BLAS path, and
-so does the message path. Outputs and gradients are rounded to bf16 once. This declaration
+head dims and builds without the tiles widen whole tensors to float32 for the BLAS path. The
+message path widens its activations and vectors to float32, while its projection weights stay
+bf16, read by the projection tiles and widened in registers (no float32 copy of a weight per
+call; builds without the tiles, and shapes the tiles do not take, copy them). Outputs and
+gradients are rounded to bf16 once. This declaration
 loads nothing: the extension is loaded when availability is first asked.
 """
 

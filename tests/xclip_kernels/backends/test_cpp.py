@@ -487,3 +487,52 @@ def test_bf16_path_is_reported_and_follows_set_cpu_isa():
         cpp.set_cpu_isa("auto")
     notes = " ".join(xk.get_backend("cpp").notes())
     assert "bfloat16" in notes and ("avx512_bf16" in notes or "without the x86-64" in notes)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"], indirect=True)
+@pytest.mark.parametrize("videos, num_frames, width, heads",
+                         [(2, 8, 768, 12), (3, 8, 768, 12), (2, 8, 1024, 16), (3, 5, 64, 4), (9, 8, 64, 4),
+                          (3, 5, 40, 5)])
+def test_bf16_message_path_is_the_float32_path_on_widened_inputs(isa, videos, num_frames, width, heads):
+    # bf16 -> float32 is exact and the bf16 path runs the float32 tiles' arithmetic in the same
+    # order (weights widened in registers instead of in a copy), so output and gradients are
+    # the float32 op's on widened inputs, rounded once: bit for bit, for the outer-product form
+    # (16 and 32 rows at W = 768, 1024), the dot form (15 rows; 72 rows and W = 40 take BLAS).
+    tensors = message_inputs(videos, num_frames, width, torch.bfloat16, seed=42)
+    upstream = torch.randn(videos * num_frames, width, generator=torch.Generator().manual_seed(43)).bfloat16()
+    run = lambda *t: xk.message_attention(*t, num_frames=num_frames, num_heads=heads, backend="cpp")  # noqa: E731
+    ours, grads = output_and_grads(run, leaves(tensors), upstream)
+    wide, wide_grads = output_and_grads(run, leaves(tensors, torch.float32), upstream.float())
+    case = f"messages {videos}x{num_frames}x{width} on {isa}"
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, wide.bfloat16()), case
+    for name, grad, wide_grad in zip(MESSAGE_ARG_NAMES, grads, wide_grads, strict=True):
+        assert grad.dtype == torch.bfloat16 and torch.equal(grad, wide_grad.bfloat16()), f"grad of {name}, {case}"
+
+
+def test_bf16_message_path_converts_nothing_weight_sized():
+    # The projections and input gradients read the bf16 weights as stored (widened in
+    # registers): a float32 copy of a (3W, W) or (W, W) weight per call would double the bytes
+    # the op moves. The weight gradients are rounded to bf16 by their tiles as they are stored,
+    # so no weight-sized float32 result is converted by a second pass either.
+    if not _extension.extension().has_cpu_tiles():
+        pytest.skip(NO_TILES)
+    videos, num_frames, width, heads = 2, 8, 768, 12
+    tensors = leaves(message_inputs(videos, num_frames, width, torch.bfloat16, seed=44))
+    upstream = torch.randn(videos * num_frames, width, generator=torch.Generator().manual_seed(45)).bfloat16()
+    weight_shapes = ([3 * width, width], [width, width])
+
+    def weight_copies(fn) -> list[str]:  # noqa: ANN001
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn()
+        return [f"{e.name} of {e.input_shapes[0]}" for e in prof.events()
+                if e.name == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] in weight_shapes]
+
+    def forward() -> None:
+        with torch.no_grad():
+            xk.message_attention(*tensors, num_frames=num_frames, num_heads=heads, backend="cpp")
+
+    def forward_backward() -> None:
+        xk.message_attention(*tensors, num_frames=num_frames, num_heads=heads, backend="cpp").backward(upstream)
+
+    assert weight_copies(forward) == []
+    assert weight_copies(forward_backward) == []
