@@ -558,6 +558,24 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_report(rows: Sequence[dict[str, Any]], arch: str = "sm_90a") -> str:
+    """Markdown for BENCHMARKS.md: every toolchain's rows on ``arch`` (float64 CUDA rows left
+    out: the registry never runs them on a GPU), then every failing row on any architecture."""
+    head = "| kernel | source | toolchain | dtype | D | T | registers | spill B | shared B | tensor cores | blocks/SM |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        if r["arch"] != arch or r["dtype"] == "float64" or r.get("error"):
+            continue
+        lines.append(f"| {r['kernel']} | {r['source']} | {r['toolchain']} | {r['dtype']} | {r['head_dim']} | "
+                     f"{r['frames'] or ''} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
+                     f"{'yes' if r['tensor_cores'] else 'no'} | {r['blocks_per_sm']} |")
+    failed = [r for r in rows if r["failures"]]
+    lines += ["", f"Failing ({len(failed)} of {len(rows)} rows, all architectures):", ""]
+    lines += [f"- {r['kernel']} ({r['source']}, {r['toolchain']}, {r['arch']}, {r['dtype']}, D = {r['head_dim']}"
+              + (f", T = {r['frames']}" if r["frames"] else "") + "): " + "; ".join(r["failures"]) for r in failed]
+    return "\n".join(lines)
+
+
 def _sort_key(row: dict[str, Any]) -> tuple:
     return (row["source"], row["toolchain"], row["kernel"], row["arch"], str(row["dtype"]), row["head_dim"] or 0,
             row["frames"] or 0)
@@ -585,11 +603,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder of cached compile results ('' for none)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA sources (no nvcc here)")
+    parser.add_argument("--markdown", metavar="JSON",
+                        help="compile nothing: print the Markdown tables of BENCHMARKS.md from a gpu-static.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--archs", default=",".join(ARCHS), help=argparse.SUPPRESS)
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     archs = args.archs.split(",")
+    if args.markdown:
+        with open(args.markdown, encoding="utf-8") as f:
+            print(markdown_report(json.load(f)))
+        return 0
     if args.cache:
         os.makedirs(args.cache, exist_ok=True)
 

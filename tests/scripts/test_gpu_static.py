@@ -209,3 +209,12 @@ def test_compile_request_specialises_like_the_jit(gs):
     divisible = {names[path[0]] for path, attr in request["attrs"].items() if ["tt.divisibility", 16] in attr}
     assert {"Q", "K", "V", "O", "s_qn"} <= divisible
     assert "N" not in divisible and "H" not in divisible  # N = 197 is never specialised, H = 12 is not 16-divisible
+
+
+def test_markdown_report(gs):
+    rows = [gs.finish_row(_row()), gs.finish_row(_row(dtype="float16", spill_bytes=24, arch="sm_80")),
+            gs.finish_row(_row(source="cuda", toolchain="nvcc 13.0", dtype="float64", tensor_cores=False))]
+    text = gs.markdown_report(rows)
+    assert "| ifa_fwd_kernel | triton | triton 3.6.0 | bfloat16 | 64 |" in text
+    assert "float64" not in text.split("Failing")[0]  # never run on a GPU: not in the table
+    assert "Failing (1 of 3 rows" in text and "sm_80, float16, D = 64): spills 24 B in a float16 kernel" in text
