@@ -368,19 +368,22 @@ def _triton_cache_key(request: dict[str, Any], toolchain: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def triton_worker(archs: Sequence[str], shard: int, shards: int, cache: str | None) -> list[dict[str, Any]]:
+def triton_worker(archs: Sequence[str], shard: int, shards: int, cache: str | None,
+                  dtypes: Sequence[str] = TRITON_DTYPES) -> list[dict[str, Any]]:
     """Rows for the share ``shard`` of ``shards`` of this Triton's compiles (worker process)."""
     import triton
 
     toolchain = f"triton {triton.__version__}"
     rows: list[dict[str, Any]] = []
     jobs: dict[str, list[dict[str, Any]]] = {}
-    for launch in _trace_triton_launches():
+    # fp32 last: its ieee-precision kernels take the longest to compile.
+    launches = sorted((x for x in _trace_triton_launches() if x["dtype"] in dtypes), key=lambda x: x["dtype"] == "float32")
+    for launch in launches:
         for arch in archs:
             request = _compile_request(launch, arch)
             key = _triton_cache_key(request, toolchain)
             jobs.setdefault(key, []).append(dict(launch=launch, arch=arch, request=request))
-    for index, (key, group) in enumerate(sorted(jobs.items())):
+    for index, (key, group) in enumerate(jobs.items()):
         if index % shards != shard:
             continue
         path = os.path.join(cache, f"triton-{key}.json") if cache else None
@@ -581,11 +584,12 @@ def _sort_key(row: dict[str, Any]) -> tuple:
             row["frames"] or 0)
 
 
-def _run_triton_worker(python_path: str, archs: Sequence[str], shard: int, shards: int, cache: str) -> list[dict]:
+def _run_triton_worker(python_path: str, archs: Sequence[str], shard: int, shards: int, cache: str,
+                       dtypes: str) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (python_path, ROOT) if p))
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, os.path.abspath(__file__), "--worker", out.name, "--archs", ",".join(archs),
-                   "--shard", f"{shard}/{shards}", "--cache", cache]
+                   "--shard", f"{shard}/{shards}", "--cache", cache, "--dtypes", dtypes]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"gpu-static: Triton worker ({python_path or 'this environment'}) failed:\n"
@@ -603,6 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder of cached compile results ('' for none)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA sources (no nvcc here)")
+    parser.add_argument("--dtypes", default=",".join(TRITON_DTYPES),
+                        help="Triton dtypes to compile, comma-separated (CUDA: every instantiation, always)")
     parser.add_argument("--markdown", metavar="JSON",
                         help="compile nothing: print the Markdown tables of BENCHMARKS.md from a gpu-static.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -610,6 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     archs = args.archs.split(",")
+    unknown = set(args.dtypes.split(",")) - set(TRITON_DTYPES)
+    if unknown:
+        parser.error(f"--dtypes: expected some of {','.join(TRITON_DTYPES)}, got {args.dtypes!r}")
     if args.markdown:
         with open(args.markdown, encoding="utf-8") as f:
             print(markdown_report(json.load(f)))
@@ -625,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         shard, shards = (int(x) for x in args.shard.split("/"))
         try:
-            rows = triton_worker(archs, shard, shards, args.cache or None)
+            rows = triton_worker(archs, shard, shards, args.cache or None, args.dtypes.split(","))
         finally:
             shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
         with open(args.worker, "w", encoding="utf-8") as f:
@@ -647,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tasks.append(pool.submit(cuda_rows, source, arch, args.cache or None))
         for python_path in ["", *(os.path.abspath(p) for p in args.triton)]:
             for shard in range(jobs):
-                tasks.append(pool.submit(_run_triton_worker, python_path, archs, shard, jobs, args.cache))
+                tasks.append(pool.submit(_run_triton_worker, python_path, archs, shard, jobs, args.cache, args.dtypes))
         rows = [finish_row(row) for task in tasks for row in task.result()]
     rows.sort(key=_sort_key)
     print(format_table(rows))
