@@ -144,6 +144,8 @@ def wave_efficiency(blocks: int, sms: int, blocks_per_sm: int) -> float:
 
 def _tiles(row: dict[str, Any]) -> tuple[int, int]:
     config = row.get("config") or {}
+    if row["kernel"] == "cfa_fwd_kernel":
+        return (1, 1)  # one block per (video, head): no tiles in its grid
     if row["source"] == "triton":
         return int(config["BLOCK_M"]), int(config.get("BLOCK_N", config["BLOCK_M"]))
     ints = [int(x) for x in re.findall(r"\b\d+\b", config.get("template", ""))]

@@ -73,6 +73,7 @@ def test_estimates_use_the_static_rows():
         _static_row("ifa_fwd_kernel", "cuda", 0, head_dim=64),  # does not fit: no estimate
         _static_row("ifa_fwd_kernel", "cuda", 3, head_dim=96),  # D = 64 runs the DP = 64 instantiation, not this
         _static_row("cfa_fwd_kernel", "triton", 4, frames=16),  # not T = 8
+        _static_row("cfa_fwd_kernel", "cuda", 3, frames=8, config={"template": "<c10::BFloat16, float, 64>"}),
     ]
     rows = gm.estimates(static, variants=("xclip-b16",))
     triton = [r for r in rows if r["source"] == "triton"]
@@ -85,8 +86,10 @@ def test_estimates_use_the_static_rows():
         assert r["gbps"] == pytest.approx(r["bytes"] / (r["estimate_us"] * 1e-6) / 1e9)
     h100, h200 = sorted(triton, key=lambda r: r["gpu"])
     assert h200["roofline_us"] == pytest.approx(h100["roofline_us"] * 3.35 / 4.8)
-    (cuda_h100, cuda_h200) = [r for r in rows if r["source"] == "cuda"]
-    assert cuda_h100["estimate_us"] is None and cuda_h100["bound"] == "compute"  # fp32 on CUDA cores
+    cuda_ifa = [r for r in rows if r["source"] == "cuda" and r["kernel"] == "ifa_fwd_kernel"]
+    assert len(cuda_ifa) == 2 and cuda_ifa[0]["estimate_us"] is None and cuda_ifa[0]["bound"] == "compute"  # CUDA cores
+    cuda_cfa = [r for r in rows if r["source"] == "cuda" and r["kernel"] == "cfa_fwd_kernel"]
+    assert len(cuda_cfa) == 2 and all(r["blocks"] == 32 * 12 and r["estimate_us"] > 0 for r in cuda_cfa)
     assert "does not fit" in gm.format_table(rows)
 
 
