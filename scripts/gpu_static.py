@@ -457,7 +457,8 @@ def _cuda_threads() -> int:
 
 def _cuda_cache_key(command: Sequence[str], nvcc_version: str) -> str:
     digest = hashlib.sha256(nvcc_version.encode())
-    digest.update("\0".join(command[1:-2]).encode())
+    # The command without nvcc's path, the temporary stub folder and the output path.
+    digest.update("\0".join(arg for arg in command[1:-2] if not arg.startswith("-I" + tempfile.gettempdir())).encode())
     for path in sorted({*_build_flags()["cuda_sources"]["value"], "csrc/xclip_ops.h",
                         *(os.path.relpath(p, ROOT) for p in _glob_cuh())}):
         with open(os.path.join(ROOT, path), "rb") as f:
@@ -561,13 +562,17 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(rows: Sequence[dict[str, Any]], arch: str = "sm_90a") -> str:
-    """Markdown for BENCHMARKS.md: every toolchain's rows on ``arch`` (float64 CUDA rows left
-    out: the registry never runs them on a GPU), then every failing row on any architecture."""
+def markdown_report(rows: Sequence[dict[str, Any]], arch: str = "sm_90a", triton: str = "triton 3.6",
+                    dtypes: Sequence[str] = ("bfloat16", "float32")) -> str:
+    """Markdown for BENCHMARKS.md: the rows on ``arch`` of the ``triton`` toolchain (the GPU
+    image's) and of nvcc (its D = 64 and 128 instantiations), for ``dtypes``; then every
+    failing row, any architecture, toolchain or dtype."""
     head = "| kernel | source | toolchain | dtype | D | T | registers | spill B | shared B | tensor cores | blocks/SM |"
     lines = [head, "|" + "---|" * 11]
     for r in rows:
-        if r["arch"] != arch or r["dtype"] == "float64" or r.get("error"):
+        if r["arch"] != arch or r["dtype"] not in dtypes or r.get("error"):
+            continue
+        if not (r["toolchain"].startswith(triton) or (r["source"] == "cuda" and r["head_dim"] in (64, 128))):
             continue
         lines.append(f"| {r['kernel']} | {r['source']} | {r['toolchain']} | {r['dtype']} | {r['head_dim']} | "
                      f"{r['frames'] or ''} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "

@@ -213,8 +213,10 @@ def test_compile_request_specialises_like_the_jit(gs):
 
 def test_markdown_report(gs):
     rows = [gs.finish_row(_row()), gs.finish_row(_row(dtype="float16", spill_bytes=24, arch="sm_80")),
+            gs.finish_row(_row(toolchain="triton 3.9.0", registers=77)),
             gs.finish_row(_row(source="cuda", toolchain="nvcc 13.0", dtype="float64", tensor_cores=False))]
     text = gs.markdown_report(rows)
     assert "| ifa_fwd_kernel | triton | triton 3.6.0 | bfloat16 | 64 |" in text
     assert "float64" not in text.split("Failing")[0]  # never run on a GPU: not in the table
-    assert "Failing (1 of 3 rows" in text and "sm_80, float16, D = 64): spills 24 B in a float16 kernel" in text
+    assert "| 77 |" not in text  # only the GPU image's Triton in the table
+    assert "Failing (1 of 4 rows" in text and "sm_80, float16, D = 64): spills 24 B in a float16 kernel" in text
