@@ -25,7 +25,7 @@ RUN := PYTHONPATH=$(CURDIR) $(PY)
 # model a benchmark compares, so ratios stay fair.
 BENCH_ENV := THP_MEM_ALLOC_ENABLE=1
 
-.PHONY: test bench bench-hf bench-peers bench-compile bench-kernels bench-micro cuda-compile cmake-check package-check device-wheels env clean
+.PHONY: test bench bench-hf bench-peers bench-compile bench-kernels bench-micro cuda-compile gpu-static cmake-check package-check device-wheels env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -94,6 +94,20 @@ bench-micro: $(ENV_BENCH)
 cuda-compile: $(if $(PYTHON),,$(VENV)/.stamp-bench)
 	$(RUN) scripts/cuda_compile.py
 
+# The GPU image's Triton (3.6), for gpu-static only: into its own folder, never the venv.
+TRITON_GPU_IMAGE := 3.6.0
+.triton36/.stamp:
+	rm -rf .triton36
+	$(PY) -m pip install --quiet --no-deps --target .triton36 triton==$(TRITON_GPU_IMAGE)
+	touch $@
+
+# Every Triton kernel (this Triton and the GPU image's) and every CUDA kernel compiled for
+# sm_80 and sm_90a without a GPU: registers, spills, shared memory, tensor cores, blocks/SM;
+# fails on a compile error, too much shared memory, fp16/bf16 spills or no tensor cores in an
+# fp16/bf16 Triton kernel (scripts/gpu_static.py). Writes bench-results/gpu-static.json.
+gpu-static: $(if $(PYTHON),,$(VENV)/.stamp-bench) .triton36/.stamp
+	$(RUN) scripts/gpu_static.py --triton .triton36 $(if $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null),,--no-cuda)
+
 # The CMake build (C++17, csrc/build_flags.json like setup.py) into build/cmake, smoke-tested from
 # there (scripts/check_extension.py: torch version, OpenMP, both forward ops against the
 # reference); then the portable configuration (no x86-64 tile kernels) the same way.
@@ -121,4 +135,4 @@ device-wheels:
 		-d .whl instant-clip-tokenizer==0.1.1
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache xclip_kernels/_C*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache xclip_kernels/_C*.so .triton36
