@@ -14,8 +14,8 @@ on others the two are even. So there are two **providers**:
 
 :func:`provider` picks one per dtype the first time it is asked, by timing both on an
 X-CLIP-sized GEMM (``800 x 768 -> 3072``) in this process, and keeps ``"matmul"`` unless
-oneDNN is at least :data:`MARGIN` faster (both are fp32/bf16-exact; a tie goes to matmul,
-whose in-place epilogues oneDNN's out-of-place post-ops cannot match). ``XCLIP_KERNELS_GEMM=matmul|onednn`` or
+oneDNN is at least :data:`MARGIN` faster (both are fp32/bf16-exact; a near tie goes to
+matmul, the provider the differentiable path uses, so results do not flip with noise). ``XCLIP_KERNELS_GEMM=matmul|onednn`` or
 :func:`set_provider` fix it instead; ``python -m xclip_kernels`` says what this CPU gets.
 
 QuickGELU ``h * sigmoid(1.702 h)`` is ``silu(1.702 h) / 1.702``. oneDNN's swish post-op here
@@ -52,11 +52,12 @@ PROVIDERS = ("matmul", "onednn")
 """The GEMM providers: torch's matmul (oneMKL on x86) and oneDNN's prepacked linear."""
 
 MARGIN = 1.25
-"""oneDNN is chosen only when its measured rate is at least this many times matmul's: the
-matmul path keeps what oneDNN's API here cannot do (accumulating the residual in place, the
-MLP's hidden activations in reused scratch buffers), which is worth a fifth of a block's time
-on a CPU where both GEMMs run at one rate (``benchmarks.main --gemm both``, BENCHMARKS.md), so
-a bare-GEMM lead below that would lose end to end."""
+"""oneDNN is chosen only when its measured rate is at least this many times matmul's. Where
+the two GEMMs run at one rate, the two paths are level end to end as well (the matmul path
+keeps in-place residual adds and reused scratch buffers, which oneDNN's out-of-place post-ops
+lose; ``benchmarks.main --gemm both``, BENCHMARKS.md), so a small lead on one timed GEMM is as
+likely noise as gain; where oneDNN is far ahead (twice matmul's rate on some AMD EPYC CPUs)
+the margin is no obstacle."""
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
