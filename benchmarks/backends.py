@@ -36,13 +36,24 @@ LABELS = ("archery", "bowling", "juggling balls", "playing violin", "surfing wat
 """Label texts the benchmarks cycle through (only their count matters for the cost)."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, rounds: int) -> None:
     """``--variant --frames --batch --labels --rounds --dtype``, the size of an end-to-end run."""
     parser.add_argument("--variant", default="xclip-b32", choices=sorted(xclip.VARIANTS))
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--labels", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--frames", type=positive_int, default=8)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--labels", type=positive_int, default=1)
+    parser.add_argument("--rounds", type=positive_int, default=rounds)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
 

@@ -148,9 +148,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [b for b in args.compiled if b not in COMPILED]
     if unknown:
         parser.error(f"--compiled: expected backends among {', '.join(COMPILED)}, got {', '.join(unknown)}")
-    for flag in ("frames", "batch", "labels", "rounds"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag}: expected a positive integer, got {getattr(args, flag)}")
     args.compiled = [b for b in COMPILED if b in args.compiled]  # table order, no repeats
     return args
 

@@ -329,6 +329,46 @@ def check_backend_runs(model: XCLIP, backend: str | None, device: torch.device) 
 # -- commands -----------------------------------------------------------------------------------
 
 
+def checked_labels(labels: Sequence[str]) -> list[str]:
+    """``labels`` checked (:func:`check_labels`) and each valid UTF-8 (argv bytes that are not
+    UTF-8 reach Python as lone surrogates); raises ``ValueError`` naming the label's index."""
+    labels = check_labels(labels)
+    for index, label in enumerate(labels):
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"labels[{index}]: expected UTF-8 text, got {label.encode('utf-8', 'surrogateescape')!r}"
+            ) from None
+    return labels
+
+
+def _load_model(command: str, checkpoint: str, backend: str | None, device: torch.device,
+                stderr: TextIO) -> XCLIP | None:
+    """The checkpoint's model on ``device`` and ``backend``; None (after one error line) when
+    the file cannot be loaded. Raises for a backend that cannot run there."""
+    check_backend_device(backend, device)
+    try:
+        model = load_checkpoint(checkpoint, backend=backend, map_location=device)
+    except (OSError, ValueError) as exc:
+        print(f"xclip {command}: error: checkpoint: {one_line(str(exc))}", file=stderr, flush=True)
+        return None
+    check_backend_runs(model, backend, device)
+    return model
+
+
+def _label_features(command: str, model: XCLIP, labels: list[str], cache: TextFeatureCache | None,
+                    unsaved: list[OSError], stderr: TextIO) -> tuple[torch.Tensor, bool] | None:
+    """:func:`text_features`, or None (after one error line for command-line users) when a
+    label is longer than the model's context."""
+    try:
+        return text_features(model, labels, cache=cache, on_cache_error=unsaved.append)
+    except TextTooLongError as exc:  # its own message speaks to Python callers (truncate=True)
+        print(f"xclip {command}: error: label {exc.index + 1} ({one_line(exc.text)[:40]!r}) is {exc.num_tokens} "
+              f"tokens; the model reads at most {exc.context_length}: shorten it", file=stderr, flush=True)
+        return None
+
+
 def run_classify(
     *,
     videos: Sequence[str],
@@ -360,14 +400,7 @@ def run_classify(
     """
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
-    labels = check_labels(labels)
-    for index, label in enumerate(labels):
-        try:
-            label.encode("utf-8")
-        except UnicodeEncodeError:  # bytes that were not UTF-8, kept by Python as lone surrogates
-            raise ValueError(
-                f"labels[{index}]: expected UTF-8 text, got {label.encode('utf-8', 'surrogateescape')!r}"
-            ) from None
+    labels = checked_labels(labels)
     if k is None:
         k = min(5, len(labels))
     checks.integer("top_k", k)
@@ -384,23 +417,17 @@ def run_classify(
     if backend is not None:
         get_backend(backend)  # an unknown name raises here, naming the argument
     device = check_device(device)
-    check_backend_device(backend, device)
-    try:
-        model = load_checkpoint(checkpoint, backend=backend, map_location=device)
-    except (OSError, ValueError) as exc:
-        print(f"xclip classify: error: checkpoint: {one_line(str(exc))}", file=stderr, flush=True)
+    model = _load_model("classify", checkpoint, backend, device, stderr)
+    if model is None:
         return 2
-    check_backend_runs(model, backend, device)
     cache = None
     if use_cache:
         cache = TextFeatureCache(cache_dir if cache_dir is not None else default_cache_dir())
     unsaved: list[OSError] = []
-    try:
-        features, hit = text_features(model, labels, cache=cache, on_cache_error=unsaved.append)
-    except TextTooLongError as exc:  # its own message speaks to Python callers (truncate=True)
-        print(f"xclip classify: error: label {exc.index + 1} ({one_line(exc.text)[:40]!r}) is {exc.num_tokens} tokens; "
-              f"the model reads at most {exc.context_length}: shorten it", file=stderr, flush=True)
+    found = _label_features("classify", model, labels, cache, unsaved, stderr)
+    if found is None:
         return 2
+    features, hit = found
     if unsaved:  # an unwritable cache directory costs the cache, not the run
         print(f"xclip classify: warning: text features not cached ({unsaved[0]})", file=stderr, flush=True)
     elif cache is not None:
@@ -480,7 +507,7 @@ def run_collection(
 
     stderr = stderr if stderr is not None else sys.stderr
     if labels is not None:
-        labels = check_labels(labels)
+        labels = checked_labels(labels)
     if k is None and labels is not None:
         k = min(5, len(labels))
     checks.integer("workers", workers, 0)
@@ -521,24 +548,18 @@ def _run_collection_on(
         if not quiet and main_rank:
             print(f"xclip {command}: {message}", file=stderr, flush=True)
 
-    check_backend_device(backend, run_device)
-    try:
-        model = load_checkpoint(checkpoint, backend=backend, map_location=run_device)
-    except (OSError, ValueError) as exc:
-        print(f"xclip {command}: error: checkpoint: {one_line(str(exc))}", file=stderr, flush=True)
+    model = _load_model(command, checkpoint, backend, run_device, stderr)
+    if model is None:
         return 2
-    check_backend_runs(model, backend, run_device)
     model.eval()
     features = None
     if labels is not None:
         cache = TextFeatureCache(cache_dir if cache_dir is not None else default_cache_dir()) if use_cache else None
         unsaved: list[OSError] = []
-        try:
-            features, _ = text_features(model, labels, cache=cache, on_cache_error=unsaved.append)
-        except TextTooLongError as exc:
-            print(f"xclip {command}: error: label {exc.index + 1} ({one_line(exc.text)[:40]!r}) is {exc.num_tokens} "
-                  f"tokens; the model reads at most {exc.context_length}: shorten it", file=stderr, flush=True)
+        found = _label_features(command, model, labels, cache, unsaved, stderr)
+        if found is None:
             return 2
+        features = found[0]
         if unsaved:
             note(f"warning: text features not cached ({unsaved[0]})")
     show = progress if progress is not None else (not quiet and main_rank and stderr.isatty())

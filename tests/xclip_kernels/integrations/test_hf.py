@@ -157,12 +157,7 @@ def test_patched_logits_and_grads_match_hf(device, backend, model, inputs, monke
     # The comparison means something only if the logits are not all alike.
     assert expected.max() - expected.min() > 0.1
 
-    calls = {"frame_attention": 0, "message_attention": 0}
-    for op in calls:
-        def counted(*args, _op=op, _real=getattr(integrations, op), **kwargs):
-            calls[_op] += 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(integrations, op, counted)
+    calls = kernel_calls(monkeypatch)
     assert patch_hf_xclip(model, backend=backend) is model
     with torch.no_grad():
         got = logits(model, video, text)
