@@ -379,7 +379,7 @@ def write_summary(ctx: Context, results: list[Result], started: float, environme
         "ok": done and not failed,
         "complete": done,
         "failed": failed,
-        "seconds": round(time.monotonic() - started, 1),
+        "seconds": round(time.monotonic() - started, 3),
         "forced_failure": forced,
         "environment": environment,
         "steps": [{key: value for key, value in dataclasses.asdict(r).items() if key != "tail"} for r in results],
@@ -480,7 +480,7 @@ def run_phase(phase: str, out: Path) -> int:
             print(header, end="", flush=True)
             t0 = time.monotonic()
             result.status, result.exit_code, result.tail = run_command(command, result.timeout_s, log, env)
-            result.seconds = round(time.monotonic() - t0, 1)
+            result.seconds = round(time.monotonic() - t0, 3)  # ms: a quick step must not read 0
             if result.status == "timeout":
                 result.note = (result.note + "; " if result.note else "") + f"stopped after {result.timeout_s:.0f} s"
             junit = next((name for name in step.outputs if name.endswith(".xml")), None)
