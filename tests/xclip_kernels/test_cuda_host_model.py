@@ -154,3 +154,133 @@ def test_thread_and_block_coordinates_and_order() -> None:
         for t in range(threads):
             tx, ty, tz = t % 8, (t // 8) % 2, t // 16
             assert out[b, t].tolist() == [tx, ty, tz, bx, by, bz, *block, *grid, b * threads + t], (b, t)
+
+
+# ---- fragment layouts, from the PTX ISA's tables (written element -> holder, unlike the model) ----
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2, 3], ids=["x4", "x4_trans", "x2", "x2_trans"])
+def test_ldmatrix_layout_matches_ptx_table(variant: int) -> None:
+    """Matrix j's row r comes from the address of lane 8j + r (rows scattered over shared memory);
+    per the PTX ISA, row i of an 8 x 8 matrix is held by lanes 4i .. 4i + 3, two consecutive
+    elements each (low half = lower column), in register j; .trans delivers the transpose.
+    Addresses of lanes 16..31 are ignored by .x2 (they are misaligned here)."""
+    lib = host_model(ENTRY)
+    matrices = 4 if variant < 2 else 2
+    trans = variant in (1, 3)
+    image = torch.arange(512, dtype=torch.int32).to(torch.int16)  # element e holds e: its own coordinate
+    slots = torch.randperm(64)[:32]
+    offsets = (slots * 8).to(torch.int32)
+    if matrices == 2:
+        offsets[16:] = 3
+    out = torch.zeros(32, 4, dtype=torch.int32)
+    call(lib, "xk_selftest_ldmatrix", ctypes.c_int(variant), image, offsets, out)
+    regs = out.numpy().view("uint32")
+
+    for j in range(matrices):
+        for row in range(8):
+            for column in range(8):
+                value = int(offsets[8 * j + row]) + column  # M_j[row][column]
+                # Without .trans lane 4 row + column // 2 holds M_j[row][column]; with it, the element
+                # at (row, column) of the transpose, i.e. M_j[column][row].
+                held_row, held_column = (column, row) if trans else (row, column)
+                lane = 4 * held_row + held_column // 2
+                half = (int(regs[lane, j]) >> (16 * (held_column % 2))) & 0xFFFF
+                assert half == value, (j, row, column, lane)
+    if matrices == 2:
+        assert (regs[:, 2:] == 0).all()
+
+
+def _fragments(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each lane's registers for mma.m16n8k16 from the PTX ISA's formulas (groupID g = lane >> 2,
+    threadID_in_group t = lane % 4): a_i (i < 8) at row g + 8 ((i >> 1) & 1), column 2t + (i & 1)
+    + 8 (i >= 4); b_i (i < 4) at row 2t + (i & 1) + 8 (i >= 2), column g; c_i at row g + 8 (i >= 2),
+    column 2t + (i & 1). 16-bit element 2k is the low half of register k, 2k + 1 the high half."""
+    a_bits = a.view(torch.int16).to(torch.int64) & 0xFFFF
+    b_bits = b.view(torch.int16).to(torch.int64) & 0xFFFF
+    a_regs = torch.zeros(32, 4, dtype=torch.int64)
+    b_regs = torch.zeros(32, 2, dtype=torch.int64)
+    c_regs = torch.zeros(32, 4)
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        for i in range(8):
+            a_regs[lane, i // 2] |= a_bits[g + 8 * ((i >> 1) & 1), 2 * t + (i & 1) + 8 * (i >= 4)] << (16 * (i % 2))
+        for i in range(4):
+            b_regs[lane, i // 2] |= b_bits[2 * t + (i & 1) + 8 * (i >= 2), g] << (16 * (i % 2))
+        for i in range(4):
+            c_regs[lane, i] = c[g + 8 * (i >= 2), 2 * t + (i & 1)]
+    return a_regs.to(torch.int32), b_regs.to(torch.int32), c_regs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mma_layout_matches_ptx_table(dtype: torch.dtype) -> None:
+    """Registers built from the PTX ISA's fragment formulas give D = A B + C laid out by the C/D
+    formula: bit-exact with fp32 accumulation in the documented order (c, then k = 0..15)."""
+    lib = host_model(ENTRY)
+    a = torch.randn(16, 16).to(dtype)
+    b = torch.randn(16, 8).to(dtype)
+    c = torch.randn(16, 8)
+    a_regs, b_regs, c_regs = _fragments(a, b, c)
+    d_regs = torch.full((32, 4), float("nan"))
+    call(lib, "xk_selftest_mma_fragments", ctypes.c_int(dtype == torch.bfloat16), a_regs, b_regs, c_regs, d_regs)
+    d = torch.full((16, 8), float("nan"))
+    for lane in range(32):
+        for i in range(4):
+            d[lane // 4 + 8 * (i >= 2), 2 * (lane % 4) + (i & 1)] = d_regs[lane, i]
+    expected = c.clone()
+    for k in range(16):
+        expected = expected + a[:, k : k + 1].float() * b[k : k + 1, :].float()
+    assert torch.equal(d, expected)
+    # and a sanity check that this is the product at all
+    torch.testing.assert_close(d.double(), a.double() @ b.double() + c.double(), atol=1e-5, rtol=1e-5)
+
+
+# ---- 16-bit conversions: bit-exact against torch -------------------------------------------------
+
+def _special_floats() -> torch.Tensor:
+    """Zeros, infinities, NaNs, extremes and every kind of rounding tie for fp16 and bf16."""
+    values = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), 65504.0, 65519.996, 65520.0,
+              -65520.0, 65536.0, 2.0**-14, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 2.0**-25 * 1.0000001, 2.0**-26,
+              1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8), 3.3895314e38,
+              3.4028235e38, 1e-45, 1.17549435e-38, 2.0**-133, 2.0**-134]
+    special = torch.tensor(values, dtype=torch.float32)
+    # Quiet and signalling NaNs with payloads.
+    nans = torch.tensor([0x7FC00000, 0x7F800001, 0xFFC00001 - 2**32, 0x7FBFFFFF, 0x7FFFE000], dtype=torch.int32)
+    # Every exponent, with mantissas at and around the fp16 (13 dropped bits) and bf16 (16) ties.
+    exponents = torch.arange(0, 255, dtype=torch.int32) << 23
+    low = torch.tensor([0, 1, 0x0FFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0x10000, 0x18000,
+                        0x7FFFFF, 0x7FE000, 0x7FF000], dtype=torch.int32)
+    ties = (exponents[:, None] | low[None, :]).flatten()
+    ties = torch.cat([ties, ties | torch.tensor(-(2**31), dtype=torch.int32)])
+    return torch.cat([special, nans.view(torch.float32), ties.view(torch.float32)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_from_float_rounds_like_torch(dtype: torch.dtype) -> None:
+    """from_float is round-to-nearest-even, bit for bit torch's conversion (NaN stays NaN) over
+    the special values, every tie and 2^20 random bit patterns (subnormals included)."""
+    lib = host_model(ENTRY)
+    generator = torch.Generator().manual_seed(1)
+    random = torch.randint(-(2**31), 2**31, (1 << 20,), dtype=torch.int64, generator=generator).to(torch.int32)
+    x = torch.cat([_special_floats(), random.view(torch.float32)])
+    out = torch.zeros(x.numel(), dtype=torch.int16)
+    call(lib, "xk_selftest_from_float", ctypes.c_int(dtype == torch.bfloat16), x, out, ctypes.c_long(x.numel()))
+    expected = x.to(dtype)
+    nan = torch.isnan(x)
+    assert torch.isnan(out.view(dtype)[nan]).all()
+    mismatch = (out != expected.view(torch.int16)) & ~nan
+    assert not mismatch.any(), [(float(v), int(o), int(e)) for v, o, e in
+                                zip(x[mismatch][:5], out[mismatch][:5], expected.view(torch.int16)[mismatch][:5])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_to_float_is_exact_for_every_pattern(dtype: torch.dtype) -> None:
+    """to_float of all 65536 bit patterns equals torch's widening bit for bit (NaN stays NaN)."""
+    lib = host_model(ENTRY)
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    out = torch.zeros(bits.numel(), dtype=torch.float32)
+    call(lib, "xk_selftest_to_float", ctypes.c_int(dtype == torch.bfloat16), bits, out, ctypes.c_long(bits.numel()))
+    expected = bits.view(dtype).float()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out[~nan].view(torch.int32), expected[~nan].view(torch.int32))
