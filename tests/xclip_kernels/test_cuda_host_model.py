@@ -7,6 +7,7 @@ Entry points: csrc/cuda/host_model/selftest_model.cpp.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 
 import pytest
@@ -24,9 +25,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mma(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_trans: bool,
-         b_trans: bool) -> torch.Tensor:
+         b_trans: bool, defines: tuple[str, ...] = ()) -> torch.Tensor:
     """The selftest kernel's D = A B + C for (batch, 16, 16) operands, staged as the flags say."""
-    lib = host_model(ENTRY)
+    lib = host_model(ENTRY, defines)
     a_in = _bits(a.transpose(1, 2) if a_trans else a)
     b_in = _bits(b if b_trans else b.transpose(1, 2))
     d = torch.full_like(c, float("nan"))
@@ -97,8 +98,8 @@ BUGS = [
 ]
 
 
-def _run_bug(which: int) -> torch.Tensor:
-    lib = host_model(ENTRY)
+def _run_bug(which: int, defines: tuple[str, ...] = ()) -> torch.Tensor:
+    lib = host_model(ENTRY, defines)
     g = torch.arange(1024, dtype=torch.int16)
     out = torch.zeros(64, 4, dtype=torch.int32)
     call(lib, "xk_selftest_bug", ctypes.c_int(which), g, out)
@@ -114,6 +115,31 @@ def test_kernel_bug_is_reported(which: int, message: str) -> None:
     out = _run_bug(0)
     # The same kernel without the bug: lane 0 holds tile 0's elements (0, 1) of row 0.
     assert out[0, 0].item() == 0 | (1 << 16)
+
+
+def test_portable_fiber_switch() -> None:
+    """The ucontext fallback (-DXK_SIM_UCONTEXT, used off x86-64) runs the same kernels: the mma
+    tile equals the default build's bit for bit, and a bug is reported the same way."""
+    a = torch.randn(2, 16, 16).to(torch.bfloat16)
+    b = torch.randn(2, 16, 16).to(torch.bfloat16)
+    c = torch.randn(2, 16, 16)
+    portable = _mma(torch.bfloat16, a, b, c, True, False, defines=("XK_SIM_UCONTEXT",))
+    assert torch.equal(portable, _mma(torch.bfloat16, a, b, c, True, False))
+    with pytest.raises(HostModelError, match="lanes 16-31 have exited"):
+        _run_bug(3, defines=("XK_SIM_UCONTEXT",))
+
+
+def test_launches_on_two_threads_at_once() -> None:
+    """The scheduler's state is per OS thread: concurrent launches (ctypes drops the GIL) give each
+    thread its own results, equal to a launch alone."""
+    a = torch.randn(4, 16, 16).to(torch.float16)
+    b = torch.randn(4, 16, 16).to(torch.float16)
+    c = torch.randn(4, 16, 16)
+    alone = _mma(torch.float16, a, b, c, False, True)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: _mma(torch.float16, a, b, c, False, True), range(6)))
+    for result in results:
+        assert torch.equal(result, alone)
 
 
 def test_cp_async_lands_at_its_wait() -> None:
