@@ -95,6 +95,8 @@ BUGS = [
                      r"at its cp_async_wait with no sync_block since", id="wait-after-barrier"),
     pytest.param(16, r"warp 1: sync_warp at .* needs 32 lanes, the warp has 16", id="partial-warp"),
     pytest.param(17, r"200000 bytes of dynamic shared memory, sm_80 allows 166912", id="shared-too-large"),
+    pytest.param(18, r"warp 0: a warp collective not reached by every lane: lanes 0-30 wait at sync_warp .*; "
+                     r"lanes 31 wait at sync_block", id="barrier-vs-warp-last-lane"),
 ]
 
 
@@ -115,6 +117,17 @@ def test_kernel_bug_is_reported(which: int, message: str) -> None:
     out = _run_bug(0)
     # The same kernel without the bug: lane 0 holds tile 0's elements (0, 1) of row 0.
     assert out[0, 0].item() == 0 | (1 << 16)
+
+
+def test_registrations_end_with_a_failed_launch() -> None:
+    """register_global's ranges belong to one launch even when it fails its checks: a later
+    launch without registrations may read any source."""
+    with pytest.raises(HostModelError, match="sm_80 allows"):
+        _run_bug(17)
+    lib = host_model(ENTRY)
+    out = torch.zeros(32, 4, dtype=torch.int32)
+    call(lib, "xk_selftest_ldmatrix", ctypes.c_int(0), torch.zeros(512, dtype=torch.int16),
+         torch.arange(32, dtype=torch.int32) * 8, out)
 
 
 def test_portable_fiber_switch() -> None:

@@ -670,7 +670,7 @@ inline void run_block(Launch& l) {
       ++l.warp_stopped[i / 32];
       ++l.block_stopped;
       if (s == State::Done) ++done;
-      if (s == State::AtWarp || s == State::Done) try_warp(l, i / 32);
+      try_warp(l, i / 32);  // also when it stopped at sync_block: the warp may wait for it
       if (s == State::AtBlock || s == State::Done) try_block(l);
     }
     if (!progressed && done < n) {
@@ -780,6 +780,7 @@ template <class... Params, class... Args>
 void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "xk_sim::launch: wrong number of kernel arguments");
   if (detail::t_launch != nullptr) throw Error("xk_sim::launch: a launch is already running on this thread");
+  detail::LaunchScope scope(&detail::t_launch);  // from here on, the registrations end with this launch
   unsigned long threads = static_cast<unsigned long>(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u)
     throw Error("xk_sim::launch: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
@@ -791,7 +792,6 @@ void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*kern
     throw Error("xk_sim::launch: " + std::to_string(dynamic_shared_bytes) + " bytes of dynamic shared memory, sm_80 allows " +
                 std::to_string(kMaxDynamicSharedBytes));
   std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-  detail::LaunchScope scope(&detail::t_launch);
   detail::Launch& l = scope.launch;
   l.grid = grid;
   l.block = block;
