@@ -3,7 +3,9 @@
 // cuda_host_model.py builds it; it is never part of the extension). docs/cuda.md says what it
 // covers and what only a GPU can show.
 //
-// Every emulated CUDA thread is a fiber (ucontext) with its own stack. The blocks of a launch run
+// Every emulated CUDA thread is a fiber with its own stack (on x86-64 a hand-written switch of the
+// callee-saved registers: ucontext's makes a system call per switch for the signal mask; ucontext
+// elsewhere or with -DXK_SIM_UCONTEXT, e.g. under a sanitizer). The blocks of a launch run
 // one after another; inside a block the scheduler resumes the runnable threads round-robin in
 // linear thread order (deterministic), each until it reaches a collective:
 //   - warp collectives (ldmatrix, mma, shfl_xor, sync_warp) are a rendezvous of the warp's 32
@@ -18,7 +20,9 @@
 //   - ldmatrix / cp_async_16 addresses not 16-byte aligned or outside the block's dynamic shared
 //     memory; a cp_async_16 source outside the ranges given to xk_sim::register_global (when any);
 //   - ldmatrix reading 16 bytes that a cp_async_16 still has in flight (not yet covered by the
-//     issuing thread's cp_async_wait).
+//     issuing thread's cp_async_wait), or that another thread's copy landed with no sync_block
+//     (sync_warp, within the issuer's warp) between that thread's wait and the read: with the
+//     barrier counts as clocks this does not depend on the order the scheduler runs the warps.
 // cp.async is modelled so that an early plain read shows too: the source is read at issue, the
 // destination reads as 0xFF bytes (NaN in fp16 and bf16) until the issuing thread's
 // cp_async_wait covers the copy's group, and only then the 16 bytes land. Dynamic shared memory
@@ -78,6 +82,49 @@ struct dim3 {
 // The block's dynamic shared memory; declare it inside the kernel body (as on the device side).
 #define XK_EXTERN_SHARED(name) unsigned char* const name = ::xk_sim::detail::dynamic_shared()
 
+// ---- fiber context switch -----------------------------------------------------------------------
+
+#if defined(__x86_64__) && !defined(XK_SIM_UCONTEXT)
+#define XK_SIM_FAST_SWITCH 1
+// xk_sim_switch(&save_sp, load_sp): pushes the System V callee-saved registers and the SSE/x87
+// control words on the current stack, stores the stack pointer in *save_sp, continues on load_sp
+// (a stack left by an earlier switch, or one make_context prepared). Weak in a COMDAT section:
+// several translation units of one library may include this header.
+extern "C" void xk_sim_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .pushsection .text.xk_sim_switch,"axG",@progbits,xk_sim_switch,comdat
+  .weak xk_sim_switch
+  .hidden xk_sim_switch
+  .type xk_sim_switch, @function
+xk_sim_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size xk_sim_switch, .-xk_sim_switch
+  .popsection
+)");
+#else
+#define XK_SIM_FAST_SWITCH 0
+#endif
+
 namespace xk_sim {
 
 // What the model throws on a kernel bug or a bad launch.
@@ -92,6 +139,47 @@ constexpr std::size_t kMaxDynamicSharedBytes = 166912;
 constexpr std::size_t kFiberStackBytes = 256 * 1024;
 
 namespace detail {
+
+struct Context {
+#if XK_SIM_FAST_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+inline void switch_context(Context& from, Context& to) {
+#if XK_SIM_FAST_SWITCH
+  xk_sim_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
+
+// Prepares `c` to start `entry` (which must never return) on [stack, stack + bytes).
+inline void make_context(Context& c, void* stack, std::size_t bytes, void (*entry)()) {
+#if XK_SIM_FAST_SWITCH
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~static_cast<uintptr_t>(15);
+  uint64_t* p = reinterpret_cast<uint64_t*>(top);
+  uint32_t mxcsr = 0;
+  uint16_t fpucw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  // What xk_sim_switch pops, bottom up: control words, r15, r14, r13, r12, rbx, rbp, then `ret`
+  // into entry with rsp = top - 8 (a call's alignment: 16 n + 8) over a null return address.
+  p[-1] = 0;
+  p[-2] = reinterpret_cast<uint64_t>(entry);
+  for (int i = 3; i <= 8; ++i) p[-i] = 0;
+  p[-9] = static_cast<uint64_t>(mxcsr) | (static_cast<uint64_t>(fpucw) << 32);
+  c.sp = &p[-9];
+#else
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+#endif
+}
 
 enum class State : uint8_t { Runnable, AtWarp, AtBlock, Done };
 enum class Op : uint8_t { LdmatrixX4, LdmatrixX4Trans, LdmatrixX2, LdmatrixX2Trans, MmaF16, MmaBF16, ShflXor, SyncWarp };
@@ -122,8 +210,18 @@ struct PendingCopy {
   long group;
 };
 
+// cp.async's bookkeeping per 16-byte chunk of shared memory: copies in flight into it, and who
+// landed the last one when (to require a barrier between that thread's wait and another's read).
+struct Chunk {
+  uint32_t pending = 0;
+  uint32_t issuer = 0;
+  bool landed = false;
+  long landed_block_epoch = 0;
+  long landed_warp_epoch = 0;
+};
+
 struct Lane {
-  ucontext_t context;
+  Context context;
   void* stack = nullptr;
   uint3 thread_idx{0, 0, 0};
   unsigned linear = 0;
@@ -174,13 +272,18 @@ struct Launch {
   uint3 block_idx{0, 0, 0};
   std::size_t shared_bytes = 0;
   unsigned char* shared = nullptr;
-  // Per 16-byte chunk of shared memory: how many cp.async copies into it are in flight, and the
-  // linear id of the last thread that issued one (for the message).
-  std::vector<uint32_t> chunk_pending;
-  std::vector<uint32_t> chunk_issuer;
+  std::vector<Chunk> chunks;  // per 16 bytes of shared memory
+  // Completed sync_block rendezvous of the block, and sync_warp ones per warp: the clocks that
+  // order a landed cp.async before another thread's read.
+  long block_epoch = 0;
+  std::vector<long> warp_epochs;
+  // Threads not runnable (waiting or exited), per warp and in the block: a rendezvous is looked
+  // at only once all of its threads have stopped.
+  std::vector<unsigned> warp_stopped;
+  unsigned block_stopped = 0;
   std::vector<Lane> lanes;
   unsigned current = 0;
-  ucontext_t scheduler;
+  Context scheduler;
   std::function<void()> body;
   std::string error;
   std::vector<std::pair<uintptr_t, std::size_t>> globals;
@@ -230,7 +333,7 @@ inline std::string block_name(const Launch& l) {
 // Hands control back to the scheduler until it resumes this fiber.
 inline void park(Lane& lane) {
   Launch& l = launch_state();
-  swapcontext(&lane.context, &l.scheduler);
+  switch_context(lane.context, l.scheduler);
 }
 
 // ---- cp.async --------------------------------------------------------------------------------
@@ -241,9 +344,14 @@ inline std::size_t shared_offset(const Launch& l, const void* p, std::size_t byt
   return a - base;
 }
 
-inline void land(Launch& l, const PendingCopy& copy) {
+inline void land(Launch& l, const PendingCopy& copy, const Lane& issuer) {
   std::memcpy(copy.dst, copy.bytes, 16);
-  --l.chunk_pending[static_cast<std::size_t>(copy.dst - l.shared) / 16];
+  Chunk& chunk = l.chunks[static_cast<std::size_t>(copy.dst - l.shared) / 16];
+  --chunk.pending;
+  chunk.issuer = issuer.linear;
+  chunk.landed = true;
+  chunk.landed_block_epoch = l.block_epoch;
+  chunk.landed_warp_epoch = l.warp_epochs[issuer.linear / 32];
 }
 
 inline void cp_async_16(const void* dst_shared, const void* src_global, bool full, const char* file, int line) {
@@ -273,8 +381,8 @@ inline void cp_async_16(const void* dst_shared, const void* src_global, bool ful
     std::memset(copy.bytes, 0, 16);
   }
   std::memset(copy.dst, 0xFF, 16);
-  ++l.chunk_pending[offset / 16];
-  l.chunk_issuer[offset / 16] = lane.linear;
+  ++l.chunks[offset / 16].pending;
+  l.chunks[offset / 16].issuer = lane.linear;
   lane.pending.push_back(copy);
 }
 
@@ -293,7 +401,7 @@ inline void cp_async_wait(int pending_groups) {
   std::vector<PendingCopy> still;
   for (const PendingCopy& copy : lane.pending) {
     if (copy.group >= 0 && copy.group < done_below)
-      land(l, copy);
+      land(l, copy, lane);
     else
       still.push_back(copy);
   }
@@ -336,17 +444,27 @@ inline void run_ldmatrix(Launch& l, unsigned first, int count, bool trans) {
       const Lane& src = l.lanes[first + 8 * j + r];
       bool inside = false;
       std::size_t offset = shared_offset(l, src.address, 16, &inside);
-      std::string what = std::string(op_name(src.op)) + " at " + where(src.file, src.line) + " (" + block_name(l) +
-                         ", lane " + std::to_string(8 * j + r) + " of warp " + std::to_string(first / 32) + ")";
+      auto what = [&] {
+        return std::string(op_name(src.op)) + " at " + where(src.file, src.line) + " (" + block_name(l) + ", lane " +
+               std::to_string(8 * j + r) + " of warp " + std::to_string(first / 32) + ")";
+      };
       if (!inside)
-        throw Error(what + ": row address is outside the block's " + std::to_string(l.shared_bytes) +
+        throw Error(what() + ": row address is outside the block's " + std::to_string(l.shared_bytes) +
                     " bytes of dynamic shared memory");
       if (reinterpret_cast<uintptr_t>(src.address) % 16 != 0)
-        throw Error(what + ": row address (shared offset " + std::to_string(offset) + ") is not 16-byte aligned");
-      if (l.chunk_pending[offset / 16] != 0)
-        throw Error(what + ": reads shared offset " + std::to_string(offset) +
-                    " while a cp_async_16 into it (thread " + std::to_string(l.chunk_issuer[offset / 16]) +
+        throw Error(what() + ": row address (shared offset " + std::to_string(offset) + ") is not 16-byte aligned");
+      const Chunk& chunk = l.chunks[offset / 16];
+      if (chunk.pending != 0)
+        throw Error(what() + ": reads shared offset " + std::to_string(offset) + " while a cp_async_16 into it (thread " +
+                    std::to_string(chunk.issuer) +
                     ") is still in flight: no cp_async_wait covering its group (and sync_block) came before");
+      // Another thread's landed copy is visible after a barrier that follows the issuer's wait.
+      bool ordered = !chunk.landed || chunk.issuer == src.linear || l.block_epoch > chunk.landed_block_epoch ||
+                     (chunk.issuer / 32 == src.linear / 32 && l.warp_epochs[src.linear / 32] > chunk.landed_warp_epoch);
+      if (!ordered)
+        throw Error(what() + ": reads shared offset " + std::to_string(offset) + ", which thread " +
+                    std::to_string(chunk.issuer) +
+                    "'s cp_async_16 landed at its cp_async_wait with no sync_block since (a race on the device)");
       const unsigned char* row = static_cast<const unsigned char*>(src.address);
       for (int c = 0; c < 8; ++c) m[j][r][c] = shared_u16(row, c);
     }
@@ -365,7 +483,8 @@ float bf16_to_float(uint16_t h);
 
 // d = a b + c for the m16n8k16 shape. Each d[i][j] is c[i][j] + sum_k a[i][k] b[k][j] summed in
 // fp32 left to right (c first, then k = 0..15); the products of 16-bit values are exact in fp32.
-inline void run_mma(Launch& l, unsigned first, bool bf16) {
+// (Optimised beyond the harness's -O1: this loop is most of the model's time on a tensor-core kernel.)
+__attribute__((optimize("O2", "tree-vectorize"))) inline void run_mma(Launch& l, unsigned first, bool bf16) {
   auto conv = [bf16](uint16_t bits) { return bf16 ? bf16_to_float(bits) : f16_to_float(bits); };
   float a[16][16], b[16][8], c[16][8];
   for (unsigned lane = 0; lane < 32; ++lane) {
@@ -385,16 +504,13 @@ inline void run_mma(Launch& l, unsigned first, bool bf16) {
     c[g + 8][2 * t] = s.c[2];
     c[g + 8][2 * t + 1] = s.c[3];
   }
+  // k outermost keeps each element's order (c, then k = 0..15) and lets the 8 columns vectorise.
   float d[16][8];
   for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 8; ++j) {
-      float acc = c[i][j];
-      for (int k = 0; k < 16; ++k) {
-        float product = a[i][k] * b[k][j];  // exact: at most 22 significant bits
-        acc += product;
-      }
-      d[i][j] = acc;
-    }
+    for (int j = 0; j < 8; ++j) d[i][j] = c[i][j];
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 16; ++k)
+      for (int j = 0; j < 8; ++j) d[i][j] += a[i][k] * b[k][j];  // the product is exact: <= 22 significant bits
   // Written only now: d may be the same array as c in the caller.
   for (unsigned lane = 0; lane < 32; ++lane) {
     Lane& s = l.lanes[first + lane];
@@ -436,6 +552,7 @@ inline std::string state_groups(const Launch& l, unsigned first, unsigned count)
 inline void try_warp(Launch& l, unsigned warp) {
   unsigned n = static_cast<unsigned>(l.lanes.size());
   unsigned first = warp * 32, count = std::min(32u, n - first);
+  if (l.warp_stopped[warp] < count) return;
   bool any_at_warp = false, all_at_warp = true;
   for (unsigned i = 0; i < count; ++i) {
     State s = l.lanes[first + i].state;
@@ -444,16 +561,16 @@ inline void try_warp(Launch& l, unsigned warp) {
     all_at_warp = all_at_warp && s == State::AtWarp;
   }
   if (!any_at_warp) return;
-  std::string head = block_name(l) + ", warp " + std::to_string(warp) + ": ";
-  if (!all_at_warp) throw Error(head + "a warp collective not reached by every lane: " + state_groups(l, first, count));
+  auto head = [&] { return block_name(l) + ", warp " + std::to_string(warp) + ": "; };
+  if (!all_at_warp) throw Error(head() + "a warp collective not reached by every lane: " + state_groups(l, first, count));
   const Lane& lead = l.lanes[first];
   for (unsigned i = 1; i < count; ++i) {
     const Lane& s = l.lanes[first + i];
     if (s.op != lead.op || (op_is_aligned(lead.op) && (s.line != lead.line || std::strcmp(s.file, lead.file) != 0)))
-      throw Error(head + "lanes wait at different warp collectives: " + state_groups(l, first, count));
+      throw Error(head() + "lanes wait at different warp collectives: " + state_groups(l, first, count));
   }
   if (count < 32)
-    throw Error(head + op_name(lead.op) + " at " + where(lead.file, lead.line) + " needs 32 lanes, the warp has " +
+    throw Error(head() + op_name(lead.op) + " at " + where(lead.file, lead.line) + " needs 32 lanes, the warp has " +
                 std::to_string(count) + " (blockDim is not a multiple of 32)");
   switch (lead.op) {
     case Op::LdmatrixX4: run_ldmatrix(l, first, 4, false); break;
@@ -470,12 +587,15 @@ inline void try_warp(Launch& l, unsigned warp) {
         s.shfl_result = source < 32 ? l.lanes[first + source].shfl_value : s.shfl_value;
       }
       break;
-    case Op::SyncWarp: break;
+    case Op::SyncWarp: ++l.warp_epochs[warp]; break;
   }
   for (unsigned i = 0; i < count; ++i) l.lanes[first + i].state = State::Runnable;
+  l.warp_stopped[warp] = 0;
+  l.block_stopped -= count;
 }
 
 inline void try_block(Launch& l) {
+  if (l.block_stopped < l.lanes.size()) return;
   bool any_done = false;
   for (const Lane& s : l.lanes) {
     if (s.state == State::Runnable || s.state == State::AtWarp) return;
@@ -498,7 +618,10 @@ inline void try_block(Launch& l) {
                 " not reached by every thread: threads " + lane_list(waiting) + " wait, threads " + lane_list(exited) +
                 " have exited");
   }
+  ++l.block_epoch;
   for (Lane& s : l.lanes) s.state = State::Runnable;
+  std::fill(l.warp_stopped.begin(), l.warp_stopped.end(), 0u);
+  l.block_stopped = 0;
 }
 
 inline void fiber_main() {
@@ -513,26 +636,26 @@ inline void fiber_main() {
   }
   // Copies still in flight at exit land (a GPU completes them too).
   if (l.error.empty())
-    for (const PendingCopy& copy : lane.pending) land(l, copy);
+    for (const PendingCopy& copy : lane.pending) land(l, copy, lane);
   lane.pending.clear();
   lane.state = State::Done;
-  swapcontext(&lane.context, &l.scheduler);  // never resumed
+  switch_context(lane.context, l.scheduler);  // never resumed
 }
 
 inline void run_block(Launch& l) {
   std::memset(l.shared, 0xFF, l.shared_bytes);
-  std::fill(l.chunk_pending.begin(), l.chunk_pending.end(), 0u);
+  std::fill(l.chunks.begin(), l.chunks.end(), Chunk{});
+  l.block_epoch = 0;
+  std::fill(l.warp_epochs.begin(), l.warp_epochs.end(), 0L);
+  std::fill(l.warp_stopped.begin(), l.warp_stopped.end(), 0u);
+  l.block_stopped = 0;
   unsigned n = static_cast<unsigned>(l.lanes.size());
   for (unsigned i = 0; i < n; ++i) {
     Lane& s = l.lanes[i];
     s.state = State::Runnable;
     s.pending.clear();
     s.committed_groups = 0;
-    getcontext(&s.context);
-    s.context.uc_stack.ss_sp = s.stack;
-    s.context.uc_stack.ss_size = kFiberStackBytes;
-    s.context.uc_link = nullptr;
-    makecontext(&s.context, fiber_main, 0);
+    make_context(s.context, s.stack, kFiberStackBytes, fiber_main);
   }
   unsigned done = 0;
   while (done < n) {
@@ -541,11 +664,13 @@ inline void run_block(Launch& l) {
       if (l.lanes[i].state != State::Runnable) continue;
       progressed = true;
       l.current = i;
-      swapcontext(&l.scheduler, &l.lanes[i].context);
+      switch_context(l.scheduler, l.lanes[i].context);
       if (!l.error.empty()) throw Error(l.error);
       State s = l.lanes[i].state;
+      ++l.warp_stopped[i / 32];
+      ++l.block_stopped;
       if (s == State::Done) ++done;
-      if (s == State::AtWarp || s == State::Done) try_warp(l, i / 32);
+      try_warp(l, i / 32);  // also when it stopped at sync_block: the warp may wait for it
       if (s == State::AtBlock || s == State::Done) try_block(l);
     }
     if (!progressed && done < n) {
@@ -592,7 +717,7 @@ inline float f16_to_float(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
   if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in fp32
-    float v = std::ldexp(static_cast<float>(mantissa), -24);
+    float v = static_cast<float>(mantissa) * bits_float(0x33800000u);  // 2^-24
     return sign ? -v : v;
   }
   if (exponent == 31) return bits_float(sign | 0x7F800000u | (mantissa << 13));  // Inf, NaN (payload kept)
@@ -655,6 +780,7 @@ template <class... Params, class... Args>
 void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "xk_sim::launch: wrong number of kernel arguments");
   if (detail::t_launch != nullptr) throw Error("xk_sim::launch: a launch is already running on this thread");
+  detail::LaunchScope scope(&detail::t_launch);  // from here on, the registrations end with this launch
   unsigned long threads = static_cast<unsigned long>(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u)
     throw Error("xk_sim::launch: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
@@ -666,7 +792,6 @@ void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*kern
     throw Error("xk_sim::launch: " + std::to_string(dynamic_shared_bytes) + " bytes of dynamic shared memory, sm_80 allows " +
                 std::to_string(kMaxDynamicSharedBytes));
   std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-  detail::LaunchScope scope(&detail::t_launch);
   detail::Launch& l = scope.launch;
   l.grid = grid;
   l.block = block;
@@ -675,8 +800,9 @@ void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*kern
   std::size_t allocated = (dynamic_shared_bytes + 127) / 128 * 128 + 128;
   l.shared = static_cast<unsigned char*>(std::aligned_alloc(128, allocated));
   if (l.shared == nullptr) throw Error("xk_sim::launch: cannot allocate shared memory");
-  l.chunk_pending.assign(allocated / 16, 0u);
-  l.chunk_issuer.assign(allocated / 16, 0u);
+  l.chunks.assign(allocated / 16, detail::Chunk{});
+  l.warp_epochs.assign((threads + 31) / 32, 0L);
+  l.warp_stopped.assign((threads + 31) / 32, 0u);
   l.body = [&params, kernel] { std::apply(kernel, params); };
   l.lanes.resize(threads);
   for (unsigned i = 0; i < threads; ++i) {
