@@ -259,3 +259,23 @@ def test_bad_arguments_are_errors() -> None:
         call(lib, "xk_ifa_backward", ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(1), ctypes.c_int(1),
              ctypes.c_int(129), ctypes.c_double(1.0), null, null, null, null, ptr(empty), null, null, ptr(empty),
              null, null, null, null, null, null, null)
+
+
+@pytest.mark.parametrize("dp", [32, 64, 96, 128])
+def test_tiles_and_shared_memory(dp: int) -> None:
+    """The kernels' tiles and shared memory (BwdTiles) as docs/cuda.md states them: dK/dV keeps 64
+    keys and 2 x (K, V) + 2 buffers x (Q, dO) rows of DP + 8 16-bit elements plus lse and delta
+    (2 buffers of floats); dQ keeps 64 queries, Q and dO, 2 buffers x (K, V), msg_k / msg_v (DP
+    floats each) and p / dS of the message column (64 floats each); all within sm_80's 163 KB."""
+    lib = host_model(ENTRY)
+    out = torch.zeros(6, dtype=torch.int32)
+    call(lib, "xk_ifa_backward_layout", ctypes.c_int(dp), out)
+    dkdv_queries, dkdv_keys, dkdv_bytes, dq_queries, dq_keys, dq_bytes = out.tolist()
+    row = (dp + 8) * 2
+    assert (dkdv_queries, dkdv_keys) == ({32: 64, 64: 64, 96: 32, 128: 16}[dp], 64)
+    assert dkdv_bytes == (2 * dkdv_keys + 4 * dkdv_queries) * row + 4 * dkdv_queries * 4
+    assert (dq_queries, dq_keys) == (64, 64 if dp <= 64 else 32)
+    assert dq_bytes == (2 * dq_queries + 4 * dq_keys) * row + 2 * dp * 4 + 2 * dq_queries * 4
+    assert max(dkdv_bytes, dq_bytes) <= 163 * 1024
+    with pytest.raises(HostModelError, match="dp must be"):
+        call(lib, "xk_ifa_backward_layout", ctypes.c_int(48), out)

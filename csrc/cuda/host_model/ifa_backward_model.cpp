@@ -52,6 +52,13 @@ void dispatch(const BwdParams& p, int f) {
 
 int tiles_for(int n) { return BwdTiles<32>::dq_tiles(n); }
 
+template <int DP>
+void layout(int32_t* out) {
+  using T = BwdTiles<DP>;
+  const int32_t values[6] = {T::dkdv_queries, T::dkdv_keys, T::Dkdv::total, T::dq_queries, T::dq_keys, T::Dq::total};
+  for (int i = 0; i < 6; ++i) out[i] = values[i];
+}
+
 }  // namespace
 
 extern "C" {
@@ -64,6 +71,21 @@ int xk_ifa_backward_q_tiles(int n) {
                     BwdTiles<96>::dq_queries == BwdTiles<128>::dq_queries,
                 "the dQ query tile is the same for every DP");
   return tiles_for(n);
+}
+
+// The tiles and dynamic shared memory (bytes) the launcher uses at head-dim padding dp (32, 64,
+// 96 or 128): out = (dK/dV query tile, dK/dV key tile, dK/dV shared bytes, dQ query tile, dQ key
+// tile, dQ shared bytes), for mirrors such as scripts/gpu_static.py to be checked against.
+int xk_ifa_backward_layout(int dp, int32_t* out) {
+  return xk_sim::run_entry([&] {
+    switch (dp) {
+      case 32: layout<32>(out); break;
+      case 64: layout<64>(out); break;
+      case 96: layout<96>(out); break;
+      case 128: layout<128>(out); break;
+      default: throw xk_sim::Error("dp must be 32, 64, 96 or 128, got " + std::to_string(dp));
+    }
+  });
 }
 
 // Whether the launcher would stage with cp.async (1) or plain loads (0) for these operands:
