@@ -8,11 +8,17 @@
 // msg_v), so every row's running max is finite from the start and masked (-inf) key columns
 // of a ragged last tile can never produce NaN. lse (natural log) is saved for the backward.
 //
-// Backward (recompute, no stored probabilities): delta_i = rowsum(dO_i * O_i) with torch ops,
-// then two kernels so that every output element has exactly one writer (deterministic, no
-// atomics): a dK/dV kernel (one block per key tile, looping over query tiles) and a dQ kernel
-// (one block per query tile, looping over key tiles) that also handles the message column and
-// writes per-query-tile partial sums of d msg_k and d msg_v; a torch sum reduces those.
+// Backward (recompute, no stored probabilities): delta_i = rowsum(dO_i * O_i) with torch ops
+// (float32), then two kernels so that every output element has exactly one writer
+// (deterministic, no atomics): a dK/dV kernel (one block per key tile, looping over query
+// tiles) and a dQ kernel (one block per query tile, looping over key tiles) that also handles
+// the message column and writes per-query-tile partial sums of d msg_k and d msg_v; a torch
+// sum reduces those. fp32 runs the CUDA-core kernels below (ifa_bwd_dkdv_kernel,
+// ifa_bwd_dq_kernel, fp32 only). fp16/bf16 run the same two-kernel scheme on tensor cores
+// (ifa_mma_backward.cuh, which gives its tiles, shared memory and registers:
+// launch_mma_backward): mma.sync m16n8k16 with fp32 accumulation, P and dS rounded to the
+// input type only as mma operands, the streamed Q/dO (dK/dV) or K/V (dQ) tiles double-buffered
+// by cp.async; the host model runs those kernels' source on the CPU (docs/cuda.md).
 //
 // Why plain CUDA-core FMA and not tensor cores. This file cannot be run where it was written;
 // scalar fp32 math in shared memory is the variant that is easy to get right, and at X-CLIP's
@@ -50,6 +56,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ifa_mma_backward.cuh"
 #include "../xclip_ops.h"
 #include "common.cuh"
 
@@ -551,6 +558,73 @@ struct Tiles {
   static constexpr int dq_m = DP <= 64 ? 64 : 32, dq_n = 32;
 };
 
+// fp16/bf16 backward: the tensor-core kernels (ifa_mma_backward.cuh) on the tensors' raw 16-bit
+// values; grids and shared memory from its BwdTiles, the staging path from vec_staging_ok, as
+// the host model's entry (host_model/ifa_backward_model.cpp) launches them.
+ifa_mma_backward::Rows16 bwd_rows(const at::Tensor& t) {
+  return {reinterpret_cast<const uint16_t*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+ifa_mma_backward::Vecs16 bwd_vecs(const at::Tensor& t) {
+  return {reinterpret_cast<const uint16_t*>(t.const_data_ptr()), t.stride(0), t.stride(1)};
+}
+
+// Writes dq, dk, dv and returns the reduced (d msg_k, d msg_v) in q's dtype.
+template <typename Tag>
+std::tuple<at::Tensor, at::Tensor> launch_mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                       const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& msg_k, const at::Tensor& msg_v,
+                                                       const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq,
+                                                       at::Tensor& dk, at::Tensor& dv, double scale,
+                                                       cudaStream_t stream) {
+  namespace mb = ifa_mma_backward;
+  static_assert(mb::kThreads == kThreads, "one block size for every CUDA kernel (gpu_static reads kThreads)");
+  const int64_t frames = q.size(0), tokens = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  at::Tensor dmk, dmv;
+  dispatch_head_dim(head_dim, "frame_attention (cuda): head dim D", [&](auto dp) {
+    constexpr int DP = decltype(dp)::value;
+    using T = mb::BwdTiles<DP>;
+    const int n = static_cast<int>(tokens), d = static_cast<int>(head_dim);
+    mb::BwdParams p{};
+    p.q = bwd_rows(q);
+    p.k = bwd_rows(k);
+    p.v = bwd_rows(v);
+    p.dout = bwd_rows(grad_out);
+    p.msg_k = bwd_vecs(msg_k);
+    p.msg_v = bwd_vecs(msg_v);
+    p.lse = lse.data_ptr<float>();
+    p.delta = delta.data_ptr<float>();
+    p.dq = reinterpret_cast<uint16_t*>(dq.mutable_data_ptr());
+    p.dk = reinterpret_cast<uint16_t*>(dk.mutable_data_ptr());
+    p.dv = reinterpret_cast<uint16_t*>(dv.mutable_data_ptr());
+    p.n = n;
+    p.h = static_cast<int>(heads);
+    p.d = d;
+    p.q_tiles = T::dq_tiles(n);
+    p.scale = static_cast<float>(scale);
+    p.scale_log2e = static_cast<float>(scale * kLog2e);
+    p.vec = mb::vec_staging_ok(p.q, d) && mb::vec_staging_ok(p.k, d) && mb::vec_staging_ok(p.v, d) &&
+            mb::vec_staging_ok(p.dout, d);
+    at::Tensor dmk_part = at::empty({frames, heads, p.q_tiles, head_dim}, q.options().dtype(at::kFloat));
+    at::Tensor dmv_part = at::empty_like(dmk_part);
+    p.dmk_part = dmk_part.data_ptr<float>();
+    p.dmv_part = dmv_part.data_ptr<float>();
+    const auto fh = static_cast<unsigned>(frames * heads);
+
+    auto dkdv = mb::ifa_mma_bwd_dkdv_kernel<Tag, DP>;
+    prepare_shared_memory(dkdv, T::Dkdv::total, "frame_attention_backward_cuda (dK/dV)");
+    dkdv<<<dim3(fh, static_cast<unsigned>(T::dkdv_tiles(n))), mb::kThreads, T::Dkdv::total, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto dq_kernel = mb::ifa_mma_bwd_dq_kernel<Tag, DP>;
+    prepare_shared_memory(dq_kernel, T::Dq::total, "frame_attention_backward_cuda (dQ)");
+    dq_kernel<<<dim3(fh, static_cast<unsigned>(p.q_tiles)), mb::kThreads, T::Dq::total, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Deterministic reduction of the per-tile partials (fixed order, no atomics).
+    dmk = dmk_part.sum(2).to(q.scalar_type());
+    dmv = dmv_part.sum(2).to(q.scalar_type());
+  });
+  return {dmk, dmv};
+}
+
 void check_sizes(int64_t frames, int64_t tokens, int64_t heads, int64_t head_dim) {
   TORCH_CHECK_VALUE(frames * heads <= INT32_MAX, "frame_attention (cuda): F * H must fit in int32, got ",
                     frames * heads);
@@ -624,47 +698,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_att
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dmk, dmv;
 
-  XCLIP_DISPATCH_CUDA_TYPES(q.scalar_type(), "frame_attention_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_head_dim(head_dim, "frame_attention (cuda): head dim D", [&](auto dp) {
-      constexpr int DP = decltype(dp)::value;
-      const acc_t scale_acc = static_cast<acc_t>(scale), scale_log2e = static_cast<acc_t>(scale * kLog2e);
-      const int n = static_cast<int>(tokens), hh = static_cast<int>(heads), dd = static_cast<int>(head_dim);
-      const auto fh = static_cast<unsigned>(frames * heads);
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      // fp32: the exact CUDA-core kernels.
+      dispatch_head_dim(head_dim, "frame_attention (cuda): head dim D", [&](auto dp) {
+        constexpr int DP = decltype(dp)::value;
+        const float scale_acc = static_cast<float>(scale), scale_log2e = static_cast<float>(scale * kLog2e);
+        const int n = static_cast<int>(tokens), hh = static_cast<int>(heads), dd = static_cast<int>(head_dim);
+        const auto fh = static_cast<unsigned>(frames * heads);
 
-      {
-        constexpr int BM = Tiles<DP>::dkdv_m, BN = Tiles<DP>::dkdv_n;
-        const size_t smem = DkdvSmem<DP, BM, BN>::total * sizeof(acc_t);
-        auto kernel = ifa_bwd_dkdv_kernel<scalar_t, acc_t, DP, BM, BN>;
-        prepare_shared_memory(kernel, smem, "frame_attention_backward_cuda (dK/dV)");
-        const dim3 grid(fh, static_cast<unsigned>(ceil_div(tokens, BN)));
-        kernel<<<grid, kThreads, smem, stream>>>(
-            rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), rows_of<scalar_t>(grad_out),
-            lse.data_ptr<float>(), delta.data_ptr<acc_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), n, hh,
-            dd, scale_acc, scale_log2e);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      {
-        constexpr int BM = Tiles<DP>::dq_m, BN = Tiles<DP>::dq_n;
-        const int64_t m_tiles = ceil_div(tokens, BM);
-        at::Tensor dmk_part = at::empty({frames, heads, m_tiles, head_dim}, q.options().dtype(acc_type));
-        at::Tensor dmv_part = at::empty_like(dmk_part);
-        const size_t smem = DqSmem<DP, BM, BN>::total * sizeof(acc_t);
-        auto kernel = ifa_bwd_dq_kernel<scalar_t, acc_t, DP, BM, BN>;
-        prepare_shared_memory(kernel, smem, "frame_attention_backward_cuda (dQ)");
-        const dim3 grid(fh, static_cast<unsigned>(m_tiles));
-        kernel<<<grid, kThreads, smem, stream>>>(
-            rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), rows_of<scalar_t>(grad_out),
-            vecs_of<scalar_t>(msg_k), vecs_of<scalar_t>(msg_v), lse.data_ptr<float>(), delta.data_ptr<acc_t>(),
-            dq.data_ptr<scalar_t>(), dmk_part.data_ptr<acc_t>(), dmv_part.data_ptr<acc_t>(), n, hh, dd,
-            static_cast<int>(m_tiles), scale_acc, scale_log2e);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        // Deterministic reduction of the per-tile partials (fixed order, no atomics).
-        dmk = dmk_part.sum(2).to(q.scalar_type());
-        dmv = dmv_part.sum(2).to(q.scalar_type());
-      }
-    });
-  });
+        {
+          constexpr int BM = Tiles<DP>::dkdv_m, BN = Tiles<DP>::dkdv_n;
+          const size_t smem = DkdvSmem<DP, BM, BN>::total * sizeof(float);
+          auto kernel = ifa_bwd_dkdv_kernel<float, float, DP, BM, BN>;
+          prepare_shared_memory(kernel, smem, "frame_attention_backward_cuda (dK/dV)");
+          const dim3 grid(fh, static_cast<unsigned>(ceil_div(tokens, BN)));
+          kernel<<<grid, kThreads, smem, stream>>>(rows_of<float>(q), rows_of<float>(k), rows_of<float>(v),
+                                                   rows_of<float>(grad_out), lse.data_ptr<float>(),
+                                                   delta.data_ptr<float>(), dk.data_ptr<float>(),
+                                                   dv.data_ptr<float>(), n, hh, dd, scale_acc, scale_log2e);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        {
+          constexpr int BM = Tiles<DP>::dq_m, BN = Tiles<DP>::dq_n;
+          const int64_t m_tiles = ceil_div(tokens, BM);
+          at::Tensor dmk_part = at::empty({frames, heads, m_tiles, head_dim}, q.options().dtype(acc_type));
+          at::Tensor dmv_part = at::empty_like(dmk_part);
+          const size_t smem = DqSmem<DP, BM, BN>::total * sizeof(float);
+          auto kernel = ifa_bwd_dq_kernel<float, float, DP, BM, BN>;
+          prepare_shared_memory(kernel, smem, "frame_attention_backward_cuda (dQ)");
+          const dim3 grid(fh, static_cast<unsigned>(m_tiles));
+          kernel<<<grid, kThreads, smem, stream>>>(
+              rows_of<float>(q), rows_of<float>(k), rows_of<float>(v), rows_of<float>(grad_out),
+              vecs_of<float>(msg_k), vecs_of<float>(msg_v), lse.data_ptr<float>(), delta.data_ptr<float>(),
+              dq.data_ptr<float>(), dmk_part.data_ptr<float>(), dmv_part.data_ptr<float>(), n, hh, dd,
+              static_cast<int>(m_tiles), scale_acc, scale_log2e);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          // Deterministic reduction of the per-tile partials (fixed order, no atomics).
+          dmk = dmk_part.sum(2);
+          dmv = dmv_part.sum(2);
+        }
+      });
+      break;
+    case at::kHalf:
+      std::tie(dmk, dmv) = launch_mma_backward<warp_mma::F16>(grad_out, q, k, v, msg_k, msg_v, lse, delta, dq, dk,
+                                                              dv, scale, stream);
+      break;
+    case at::kBFloat16:
+      std::tie(dmk, dmv) = launch_mma_backward<warp_mma::BF16>(grad_out, q, k, v, msg_k, msg_v, lse, delta, dq, dk,
+                                                               dv, scale, stream);
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, "frame_attention_backward_cuda: q must be float32, float16 or bfloat16, got ",
+                        q.scalar_type());
+  }
   return {dq, dk, dv, dmk, dmv};
 }
 
