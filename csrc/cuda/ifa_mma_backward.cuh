@@ -283,19 +283,27 @@ __global__ void __launch_bounds__(kThreads) ifa_mma_bwd_dkdv_kernel(BwdParams p)
   const float* lse_fh = p.lse + fh * n;
   const float* delta_fh = p.delta + fh * n;
 
-  // Query tile `m0` into buffer `buf`: Q and dO (asynchronous with vec), lse (log2 units) and
-  // delta (plain loads; zero past N, where every score is masked anyway).
-  auto stage_queries = [&](int m0, int buf) {
+  // Query tile `m0` into buffer `buf`: Q and dO (asynchronous with vec). Its lse (log2 units)
+  // and delta are one value per thread (threads 0 .. BM - 1: lse, BM .. 2 BM - 1: delta; zero
+  // past N, where every score is masked anyway): plain loads, returned so that the caller
+  // stores them to shared memory only halfway through the current tile's products (the load
+  // latency hides behind that work instead of stalling the next barrier).
+  const int tid = static_cast<int>(threadIdx.x);
+  auto stage_queries = [&](int m0, int buf) -> float {
     stage_rows<BM, DP>(Qs + buf * BM * kS, q_fh, p.q.sn, m0, n, p.d, p.vec);
     stage_rows<BM, DP>(Gs + buf * BM * kS, g_fh, p.dout.sn, m0, n, p.d, p.vec);
-    const int r = static_cast<int>(threadIdx.x);
-    if (r < BM) Ls[buf * BM + r] = m0 + r < n ? lse_fh[m0 + r] * kLog2e : 0.f;
-    if (r >= BM && r < 2 * BM) Ds[buf * BM + r - BM] = m0 + r - BM < n ? delta_fh[m0 + r - BM] : 0.f;
+    const int r = tid < BM ? tid : tid - BM;
+    if (tid >= 2 * BM || m0 + r >= n) return 0.f;
+    return tid < BM ? lse_fh[m0 + r] * kLog2e : delta_fh[m0 + r];
+  };
+  auto store_stats = [&](float value, int buf) {
+    if (tid < BM) Ls[buf * BM + tid] = value;
+    else if (tid < 2 * BM) Ds[buf * BM + tid - BM] = value;
   };
 
   stage_rows<BN, DP>(Ks, p.k.ptr + f * p.k.sf + h * p.k.sh, p.k.sn, n0, n, p.d, p.vec);
   stage_rows<BN, DP>(Vs, p.v.ptr + f * p.v.sf + h * p.v.sh, p.v.sn, n0, n, p.d, p.vec);
-  stage_queries(0, 0);
+  store_stats(stage_queries(0, 0), 0);
   warp_mma::cp_async_commit();
 
   float dk[DP / 8][4], dv[DP / 8][4];
@@ -308,9 +316,11 @@ __global__ void __launch_bounds__(kThreads) ifa_mma_bwd_dkdv_kernel(BwdParams p)
   const int row0 = 16 * warp;  // this warp's keys within the tile
   for (int m0 = 0, it = 0; m0 < n; m0 += BM, ++it) {
     const int buf = it & 1;
-    if (m0 + BM < n) {
+    const bool has_next = m0 + BM < n;
+    float next_stats = 0.f;
+    if (has_next) {
       // Buffer buf ^ 1 was last read in the previous iteration, which ended with a barrier.
-      stage_queries(m0 + BM, buf ^ 1);
+      next_stats = stage_queries(m0 + BM, buf ^ 1);
       warp_mma::cp_async_commit();
       warp_mma::cp_async_wait<1>();
     } else {
@@ -341,6 +351,7 @@ __global__ void __launch_bounds__(kThreads) ifa_mma_bwd_dkdv_kernel(BwdParams p)
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) c_to_a(tag, a[kk], pt[2 * kk], pt[2 * kk + 1]);
     mma_a_by_rows<Tag, BM / 16, DP, kS>(tag, dv, a, Gb, lane);
+    if (has_next) store_stats(next_stats, buf ^ 1);  // read after the barrier that ends this tile
 
     scores<Tag, BM, DP, kS>(tag, s, Vs, row0, Gb, lane);
 #pragma unroll
