@@ -60,13 +60,13 @@ struct BwdTiles {
   // 255 registers without spilling (at DP = 128 a 32-query tile spills under ptxas 13).
   static constexpr int dkdv_keys = 16 * kWarps;
   static constexpr int dkdv_queries = DP <= 64 ? 64 : DP <= 96 ? 32 : 16;
-  struct Dkdv {
+  struct Dkdv {  // byte offsets: K, V once; Q, dO, lse (log2 units), delta in 2 buffers each
     static constexpr int k = 0;
     static constexpr int v = k + dkdv_keys * kRowBytes;
-    static constexpr int q = v + dkdv_keys * kRowBytes;      // 2 buffers
-    static constexpr int dout = q + 2 * dkdv_queries * kRowBytes;  // 2 buffers
-    static constexpr int lse = dout + 2 * dkdv_queries * kRowBytes;  // 2 x dkdv_queries floats, log2 units
-    static constexpr int delta = lse + 2 * dkdv_queries * 4;  // 2 x dkdv_queries floats
+    static constexpr int q = v + dkdv_keys * kRowBytes;
+    static constexpr int dout = q + 2 * dkdv_queries * kRowBytes;
+    static constexpr int lse = dout + 2 * dkdv_queries * kRowBytes;
+    static constexpr int delta = lse + 2 * dkdv_queries * 4;
     static constexpr int total = delta + 2 * dkdv_queries * 4;
   };
 
@@ -74,15 +74,15 @@ struct BwdTiles {
   // DP = 64 for the same register reason: dQ is DP / 2 floats per lane).
   static constexpr int dq_queries = 16 * kWarps;
   static constexpr int dq_keys = DP <= 64 ? 64 : 32;
-  struct Dq {
+  struct Dq {  // byte offsets: Q, dO once; K, V in 2 buffers; msg_k, msg_v, p_msg, ds_msg floats
     static constexpr int q = 0;
     static constexpr int dout = q + dq_queries * kRowBytes;
-    static constexpr int k = dout + dq_queries * kRowBytes;  // 2 buffers
-    static constexpr int v = k + 2 * dq_keys * kRowBytes;    // 2 buffers
-    static constexpr int msg_k = v + 2 * dq_keys * kRowBytes;  // DP floats
-    static constexpr int msg_v = msg_k + DP * 4;               // DP floats
-    static constexpr int p_msg = msg_v + DP * 4;               // dq_queries floats
-    static constexpr int ds_msg = p_msg + dq_queries * 4;      // dq_queries floats
+    static constexpr int k = dout + dq_queries * kRowBytes;
+    static constexpr int v = k + 2 * dq_keys * kRowBytes;
+    static constexpr int msg_k = v + 2 * dq_keys * kRowBytes;
+    static constexpr int msg_v = msg_k + DP * 4;
+    static constexpr int p_msg = msg_v + DP * 4;
+    static constexpr int ds_msg = p_msg + dq_queries * 4;
     static constexpr int total = ds_msg + dq_queries * 4;
   };
 
@@ -128,8 +128,6 @@ inline bool vec_staging_ok(const Rows16& r, int d) {
 
 // ---- device helpers -------------------------------------------------------------------------
 
-__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
-
 // Rows [row0, row0 + ROWS) x [0, DP) of one frame-head's (N, D) slice (row stride `row_stride`
 // elements, `src` = row 0) into a shared tile of row stride DP + 8; rows >= n and columns >= d
 // zero. With `vec` one cp.async per 16 bytes (the caller commits and waits), else plain loads.
@@ -159,7 +157,8 @@ __device__ __forceinline__ void stage_rows(uint16_t* dst, const uint16_t* src, i
 // A (F, H, D) vector as DP floats, zero past d.
 template <class Tag, int DP>
 __device__ __forceinline__ void stage_vec(Tag tag, float* dst, const uint16_t* src, int d) {
-  for (int c = static_cast<int>(threadIdx.x); c < DP; c += kThreads) dst[c] = c < d ? warp_mma::to_float(tag, src[c]) : 0.f;
+  for (int c = static_cast<int>(threadIdx.x); c < DP; c += kThreads)
+    dst[c] = c < d ? warp_mma::to_float(tag, src[c]) : 0.f;
 }
 
 // The lane's ldmatrix row address for the 16 x 16 block at (row0, col0) of a tile with row
