@@ -34,7 +34,7 @@ from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from xclip_kernels import checks
 
@@ -185,15 +185,30 @@ class ViewsDataset(Dataset):
         path = self.items[index].path
         start = time.perf_counter()
         views, error = None, None
+        # In a DataLoader worker FFmpeg decodes in this thread: the workers are the parallelism
+        # (one core each, torch too: _one_thread_per_worker), and FFmpeg's own threads (one per
+        # core, frame-threaded) in every worker would make W workers fight over the cores with
+        # W x cores threads. In this process (no workers) FFmpeg keeps its threads, since the
+        # model waits while a file decodes, but torch's resize and normalise get one thread: on
+        # per-frame tensors that small, torch's intra-op threads cost far more than they save
+        # (python -m benchmarks.collection, in process, on the 2 development cores shared with
+        # other work: 0.20 CPU s per video with torch's 2 threads, 0.04 with 1).
+        in_worker = get_worker_info() is not None
+        torch_threads = torch.get_num_threads()
+        if not in_worker:
+            torch.set_num_threads(1)
         try:
             views = load_views(
                 path, self.num_frames, self.image_size, num_clips=self.num_clips, num_crops=self.num_crops,
-                allow_short=self.allow_short,
+                allow_short=self.allow_short, threads=1 if in_worker else 0,
             )
         except Exception as exc:  # noqa: BLE001 - one file's failure must not cost the others
             # The message of today's per-file classify: VideoError/OSError name the file; others get it added.
             message = str(exc) if isinstance(exc, OSError | ValueError) else f"{type(exc).__name__}: {exc}"
             error = message if path in message else f"path: {path}: {message}"
+        finally:
+            if not in_worker:
+                torch.set_num_threads(torch_threads)  # the model's batches get every thread back
         return {"index": index, "views": views, "error": error, "seconds": time.perf_counter() - start}
 
 

@@ -175,6 +175,22 @@ def test_manifest_labels_give_known_accuracy(model, folder, tmp_path) -> None:
         collection.classify_collection(model, LABELS, features, [collection.Item(str(good[0]), "diving")], tmp_path / "x")
 
 
+def test_decoding_in_process_uses_one_torch_thread_and_gives_the_threads_back(monkeypatch, folder) -> None:
+    # Per-frame resizes on torch's intra-op threads cost several times their CPU time; the
+    # model's batches between two files still get every thread.
+    seen = []
+    monkeypatch.setattr(collection, "load_views", lambda *a, **k: seen.append((torch.get_num_threads(), k["threads"])))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dataset = collection.ViewsDataset([collection.Item(str(videos(folder)[0]))], TINY.num_frames, TINY.image_size)
+        assert dataset[0]["error"] is None
+        assert seen == [(1, 0)]  # one torch thread; FFmpeg's own (0: one per core), the model waiting meanwhile
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_manifest_formats_and_errors(tmp_path) -> None:
     (tmp_path / "list.txt").write_text("# a comment\na.mp4\n\n/abs/b.mp4\n")
     (tmp_path / "list.jsonl").write_text('{"path": "a.mp4", "label": "x"}\n\n{"path": "b.mp4"}\n')
