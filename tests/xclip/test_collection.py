@@ -22,6 +22,7 @@ from xclip import classify as xc
 from xclip import collection
 from xclip import video as xv
 from xclip.cli import main
+from xclip_kernels import gemm
 
 pytest.importorskip("av")
 
@@ -119,7 +120,10 @@ def test_killed_run_resumes_with_every_video_once(checkpoint, folder, tmp_path) 
     common = ["--checkpoint", str(checkpoint), "--labels", LABEL_ARG, "--cache-dir", str(tmp_path / "cache"),
               "--top-k", "6", "--workers", "0", "--batch-size", "1", "--quiet"]
     out = tmp_path / "results.jsonl"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           # This process's GEMM provider: each process times both once and, on a loaded
+           # machine, may pick the other one, whose last bits differ from this process's.
+           "XCLIP_KERNELS_GEMM": gemm.provider(torch.float32)}
     for key in TORCHRUN_VARIABLES:
         env.pop(key, None)
     proc = subprocess.Popen([sys.executable, "-m", "xclip", "classify", *inputs, *common, "--output", str(out)],
