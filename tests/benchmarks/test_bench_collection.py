@@ -37,6 +37,7 @@ def test_tiny_run_prints_the_table_and_writes_the_record(tmp_path):
     for row in record["rows"]:
         assert len(row["seconds"]) == 1 and row["videos_per_s"][0] == pytest.approx(3 / row["seconds"][0])
         assert row["cpu_seconds_per_video"] > 0 and row["decode_seconds_per_video"] > 0 and row["errors"] == 0
+        assert 0 <= row["main_cpu_seconds_per_video"] <= row["cpu_seconds_per_video"]
     assert set(record["ratios"]) == {"2/1", "1/0"}
     assert set(record["load"]) == {"busy_cores_before", "busy_cores_after", "loadavg_before", "loadavg_after", "loaded"}
     assert record["environment"]["device"] and record["environment"]["av"]
