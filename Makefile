@@ -25,7 +25,7 @@ RUN := PYTHONPATH=$(CURDIR) $(PY)
 # model a benchmark compares, so ratios stay fair.
 BENCH_ENV := THP_MEM_ALLOC_ENABLE=1
 
-.PHONY: test bench bench-hf bench-peers bench-compile bench-kernels bench-micro cuda-compile gpu-static cmake-check package-check device-wheels env clean
+.PHONY: test bench bench-hf bench-peers bench-compile bench-kernels bench-micro bench-collection cuda-compile gpu-static cmake-check package-check device-wheels env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -89,6 +89,12 @@ bench-kernels: $(ENV_BENCH)
 # pytest-benchmark micro-suite of the ops at B/32 CPU shapes (times, does not check).
 bench-micro: $(ENV_BENCH)
 	$(BENCH_ENV) $(RUN) -m pytest -q benchmarks/micro --benchmark-only --benchmark-columns=median,iqr,rounds $(BENCH_ARGS)
+
+# The collection pipeline's decode stage alone (no model): videos/s with 0 (in process), 1 and 2
+# decode workers on 64 synthetic 320x240 3 s videos (written once into bench-results/), in
+# interleaved rounds, with the ratios, the CPU and how loaded the machine was.
+bench-collection: $(ENV_BENCH)
+	$(RUN) -m benchmarks.collection $(BENCH_ARGS)
 
 # Every .cu compiled with nvcc for sm_80 and sm_90a; needs no GPU (CI runs it where nvcc is).
 cuda-compile: $(if $(PYTHON),,$(VENV)/.stamp-bench)

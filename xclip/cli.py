@@ -202,7 +202,10 @@ def add_collection_arguments(parser: argparse.ArgumentParser, what: str) -> None
     )
     parser.add_argument("--workers", type=int, default=2, metavar="N", help="decode processes (0: decode in this process; default 2)")
     parser.add_argument("--batch-size", type=_positive, default=8, metavar="B", help="clips per model batch, across files (default 8)")
-    parser.add_argument("--resume", action="store_true", help="keep what --output already has and skip those videos")
+    parser.add_argument("--resume", action="store_true", help=(
+        "keep what --output already has and skip those videos; the settings it was written with (checkpoint "
+        "weights, labels, views, --top-k, --allow-short) must be this run's, or the run stops at once"
+    ))
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -501,7 +504,8 @@ def run_collection(
 
     Raises ``ValueError`` / ``TypeError`` / ``ImportError`` for bad settings before any video
     is decoded (as :func:`run_classify`; also a manifest that cannot be read, an output that
-    exists without ``resume``, a manifest label not among ``labels``).
+    exists without ``resume``, ``resume`` of an output written with other settings, a manifest
+    label not among ``labels``).
     """
     from . import collection
 
@@ -563,9 +567,14 @@ def _run_collection_on(
         if unsaved:
             note(f"warning: text features not cached ({unsaved[0]})")
     show = progress if progress is not None else (not quiet and main_rank and stderr.isatty())
+
+    def warn(message: str) -> None:  # also with --quiet: it says something about the output
+        if main_rank:
+            print(f"xclip {command}: warning: {one_line(message)}", file=stderr, flush=True)
+
     common = dict(
         num_clips=num_clips, num_crops=num_crops, allow_short=allow_short, workers=workers, batch_size=batch_size,
-        resume=resume, progress=show, stream=stderr,
+        resume=resume, progress=show, stream=stderr, on_warning=warn,
     )
     note(f"{len(items)} videos, {workers} decode workers, batches of {batch_size} clips -> {output}")
     if command == "classify":

@@ -14,9 +14,12 @@ record with its error, never the end of the run.
 Output (:class:`ResultLog`) is JSON Lines, one object per input file, appended and flushed as
 results arrive. A run killed at any point (kill -9 included) leaves whole lines and at most one
 torn last line; ``resume`` drops that line and skips every path already present, so each
-input appears exactly once. Under torchrun each rank takes every ``world_size``-th input
-(a disjoint shard), appends to its own part file beside the output, and rank 0 merges the
-parts into the output at the end (a resumed run merges what an interrupted one left).
+input appears exactly once. The settings the records depend on (:func:`run_settings`) sit
+beside the output in ``OUTPUT.settings.json``, written before the first record; ``resume``
+with other settings raises :class:`SettingsError` before anything is written. Under torchrun
+each rank takes every ``world_size``-th input (a disjoint shard), appends to its own part file
+beside the output, and rank 0 merges the parts into the output at the end (a resumed run
+merges what an interrupted one left); rank 0 alone records the settings.
 """
 
 from __future__ import annotations
@@ -24,17 +27,19 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from xclip_kernels import checks
 
@@ -185,15 +190,30 @@ class ViewsDataset(Dataset):
         path = self.items[index].path
         start = time.perf_counter()
         views, error = None, None
+        # In a DataLoader worker FFmpeg decodes in this thread: the workers are the parallelism
+        # (one core each, torch too: _one_thread_per_worker), and FFmpeg's own threads (one per
+        # core, frame-threaded) in every worker would make W workers fight over the cores with
+        # W x cores threads. In this process (no workers) FFmpeg keeps its threads, since the
+        # model waits while a file decodes, but torch's resize and normalise get one thread: on
+        # per-frame tensors that small, torch's intra-op threads cost far more than they save
+        # (python -m benchmarks.collection, in process, on the 2 development cores shared with
+        # other work: 0.20 CPU s per video with torch's 2 threads, 0.04 with 1).
+        in_worker = get_worker_info() is not None
+        torch_threads = torch.get_num_threads()
+        if not in_worker:
+            torch.set_num_threads(1)
         try:
             views = load_views(
                 path, self.num_frames, self.image_size, num_clips=self.num_clips, num_crops=self.num_crops,
-                allow_short=self.allow_short,
+                allow_short=self.allow_short, threads=1 if in_worker else 0,
             )
         except Exception as exc:  # noqa: BLE001 - one file's failure must not cost the others
             # The message of today's per-file classify: VideoError/OSError name the file; others get it added.
             message = str(exc) if isinstance(exc, OSError | ValueError) else f"{type(exc).__name__}: {exc}"
             error = message if path in message else f"path: {path}: {message}"
+        finally:
+            if not in_worker:
+                torch.set_num_threads(torch_threads)  # the model's batches get every thread back
         return {"index": index, "views": views, "error": error, "seconds": time.perf_counter() - start}
 
 
@@ -264,6 +284,118 @@ def _write_atomic(path: str, lines: Sequence[str]) -> None:
             os.unlink(tmp)
 
 
+SETTINGS_SUFFIX = ".settings.json"
+"""The settings of the run that wrote an output sit beside it: ``results.jsonl.settings.json``
+(for ``embed``: ``index.jsonl.settings.json`` in the folder)."""
+
+SETTINGS_FORMAT = 1
+
+
+class SettingsError(ValueError):
+    """``resume`` of an output written with other settings (the message names the setting and
+    both values)."""
+
+
+def model_digest(model: XCLIP) -> str:
+    """SHA-256 hex of the model's config and every tensor of its state dict (name, dtype, shape
+    and bytes): the same weights give the same digest wherever they were loaded from.
+
+    One pass over the weights' bytes, once per run (weights on a GPU are copied to the host
+    one tensor at a time): X-CLIP-B/32 in float32 holds 0.79 GB, digested in 0.9 s (random
+    weights, on 2 cores of an "Intel(R) Xeon(R) Processor" shared with other work, torch
+    2.13.0+cpu, 2026-12-03).
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode("utf-8"))
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach()
+        # Name, dtype and shape first: the same bytes under another layout are other weights.
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode("utf-8"))
+        h.update(t.cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def run_settings(
+    command: str, model: XCLIP, *, labels: Sequence[str] | None = None, k: int | None = None, num_clips: int = 1,
+    num_crops: int = 1, allow_short: bool = False,
+) -> dict[str, Any]:
+    """What the records of an output depend on, as recorded beside it and compared on resume:
+    the command, the model's config and weights (:func:`model_digest`), the views, whether
+    short videos were allowed, and for ``classify`` the labels and ``k``.
+
+    Not recorded: batch size, workers, device, backend and autocast, which change rounding at
+    most, never what a record means (``embed``'s rows do not depend on labels either).
+    """
+    settings: dict[str, Any] = {
+        "command": command,
+        "model": model.config.to_dict(),
+        "weights": model_digest(model),
+        "views": [num_clips, num_crops],
+        "allow_short": allow_short,
+    }
+    if command == "classify":
+        settings["labels"] = list(labels) if labels is not None else None
+        settings["top_k"] = k
+    return settings
+
+
+def _settings_difference(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first setting that differs, named, with both values (``there``: the output's,
+    ``now``: this run's); None when they are the same."""
+    if recorded.get("command") != current["command"]:
+        return f"command: {recorded.get('command')} there, {current['command']} now"
+    # The model's config first: frames per clip, image size or variant name what changed
+    # better than the weights' digest, which any of them changes too.
+    old_model, new_model = recorded.get("model") or {}, current["model"]
+    for key in [*new_model, *(k for k in old_model if k not in new_model)]:
+        if old_model.get(key) != new_model.get(key):
+            return f"model config {key}: {old_model.get(key)!r} there, {new_model.get(key)!r} now"
+    if recorded.get("weights") != current["weights"]:
+        return (f"checkpoint weights: sha256 {str(recorded.get('weights'))[:12]}... there, "
+                f"sha256 {current['weights'][:12]}... now")
+    if "labels" in current and recorded.get("labels") != current["labels"]:
+        old_labels, new_labels = recorded.get("labels") or [], current["labels"]
+        shorter = min(len(old_labels), len(new_labels))
+        at = next((i for i, (a, b) in enumerate(zip(old_labels, new_labels)) if a != b), shorter)
+        old_label = repr(old_labels[at]) if at < len(old_labels) else "none"
+        new_label = repr(new_labels[at]) if at < len(new_labels) else "none"
+        return (f"labels: label {at + 1} is {old_label} there, {new_label} now "
+                f"({len(old_labels)} labels there, {len(new_labels)} now)")
+    if recorded.get("views") != current["views"]:
+        old, new = recorded.get("views") or ["?", "?"], current["views"]
+        return f"views (clips x crops): {old[0]}x{old[1]} there, {new[0]}x{new[1]} now"
+    if recorded.get("allow_short") != current["allow_short"]:
+        return f"allow-short: {recorded.get('allow_short')} there, {current['allow_short']} now"
+    if "top_k" in current and recorded.get("top_k") != current["top_k"]:
+        return f"top-k: {recorded.get('top_k')} there, {current['top_k']} now"
+    if recorded != current:  # a setting added later, recorded by one run and not the other
+        key = next(k for k in sorted({*recorded, *current}) if recorded.get(k) != current.get(k))
+        return f"{key}: {recorded.get(key)!r} there, {current.get(key)!r} now"
+    return None
+
+
+def _read_settings(path: str) -> dict[str, Any] | None:
+    """The settings recorded in ``path`` (None: no such file). Raises ``ValueError`` naming
+    the file when it is not a settings file of this format (it is written whole, by rename,
+    so that means another program wrote it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"resume: {path}: expected the JSON settings of the run that wrote the output, got {exc.msg}"
+        ) from None
+    if not (isinstance(record, dict) and record.get("format") == SETTINGS_FORMAT and isinstance(record.get("settings"), dict)):
+        raise ValueError(
+            f"resume: {path}: expected settings of format {SETTINGS_FORMAT}, got {str(text)[:60]!r}"
+        )
+    return record["settings"]
+
+
 class ResultLog:
     """The JSONL output of a run: one record per input path, appended and flushed as it comes.
 
@@ -271,25 +403,62 @@ class ResultLog:
     ``output.part-r-of-W`` beside it, merged by :meth:`merge` (rank 0, after every rank has
     closed its part). ``done`` holds the paths found in the output and in any part file left by
     an earlier run, whatever its world size (filled when ``resume``).
+
+    ``settings`` (:func:`run_settings`) are recorded in ``output + ".settings.json"`` (written
+    whole, by rename, by rank 0, before any record). ``resume`` compares them with those
+    recorded and raises :class:`SettingsError` naming the first that differs, before anything
+    is written. An output from before settings were recorded (records, no settings file) is
+    continued: its records cannot be checked, ``on_warning`` gets a message saying so (default:
+    :func:`warnings.warn`), and this run's settings are recorded from then on.
     """
 
-    def __init__(self, output: str | os.PathLike, *, rank: int = 0, world_size: int = 1, resume: bool = False) -> None:
+    def __init__(
+        self, output: str | os.PathLike, *, rank: int = 0, world_size: int = 1, resume: bool = False,
+        settings: dict[str, Any] | None = None, on_warning: Callable[[str], None] | None = None,
+    ) -> None:
         self.output = os.fspath(output)
         self.rank, self.world_size = rank, world_size
         self.path = self.output if world_size == 1 else f"{self.output}.part-{rank}-of-{world_size}"
+        self.settings_path = self.output + SETTINGS_SUFFIX
+        if settings is not None:
+            settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
         self.done: set[str] = set()
         if not resume and (os.path.exists(self.output) or self.parts()):
             raise ValueError(
                 f"output: {self.output} (or its parts) already exists: pass resume=True / --resume to continue it, "
                 "or remove it"
             )
+        # Settings left beside no output (its results deleted) protect nothing: replaced below.
+        exists = os.path.exists(self.output) or bool(self.parts())
+        recorded = _read_settings(self.settings_path) if resume and settings is not None and exists else None
+        if recorded is not None:
+            difference = _settings_difference(recorded, settings)
+            if difference is not None:
+                raise SettingsError(
+                    f"resume: {self.output} was written with other settings ({self.settings_path}): {difference}; "
+                    "resume with the settings of that run, or write a new output"
+                )
         if resume:
             for source in [self.output, *self.parts()]:
                 # Only this process's own file is repaired (the others belong to other ranks).
                 self.done.update(r["path"] for r in _read_records(source, repair=source == self.path))
-        if world_size > 1:
-            dist.barrier()  # every rank has looked before any creates its part
+        if settings is not None and recorded is None and self.done and rank == 0:
+            message = (
+                f"resume: {self.output} records no settings (written before they were recorded): its "
+                f"{len(self.done)} results are kept unchecked, so they must come from the same checkpoint, labels "
+                f"and views as this run; this run's settings are recorded in {self.settings_path}"
+            )
+            if on_warning is not None:
+                on_warning(message)
+            else:
+                warnings.warn(message, stacklevel=3)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if settings is not None and recorded is None and rank == 0:
+            # Before any record: an output never has records without the settings they came from.
+            record = {"format": SETTINGS_FORMAT, "settings": settings}
+            _write_atomic(self.settings_path, [json.dumps(record, ensure_ascii=False)])
+        if world_size > 1:
+            dist.barrier()  # every rank has looked (and rank 0 recorded the settings) before any creates its part
         self._file: TextIO = open(self.path, "a", encoding="utf-8")
 
     def parts(self) -> list[str]:
@@ -517,6 +686,7 @@ def classify_collection(
     autocast: bool | None = None,
     progress: bool = False,
     stream: TextIO | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Summary:
     """Zero-shot classification of ``items`` into ``output`` (JSON Lines).
 
@@ -533,7 +703,12 @@ def classify_collection(
         workers: decode processes (0: decode in this process, between batches).
         batch_size: views per model batch, gathered across files (a file's views stay in one batch).
         resume: keep ``output``'s records and skip their paths; otherwise ``output`` must not exist.
+            The settings (:func:`run_settings`: weights, model config, labels, views,
+            ``allow_short``, ``k``) are recorded in ``output + ".settings.json"``; resuming with
+            others raises :class:`SettingsError` naming the first that differs (see
+            :class:`ResultLog`, also for outputs from before settings were recorded).
         autocast: bf16 autocast; None: on for CUDA, off elsewhere.
+        on_warning: called with a warning's message (default :func:`warnings.warn`).
 
     Under torchrun (an initialised process group) every rank must call this with the same
     ``inputs``; see the module docstring. Returns the :class:`Summary` (accuracy when items
@@ -549,7 +724,10 @@ def classify_collection(
         if item.label is not None and item.label not in known:
             raise ValueError(f"items: the label {item.label!r} of {item.path} is not one of the {len(labels)} labels")
     rank, world_size = _distributed()
-    log = ResultLog(output, rank=rank, world_size=world_size, resume=resume)
+    settings = run_settings(
+        "classify", model, labels=labels, k=k, num_clips=num_clips, num_crops=num_crops, allow_short=allow_short
+    )
+    log = ResultLog(output, rank=rank, world_size=world_size, resume=resume, settings=settings, on_warning=on_warning)
     device = model.token_embedding.weight.device
     text = features.to(device, model.token_embedding.weight.dtype)
 
@@ -605,6 +783,7 @@ def embed(
     autocast: bool | None = None,
     progress: bool = False,
     stream: TextIO | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Summary:
     """Video embeddings of a collection, written to the folder ``output``.
 
@@ -615,7 +794,9 @@ def embed(
     - ``index.jsonl``: one line per input, ``{"path", "shard", "row"}`` (plus ``"label"`` from a
       manifest), or ``{"path", "error"}``. A row's line is written after its shard, so the index
       never names a missing row; ``resume`` skips indexed paths (and re-does the rows of a
-      shard that an interruption left unwritten).
+      shard that an interruption left unwritten). ``index.jsonl.settings.json``: the settings
+      (:func:`run_settings`: weights, model config, views, ``allow_short``), checked on
+      ``resume`` as for :func:`classify_collection`.
     - with ``labels``: ``text.safetensors``, tensor ``"text"`` float32 ``(K, E)``, the label
       features before the video-specific prompts (``text_features`` if given, else encoded),
       the labels in its metadata ``"labels"`` (a JSON list).
@@ -640,12 +821,10 @@ def embed(
             raise ValueError(
                 f"text_features: expected shape ({len(labels)}, {model.config.embed_dim}), got {tuple(text_features.shape)}"
             )
-        if rank == 0:
-            tmp = os.path.join(folder, f".{TEXT}.tmp")
-            save_file({"text": text_features.detach().to("cpu", torch.float32).contiguous()}, tmp,
-                      metadata={"labels": json.dumps(list(labels), ensure_ascii=False)})
-            os.replace(tmp, os.path.join(folder, TEXT))
-    log = ResultLog(os.path.join(folder, INDEX), rank=rank, world_size=world_size, resume=resume)
+    settings = run_settings("embed", model, num_clips=num_clips, num_crops=num_crops, allow_short=allow_short)
+    # The settings are checked before anything in the folder changes (text.safetensors included).
+    log = ResultLog(os.path.join(folder, INDEX), rank=rank, world_size=world_size, resume=resume, settings=settings,
+                    on_warning=on_warning)
     prefix = f"video-r{rank}of{world_size}-"
     # Shards of this rank's name that no index line names: rows of an interrupted run whose
     # index lines were never written. They are re-done, so the files go (only this rank's own).
@@ -690,6 +869,11 @@ def embed(
         return []  # the index lines come with their shard
 
     try:
+        if labels is not None and text_features is not None and rank == 0:
+            tmp = os.path.join(folder, f".{TEXT}.tmp")
+            save_file({"text": text_features.detach().to("cpu", torch.float32).contiguous()}, tmp,
+                      metadata={"labels": json.dumps(list(labels), ensure_ascii=False)})
+            os.replace(tmp, os.path.join(folder, TEXT))
         summary = _pipeline(
             model, items, log, consume, num_clips=num_clips, num_crops=num_crops, allow_short=allow_short,
             workers=workers, batch_size=batch_size, autocast=autocast, progress=progress, stream=stream,

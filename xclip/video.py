@@ -240,11 +240,13 @@ def _open(path: str) -> Any:
 
 
 def _decode(
-    path: str, wanted: Sequence[int], transform: Callable[[torch.Tensor], torch.Tensor] | None, count_all: bool
+    path: str, wanted: Sequence[int], transform: Callable[[torch.Tensor], torch.Tensor] | None, count_all: bool,
+    threads: int = 0,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """Decode ``path`` front to back, keeping frames whose index is in ``wanted``
     (as ``transform`` of a ``(3, H, W)`` uint8 RGB tensor). Stops after the last wanted index
-    unless ``count_all``. Returns the kept frames by index and the number of frames decoded."""
+    unless ``count_all``. ``threads``: FFmpeg decoder threads (0: its choice, one per core).
+    Returns the kept frames by index and the number of frames decoded."""
     av = _import_av()
     wanted_set = set(wanted)
     last = max(wanted_set, default=-1)
@@ -254,6 +256,7 @@ def _decode(
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads: decoding dominates for long videos
+        stream.thread_count = threads
         try:
             for frame in container.decode(stream):
                 if decoded in wanted_set:
@@ -325,6 +328,7 @@ def load_views(
     num_clips: int = 1,
     num_crops: int = 1,
     allow_short: bool = False,
+    threads: int = 0,
 ) -> torch.Tensor:
     """Decode, sample and preprocess ``num_clips x num_crops`` views of a video file.
 
@@ -337,6 +341,8 @@ def load_views(
         allow_short: a video with fewer than T frames raises :class:`VideoError` unless this is
             set; then frames repeat as in the official sampler. A video with no decodable frame
             always raises.
+        threads: FFmpeg decoder threads; 0 (default) lets FFmpeg choose (one per core), 1
+            decodes in the calling thread (a decode worker process meant to use one core).
 
     Returns:
         float32 ``(num_clips * num_crops, T, 3, S, S)``, normalised; view ``clip * num_crops +
@@ -347,6 +353,7 @@ def load_views(
     num_frames = checks.integer("num_frames", num_frames)
     image_size = checks.integer("image_size", image_size)
     num_clips = checks.integer("num_clips", num_clips)
+    threads = checks.integer("threads", threads, 0)
     short_side = resize_for_crops(image_size, num_crops)
 
     def resize_and_crop(frame: torch.Tensor) -> torch.Tensor:
@@ -357,7 +364,7 @@ def load_views(
 
     count = declared_frame_count(path)
     if count <= 0:
-        count = count_frames(path)
+        count = _decode(path, (), None, count_all=True, threads=threads)[1]
     for _ in range(2):
         if count == 0:
             raise VideoError(f"path: {path} has no decodable video frames")
@@ -365,7 +372,7 @@ def load_views(
             raise _too_short(path, count, num_frames)
         clips = [segment_indices(count, num_frames, k, num_clips) for k in range(num_clips)]
         wanted = sorted({i for clip in clips for i in clip})
-        kept, decoded = _decode(path, wanted, resize_and_crop, count_all=False)
+        kept, decoded = _decode(path, wanted, resize_and_crop, count_all=False, threads=threads)
         if len(kept) == len(wanted):
             break
         # The declared count was too large: the stream ended after `decoded` frames. Sample

@@ -4,6 +4,7 @@ over two torchrun processes, records bad files, computes accuracy and writes emb
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from xclip import classify as xc
 from xclip import collection
 from xclip import video as xv
 from xclip.cli import main
+from xclip_kernels import gemm
 
 pytest.importorskip("av")
 
@@ -119,7 +121,10 @@ def test_killed_run_resumes_with_every_video_once(checkpoint, folder, tmp_path) 
     common = ["--checkpoint", str(checkpoint), "--labels", LABEL_ARG, "--cache-dir", str(tmp_path / "cache"),
               "--top-k", "6", "--workers", "0", "--batch-size", "1", "--quiet"]
     out = tmp_path / "results.jsonl"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           # This process's GEMM provider: each process times both once and, on a loaded
+           # machine, may pick the other one, whose last bits differ from this process's.
+           "XCLIP_KERNELS_GEMM": gemm.provider(torch.float32)}
     for key in TORCHRUN_VARIABLES:
         env.pop(key, None)
     proc = subprocess.Popen([sys.executable, "-m", "xclip", "classify", *inputs, *common, "--output", str(out)],
@@ -175,6 +180,22 @@ def test_manifest_labels_give_known_accuracy(model, folder, tmp_path) -> None:
         collection.classify_collection(model, LABELS, features, [collection.Item(str(good[0]), "diving")], tmp_path / "x")
 
 
+def test_decoding_in_process_uses_one_torch_thread_and_gives_the_threads_back(monkeypatch, folder) -> None:
+    # Per-frame resizes on torch's intra-op threads cost several times their CPU time; the
+    # model's batches between two files still get every thread.
+    seen = []
+    monkeypatch.setattr(collection, "load_views", lambda *a, **k: seen.append((torch.get_num_threads(), k["threads"])))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dataset = collection.ViewsDataset([collection.Item(str(videos(folder)[0]))], TINY.num_frames, TINY.image_size)
+        assert dataset[0]["error"] is None
+        assert seen == [(1, 0)]  # one torch thread; FFmpeg's own (0: one per core), the model waiting meanwhile
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_manifest_formats_and_errors(tmp_path) -> None:
     (tmp_path / "list.txt").write_text("# a comment\na.mp4\n\n/abs/b.mp4\n")
     (tmp_path / "list.jsonl").write_text('{"path": "a.mp4", "label": "x"}\n\n{"path": "b.mp4"}\n')
@@ -215,6 +236,8 @@ def test_two_torchrun_processes_give_the_single_process_results(capsys, checkpoi
     )
     assert proc.returncode == 1, proc.stderr[-4000:]  # the bad file, on one of the ranks
     assert not list(tmp_path.glob("two.jsonl.part-*"))  # merged by rank 0 and removed
+    # One settings file (rank 0's), the same as the single process's.
+    assert (tmp_path / "two.jsonl.settings.json").read_text() == (tmp_path / "single.jsonl.settings.json").read_text()
     merged, expected = records(two), records(single)
     assert sorted(r["path"] for r in merged) == sorted(r["path"] for r in expected)
     assert [r["path"] for r in merged] == [str(p) for p in collection.find_videos(folder)]  # input order
@@ -261,3 +284,101 @@ def test_embed_writes_shards_index_and_text_and_resumes(capsys, checkpoint, mode
     assert sorted(r["path"] for r in again) == sorted(r["path"] for r in index)
     referenced = {r["shard"] for r in again if "shard" in r}
     assert referenced == {p.name for p in out.glob("video-*.safetensors")}  # no orphan left
+
+    # Resuming with other views stops before anything in the folder changes (labels are no
+    # setting of embed: its rows do not depend on them).
+    assert json.loads((out / "index.jsonl.settings.json").read_text())["settings"]["views"] == [2, 1]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(collection.SettingsError, match=r"views \(clips x crops\): 2x1 there, 1x1 now"):
+        xclip.embed(model, [folder], out, labels=LABELS[:2], resume=True, num_clips=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_with_other_settings_fails_naming_the_setting(capsys, checkpoint, model, folder, tmp_path) -> None:
+    good = videos(folder)
+    features = xc.encode_labels(model, LABELS)
+    out = tmp_path / "r.jsonl"
+    collection.classify_collection(model, LABELS, features, good[:2], out, k=3, batch_size=2)
+    settings = json.loads((tmp_path / "r.jsonl.settings.json").read_text())["settings"]
+    assert settings["labels"] == LABELS and settings["top_k"] == 3 and settings["views"] == [1, 1]
+    assert settings["weights"] == collection.model_digest(model) and settings["model"]["num_frames"] == TINY.num_frames
+    before = out.read_bytes()
+
+    other_labels = [*LABELS[:2], "cooking", *LABELS[3:]]
+    torch.manual_seed(1)
+    other_weights = xclip.build_model(TINY).eval()  # the same config, other weights
+    more_frames = xclip.build_model(dataclasses.replace(TINY, num_frames=4)).eval()
+    cases = [
+        (dict(labels=other_labels), "labels: label 3 is 'playing the violin' there, 'cooking' now"),
+        (dict(labels=LABELS[:5]), r"labels: label 6 is 'juggling' there, none now \(6 labels there, 5 now\)"),
+        (dict(k=2), "top-k: 3 there, 2 now"),
+        (dict(num_clips=2), r"views \(clips x crops\): 1x1 there, 2x1 now"),
+        (dict(allow_short=True), "allow-short: False there, True now"),
+        (dict(model=other_weights), r"checkpoint weights: sha256 [0-9a-f]{12}\.\.\. there, sha256 [0-9a-f]{12}\.\.\. now"),
+        (dict(model=more_frames), "model config num_frames: 3 there, 4 now"),
+    ]
+    for change, message in cases:
+        run = {"model": model, "labels": LABELS, "k": 3, **change}
+        run_model, run_labels = run.pop("model"), run.pop("labels")
+        with pytest.raises(collection.SettingsError, match=message):
+            collection.classify_collection(
+                run_model, run_labels, xc.encode_labels(run_model, run_labels), good[:3], out, resume=True, **run
+            )
+        assert out.read_bytes() == before and not list(tmp_path.glob("r.jsonl.part-*"))  # nothing written
+
+    # The same settings (other batch size and workers are not settings): resumes.
+    summary = collection.classify_collection(model, LABELS, features, good[:3], out, k=3, resume=True, batch_size=1)
+    assert summary.skipped == 2 and summary.videos == 1
+
+    # From the command line: exit 2, one line naming the setting and both values.
+    common = ["--checkpoint", str(checkpoint), "--cache-dir", str(tmp_path / "cache"), "--top-k", "3", "--quiet",
+              "--workers", "0", "--output", str(out), "--resume"]
+    before = out.read_bytes()
+    assert main(["classify", *map(str, good[:3]), "--labels", ",".join(other_labels), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("xclip classify: error: resume: ")
+    assert "label 3 is 'playing the violin' there, 'cooking' now" in err and out.read_bytes() == before
+    assert main(["classify", *map(str, good[:4]), "--labels", LABEL_ARG, *common]) == 0  # as written: resumes
+    assert [r["path"] for r in records(out)] == [str(p) for p in good[:4]]
+
+
+def test_resume_of_an_output_without_recorded_settings_warns_and_records_them(
+    capsys, checkpoint, model, folder, tmp_path
+) -> None:
+    good = videos(folder)
+    features = xc.encode_labels(model, LABELS)
+    out = tmp_path / "r.jsonl"
+    collection.classify_collection(model, LABELS, features, good[:2], out, k=2)
+    sidecar = tmp_path / "r.jsonl.settings.json"
+    recorded = sidecar.read_text()
+    sidecar.unlink()  # as an output written before settings were recorded
+
+    warned: list[str] = []
+    summary = collection.classify_collection(model, LABELS, features, good[:3], out, k=2, resume=True,
+                                             on_warning=warned.append)
+    assert summary.skipped == 2 and summary.videos == 1
+    assert len(warned) == 1 and "records no settings" in warned[0] and "2 results are kept unchecked" in warned[0]
+    assert sidecar.read_text() == recorded  # this run's settings, recorded from now on
+    with pytest.raises(collection.SettingsError, match="top-k: 2 there, 1 now"):
+        collection.classify_collection(model, LABELS, features, good[:3], out, k=1, resume=True)
+    with pytest.warns(UserWarning, match="records no settings"):  # without on_warning: a Python warning
+        sidecar.unlink()
+        collection.classify_collection(model, LABELS, features, good[:3], out, k=2, resume=True)
+    sidecar.unlink()  # the command line prints it, --quiet or not, and goes on
+    assert main(["classify", *map(str, good[:4]), "--checkpoint", str(checkpoint), "--labels", LABEL_ARG, "--top-k", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--quiet", "--output", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("xclip classify: warning: resume: ") and "3 results are kept unchecked" in err
+    assert len(records(out)) == 4 and sidecar.read_text() == recorded
+
+    sidecar.write_text('{"format": 1}')
+    with pytest.raises(ValueError, match="r.jsonl.settings.json: expected settings of format 1"):
+        collection.classify_collection(model, LABELS, features, good[:3], out, k=2, resume=True)
+
+    # Results removed, settings left: they protect nothing and are replaced. A new folder is made.
+    out.unlink()
+    collection.classify_collection(model, LABELS, features, good[:1], out, k=1, resume=True)
+    assert json.loads(sidecar.read_text())["settings"]["top_k"] == 1
+    nested = tmp_path / "new" / "folder" / "r.jsonl"
+    collection.classify_collection(model, LABELS, features, good[:1], nested, k=1)
+    assert json.loads((nested.parent / "r.jsonl.settings.json").read_text())["settings"]["top_k"] == 1

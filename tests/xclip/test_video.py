@@ -243,6 +243,10 @@ def test_load_views_clips_times_crops(lossless_mp4, noise_frames) -> None:
         torch.testing.assert_close(views[clip * 3 : clip * 3 + 3], expected)
     # The two clips sample different frames.
     assert xv.segment_indices(N, 4, 0, 2) == [1, 6, 11, 16] and xv.segment_indices(N, 4, 1, 2) == [3, 8, 13, 18]
+    # One decoder thread (a decode worker's setting) decodes the same frames.
+    torch.testing.assert_close(xv.load_views(lossless_mp4, 4, 32, num_clips=2, num_crops=3, threads=1), views, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="threads: expected an int >= 0, got -1"):
+        xv.load_views(lossless_mp4, 4, 32, threads=-1)
 
 
 @pytest.mark.parametrize("crops", [1, 3])
