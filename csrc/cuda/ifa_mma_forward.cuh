@@ -78,6 +78,18 @@ inline bool rows_vectorizable(const void* ptr, int64_t sf, int64_t sn, int64_t s
   return dim % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sf % 8 == 0 && sn % 8 == 0 && sh % 8 == 0;
 }
 
+// Host side: the kernel's arguments from the operands as the launcher and the host-model entry
+// pass them (out contiguous (F, N, H, D)); decides the staging paths. scale: the softmax scale.
+inline FwdArgs make_fwd_args(RowsArg q, RowsArg k, RowsArg v, VecsArg msg_k, VecsArg msg_v, uint16_t* out, float* lse,
+                             int n, int heads, int dim, double scale) {
+  const bool vec_in = rows_vectorizable(q.ptr, q.sf, q.sn, q.sh, dim) &&
+                      rows_vectorizable(k.ptr, k.sf, k.sn, k.sh, dim) && rows_vectorizable(v.ptr, v.sf, v.sn, v.sh, dim);
+  const int64_t row = int64_t{heads} * dim;
+  const bool vec_out = rows_vectorizable(out, row * n, row, dim, dim);
+  return FwdArgs{q, k, v, msg_k, msg_v, out, lse, n, heads, dim, static_cast<float>(scale * 1.4426950408889634),
+                 vec_in, vec_out};
+}
+
 namespace detail {
 
 // 16 bytes moved as one unit (128-bit load/store on the device).
