@@ -236,8 +236,10 @@ def _extensions() -> list[Extension]:
     if os.environ.get("XCLIP_NO_EXTENSION") == "1":
         return []
     sources = _value("cpu_sources") + BUILD["x86_64"]["sources"] + _value("cuda_sources")
+    host_model = BUILD["host_model_dir"]["value"] + "/"
     present = {os.path.relpath(path, ROOT) for pattern in ("*.cpp", "*.cu")
                for path in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True)}
+    present = {path for path in present if not path.replace(os.sep, "/").startswith(host_model)}
     unlisted = sorted(present - set(sources))
     if unlisted:
         raise SystemExit(f"setup.py: {', '.join(unlisted)} not listed in csrc/build_flags.json (no build would compile it)")

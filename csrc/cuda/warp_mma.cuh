@@ -134,6 +134,93 @@ __device__ __forceinline__ float shfl_xor(float v, int lane_mask) { return __shf
 __device__ __forceinline__ void sync_warp() { __syncwarp(); }
 __device__ __forceinline__ void sync_block() { __syncthreads(); }
 
-#endif  // !XK_HOST_MODEL
+#else  // XK_HOST_MODEL: the emulation on host_model/simt.h's scheduler
+
+// Every collective takes the caller's source location as hidden trailing arguments
+// (__builtin_FILE/__builtin_LINE defaults), so that the model's messages name the kernel's line
+// and can tell the call sites of .aligned instructions apart; calls look the same as on the device.
+
+inline float to_float(F16, uint16_t bits) { return ::xk_sim::detail::f16_to_float(bits); }
+inline float to_float(BF16, uint16_t bits) { return ::xk_sim::detail::bf16_to_float(bits); }
+inline uint16_t from_float(F16, float x) { return ::xk_sim::detail::float_to_f16(x); }
+inline uint16_t from_float(BF16, float x) { return ::xk_sim::detail::float_to_bf16(x); }
+inline uint32_t pack2(F16 tag, float lo, float hi) {
+  return static_cast<uint32_t>(from_float(tag, lo)) | (static_cast<uint32_t>(from_float(tag, hi)) << 16);
+}
+inline uint32_t pack2(BF16 tag, float lo, float hi) {
+  return static_cast<uint32_t>(from_float(tag, lo)) | (static_cast<uint32_t>(from_float(tag, hi)) << 16);
+}
+
+namespace host_model_detail {
+template <int N>
+inline void ldmatrix(::xk_sim::detail::Op op, uint32_t (&r)[N], const void* row, const char* file, int line) {
+  ::xk_sim::detail::Lane& lane = ::xk_sim::detail::me();
+  lane.address = row;
+  lane.regs_out = r;
+  ::xk_sim::detail::arrive_warp(op, file, line);
+}
+inline void mma(::xk_sim::detail::Op op, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                const float (&c)[4], const char* file, int line) {
+  ::xk_sim::detail::Lane& lane = ::xk_sim::detail::me();
+  lane.a = a;
+  lane.b = b;
+  lane.c = c;
+  lane.d = d;
+  ::xk_sim::detail::arrive_warp(op, file, line);
+}
+}  // namespace host_model_detail
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, const char* file = __builtin_FILE(),
+                        int line = __builtin_LINE()) {
+  host_model_detail::ldmatrix(::xk_sim::detail::Op::LdmatrixX4, r, row, file, line);
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+  host_model_detail::ldmatrix(::xk_sim::detail::Op::LdmatrixX4Trans, r, row, file, line);
+}
+inline void ldmatrix_x2(uint32_t (&r)[2], const void* row, const char* file = __builtin_FILE(),
+                        int line = __builtin_LINE()) {
+  host_model_detail::ldmatrix(::xk_sim::detail::Op::LdmatrixX2, r, row, file, line);
+}
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+  host_model_detail::ldmatrix(::xk_sim::detail::Op::LdmatrixX2Trans, r, row, file, line);
+}
+
+inline void mma_m16n8k16(F16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+                         const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  host_model_detail::mma(::xk_sim::detail::Op::MmaF16, d, a, b, c, file, line);
+}
+inline void mma_m16n8k16(BF16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+                         const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  host_model_detail::mma(::xk_sim::detail::Op::MmaBF16, d, a, b, c, file, line);
+}
+
+inline void cp_async_16(void* shared_dst, const void* global_src, bool full, const char* file = __builtin_FILE(),
+                        int line = __builtin_LINE()) {
+  ::xk_sim::detail::cp_async_16(shared_dst, global_src, full, file, line);
+}
+inline void cp_async_commit() { ::xk_sim::detail::cp_async_commit(); }
+template <int Pending>
+inline void cp_async_wait() {
+  static_assert(Pending >= 0, "cp_async_wait: the number of groups left in flight is not negative");
+  ::xk_sim::detail::cp_async_wait(Pending);
+}
+
+inline float shfl_xor(float v, int lane_mask, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::xk_sim::detail::Lane& lane = ::xk_sim::detail::me();
+  lane.shfl_value = v;
+  lane.shfl_mask = lane_mask;
+  ::xk_sim::detail::arrive_warp(::xk_sim::detail::Op::ShflXor, file, line);
+  return lane.shfl_result;
+}
+inline void sync_warp(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::xk_sim::detail::arrive_warp(::xk_sim::detail::Op::SyncWarp, file, line);
+}
+inline void sync_block(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::xk_sim::detail::sync_block(file, line);
+}
+
+#endif  // XK_HOST_MODEL
 
 }  // namespace xclip_ext::warp_mma

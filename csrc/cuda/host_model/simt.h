@@ -1,0 +1,718 @@
+// The host model: a CPU SIMT scheduler on which the CUDA kernels written on warp_mma.cuh run
+// unchanged, compiled by plain g++ with XK_HOST_MODEL defined (tests/xclip_kernels/
+// cuda_host_model.py builds it; it is never part of the extension). docs/cuda.md says what it
+// covers and what only a GPU can show.
+//
+// Every emulated CUDA thread is a fiber (ucontext) with its own stack. The blocks of a launch run
+// one after another; inside a block the scheduler resumes the runnable threads round-robin in
+// linear thread order (deterministic), each until it reaches a collective:
+//   - warp collectives (ldmatrix, mma, shfl_xor, sync_warp) are a rendezvous of the warp's 32
+//     lanes: when the last lane arrives, the instruction's result is computed from all lanes'
+//     inputs per the PTX fragment layouts (warp_mma.cuh's header) and the lanes resume;
+//   - sync_block is a rendezvous of every thread of the block.
+// A launch throws xk_sim::Error (the entry point turns it into a return code and a message,
+// xk_sim::run_entry / xk_last_error) when the kernel breaks the rules a GPU would punish with a
+// hang, garbage or a fault:
+//   - lanes of a warp wait at different collectives, or some exited / wait at sync_block while
+//     others wait at a warp collective, or a thread exited while others wait at sync_block;
+//   - ldmatrix / cp_async_16 addresses not 16-byte aligned or outside the block's dynamic shared
+//     memory; a cp_async_16 source outside the ranges given to xk_sim::register_global (when any);
+//   - ldmatrix reading 16 bytes that a cp_async_16 still has in flight (not yet covered by the
+//     issuing thread's cp_async_wait).
+// cp.async is modelled so that an early plain read shows too: the source is read at issue, the
+// destination reads as 0xFF bytes (NaN in fp16 and bf16) until the issuing thread's
+// cp_async_wait covers the copy's group, and only then the 16 bytes land. Dynamic shared memory
+// starts every block as 0xFF bytes as well (a GPU's is uninitialised).
+//
+// State is thread_local: one launch at a time per OS thread, and separate OS threads (or pytest
+// processes) do not share anything.
+#pragma once
+
+#if !defined(XK_HOST_MODEL)
+#error "host_model/simt.h is the CPU model of the CUDA building blocks: compile with -DXK_HOST_MODEL"
+#endif
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <math.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+// ---- CUDA's language extensions, as far as the kernels use them --------------------------------
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+
+struct uint3 {
+  unsigned x, y, z;
+};
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// The running thread's coordinates (read through the scheduler's current fiber).
+#define threadIdx (::xk_sim::detail::current_thread_idx())
+#define blockIdx (::xk_sim::detail::current_block_idx())
+#define blockDim (::xk_sim::detail::current_block_dim())
+#define gridDim (::xk_sim::detail::current_grid_dim())
+
+// The block's dynamic shared memory; declare it inside the kernel body (as on the device side).
+#define XK_EXTERN_SHARED(name) unsigned char* const name = ::xk_sim::detail::dynamic_shared()
+
+namespace xk_sim {
+
+// What the model throws on a kernel bug or a bad launch.
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// sm_80's largest dynamic shared memory per block (163 KB, with the opt-in attribute): the
+// kernels must fit the smallest architecture they are built for.
+constexpr std::size_t kMaxDynamicSharedBytes = 166912;
+// Each fiber's stack; kernels keep their fragment arrays on it.
+constexpr std::size_t kFiberStackBytes = 256 * 1024;
+
+namespace detail {
+
+enum class State : uint8_t { Runnable, AtWarp, AtBlock, Done };
+enum class Op : uint8_t { LdmatrixX4, LdmatrixX4Trans, LdmatrixX2, LdmatrixX2Trans, MmaF16, MmaBF16, ShflXor, SyncWarp };
+
+inline const char* op_name(Op op) {
+  switch (op) {
+    case Op::LdmatrixX4: return "ldmatrix_x4";
+    case Op::LdmatrixX4Trans: return "ldmatrix_x4_trans";
+    case Op::LdmatrixX2: return "ldmatrix_x2";
+    case Op::LdmatrixX2Trans: return "ldmatrix_x2_trans";
+    case Op::MmaF16: return "mma_m16n8k16(F16)";
+    case Op::MmaBF16: return "mma_m16n8k16(BF16)";
+    case Op::ShflXor: return "shfl_xor";
+    case Op::SyncWarp: return "sync_warp";
+  }
+  return "?";
+}
+
+// ldmatrix and mma are .sync.aligned on the device: every lane must execute the same instruction
+// (the same call site here); shfl.sync and bar.warp.sync only need all lanes to take part.
+inline bool op_is_aligned(Op op) { return op != Op::ShflXor && op != Op::SyncWarp; }
+
+// A cp_async_16 in flight: the 16 source bytes read at issue, landing at `dst` at the wait that
+// covers `group` (-1: not committed yet).
+struct PendingCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+  long group;
+};
+
+struct Lane {
+  ucontext_t context;
+  void* stack = nullptr;
+  uint3 thread_idx{0, 0, 0};
+  unsigned linear = 0;
+  State state = State::Runnable;
+  // The collective this lane waits at, with its operands (pointers into the waiting fiber's
+  // stack, alive while it waits).
+  Op op = Op::SyncWarp;
+  const char* file = "";
+  int line = 0;
+  const void* address = nullptr;
+  uint32_t* regs_out = nullptr;
+  const uint32_t* a = nullptr;
+  const uint32_t* b = nullptr;
+  const float* c = nullptr;
+  float* d = nullptr;
+  float shfl_value = 0.0f;
+  int shfl_mask = 0;
+  float shfl_result = 0.0f;
+  // cp.async bookkeeping.
+  std::vector<PendingCopy> pending;
+  long committed_groups = 0;
+};
+
+struct StackPool {
+  std::vector<void*> free;
+  ~StackPool() {
+    for (void* s : free) munmap(static_cast<unsigned char*>(s) - guard_bytes(), kFiberStackBytes + guard_bytes());
+  }
+  static std::size_t guard_bytes() { return static_cast<std::size_t>(sysconf(_SC_PAGESIZE)); }
+  // A stack with an inaccessible page below it, so an overflow faults instead of corrupting.
+  void* take() {
+    if (!free.empty()) {
+      void* s = free.back();
+      free.pop_back();
+      return s;
+    }
+    std::size_t guard = guard_bytes();
+    void* base = mmap(nullptr, kFiberStackBytes + guard, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) throw Error("host model: cannot map a fiber stack");
+    mprotect(base, guard, PROT_NONE);
+    return static_cast<unsigned char*>(base) + guard;
+  }
+  void give(void* s) { free.push_back(s); }
+};
+
+struct Launch {
+  dim3 grid, block;
+  uint3 block_idx{0, 0, 0};
+  std::size_t shared_bytes = 0;
+  unsigned char* shared = nullptr;
+  // Per 16-byte chunk of shared memory: how many cp.async copies into it are in flight, and the
+  // linear id of the last thread that issued one (for the message).
+  std::vector<uint32_t> chunk_pending;
+  std::vector<uint32_t> chunk_issuer;
+  std::vector<Lane> lanes;
+  unsigned current = 0;
+  ucontext_t scheduler;
+  std::function<void()> body;
+  std::string error;
+  std::vector<std::pair<uintptr_t, std::size_t>> globals;
+};
+
+inline thread_local Launch* t_launch = nullptr;
+inline thread_local StackPool t_stacks;
+inline thread_local std::vector<std::pair<uintptr_t, std::size_t>> t_globals;
+inline thread_local std::string t_last_error;
+
+inline Launch& launch_state() {
+  if (t_launch == nullptr) throw Error("host model: a device function was called outside xk_sim::launch");
+  return *t_launch;
+}
+inline Lane& me() {
+  Launch& l = launch_state();
+  return l.lanes[l.current];
+}
+
+inline const uint3& current_thread_idx() { return me().thread_idx; }
+inline const uint3& current_block_idx() { return launch_state().block_idx; }
+inline const dim3& current_block_dim() { return launch_state().block; }
+inline const dim3& current_grid_dim() { return launch_state().grid; }
+inline unsigned char* dynamic_shared() { return launch_state().shared; }
+
+inline std::string where(const char* file, int line) { return std::string(file) + ":" + std::to_string(line); }
+
+inline std::string lane_list(const std::vector<unsigned>& lanes) {
+  // "0-15, 17" for readable messages.
+  std::string out;
+  for (std::size_t i = 0; i < lanes.size();) {
+    std::size_t j = i;
+    while (j + 1 < lanes.size() && lanes[j + 1] == lanes[j] + 1) ++j;
+    if (!out.empty()) out += ", ";
+    out += std::to_string(lanes[i]);
+    if (j > i) out += "-" + std::to_string(lanes[j]);
+    i = j + 1;
+  }
+  return out;
+}
+
+inline std::string block_name(const Launch& l) {
+  return "block (" + std::to_string(l.block_idx.x) + ", " + std::to_string(l.block_idx.y) + ", " +
+         std::to_string(l.block_idx.z) + ")";
+}
+
+// Hands control back to the scheduler until it resumes this fiber.
+inline void park(Lane& lane) {
+  Launch& l = launch_state();
+  swapcontext(&lane.context, &l.scheduler);
+}
+
+// ---- cp.async --------------------------------------------------------------------------------
+
+inline std::size_t shared_offset(const Launch& l, const void* p, std::size_t bytes, bool* inside) {
+  uintptr_t a = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(l.shared);
+  *inside = a >= base && a + bytes <= base + l.shared_bytes && a + bytes >= a;
+  return a - base;
+}
+
+inline void land(Launch& l, const PendingCopy& copy) {
+  std::memcpy(copy.dst, copy.bytes, 16);
+  --l.chunk_pending[static_cast<std::size_t>(copy.dst - l.shared) / 16];
+}
+
+inline void cp_async_16(const void* dst_shared, const void* src_global, bool full, const char* file, int line) {
+  Launch& l = launch_state();
+  Lane& lane = me();
+  bool inside = false;
+  std::size_t offset = shared_offset(l, dst_shared, 16, &inside);
+  if (reinterpret_cast<uintptr_t>(dst_shared) % 16 != 0 || !inside)
+    throw Error("cp_async_16 at " + where(file, line) + ": shared destination " +
+                (inside ? "offset " + std::to_string(offset) + " is not 16-byte aligned"
+                        : "is outside the block's " + std::to_string(l.shared_bytes) + " bytes of dynamic shared memory"));
+  // The device faults on a misaligned source even when it reads nothing (full == false).
+  if (reinterpret_cast<uintptr_t>(src_global) % 16 != 0)
+    throw Error("cp_async_16 at " + where(file, line) + ": global source address is not 16-byte aligned");
+  PendingCopy copy{static_cast<unsigned char*>(const_cast<void*>(dst_shared)), {}, -1};
+  if (full) {
+    if (!l.globals.empty()) {
+      uintptr_t a = reinterpret_cast<uintptr_t>(src_global);
+      bool ok = false;
+      for (const auto& [start, size] : l.globals) ok = ok || (a >= start && a + 16 <= start + size);
+      if (!ok)
+        throw Error("cp_async_16 at " + where(file, line) +
+                    ": global source is outside every buffer given to xk_sim::register_global");
+    }
+    std::memcpy(copy.bytes, src_global, 16);
+  } else {
+    std::memset(copy.bytes, 0, 16);
+  }
+  std::memset(copy.dst, 0xFF, 16);
+  ++l.chunk_pending[offset / 16];
+  l.chunk_issuer[offset / 16] = lane.linear;
+  lane.pending.push_back(copy);
+}
+
+inline void cp_async_commit() {
+  Lane& lane = me();
+  for (PendingCopy& copy : lane.pending)
+    if (copy.group < 0) copy.group = lane.committed_groups;
+  ++lane.committed_groups;
+}
+
+// Lands this thread's copies of every committed group but the newest `pending_groups`.
+inline void cp_async_wait(int pending_groups) {
+  Launch& l = launch_state();
+  Lane& lane = me();
+  long done_below = lane.committed_groups - pending_groups;
+  std::vector<PendingCopy> still;
+  for (const PendingCopy& copy : lane.pending) {
+    if (copy.group >= 0 && copy.group < done_below)
+      land(l, copy);
+    else
+      still.push_back(copy);
+  }
+  lane.pending.swap(still);
+}
+
+// ---- rendezvous --------------------------------------------------------------------------------
+
+// Waits at warp collective `op` until the whole warp is there and the scheduler has computed
+// this lane's result.
+inline void arrive_warp(Op op, const char* file, int line) {
+  Lane& lane = me();
+  lane.op = op;
+  lane.file = file;
+  lane.line = line;
+  lane.state = State::AtWarp;
+  park(lane);
+}
+
+inline void sync_block(const char* file, int line) {
+  Lane& lane = me();
+  lane.file = file;
+  lane.line = line;
+  lane.state = State::AtBlock;
+  park(lane);
+}
+
+inline uint16_t shared_u16(const unsigned char* row, int column) {
+  uint16_t v;
+  std::memcpy(&v, row + 2 * column, 2);
+  return v;
+}
+
+// ldmatrix over lanes[first .. first + 32): matrices j < count, row r of matrix j at the address
+// of lane 8j + r.
+inline void run_ldmatrix(Launch& l, unsigned first, int count, bool trans) {
+  uint16_t m[4][8][8];
+  for (int j = 0; j < count; ++j)
+    for (int r = 0; r < 8; ++r) {
+      const Lane& src = l.lanes[first + 8 * j + r];
+      bool inside = false;
+      std::size_t offset = shared_offset(l, src.address, 16, &inside);
+      std::string what = std::string(op_name(src.op)) + " at " + where(src.file, src.line) + " (" + block_name(l) +
+                         ", lane " + std::to_string(8 * j + r) + " of warp " + std::to_string(first / 32) + ")";
+      if (!inside)
+        throw Error(what + ": row address is outside the block's " + std::to_string(l.shared_bytes) +
+                    " bytes of dynamic shared memory");
+      if (reinterpret_cast<uintptr_t>(src.address) % 16 != 0)
+        throw Error(what + ": row address (shared offset " + std::to_string(offset) + ") is not 16-byte aligned");
+      if (l.chunk_pending[offset / 16] != 0)
+        throw Error(what + ": reads shared offset " + std::to_string(offset) +
+                    " while a cp_async_16 into it (thread " + std::to_string(l.chunk_issuer[offset / 16]) +
+                    ") is still in flight: no cp_async_wait covering its group (and sync_block) came before");
+      const unsigned char* row = static_cast<const unsigned char*>(src.address);
+      for (int c = 0; c < 8; ++c) m[j][r][c] = shared_u16(row, c);
+    }
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    unsigned g = lane / 4, t = lane % 4;
+    for (int j = 0; j < count; ++j) {
+      uint16_t lo = trans ? m[j][2 * t][g] : m[j][g][2 * t];
+      uint16_t hi = trans ? m[j][2 * t + 1][g] : m[j][g][2 * t + 1];
+      l.lanes[first + lane].regs_out[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+  }
+}
+
+float f16_to_float(uint16_t h);
+float bf16_to_float(uint16_t h);
+
+// d = a b + c for the m16n8k16 shape. Each d[i][j] is c[i][j] + sum_k a[i][k] b[k][j] summed in
+// fp32 left to right (c first, then k = 0..15); the products of 16-bit values are exact in fp32.
+inline void run_mma(Launch& l, unsigned first, bool bf16) {
+  auto conv = [bf16](uint16_t bits) { return bf16 ? bf16_to_float(bits) : f16_to_float(bits); };
+  float a[16][16], b[16][8], c[16][8];
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    const Lane& s = l.lanes[first + lane];
+    unsigned g = lane / 4, t = lane % 4;
+    for (int half = 0; half < 2; ++half) {
+      unsigned shift = 16 * half;
+      a[g][2 * t + half] = conv(static_cast<uint16_t>(s.a[0] >> shift));
+      a[g + 8][2 * t + half] = conv(static_cast<uint16_t>(s.a[1] >> shift));
+      a[g][2 * t + 8 + half] = conv(static_cast<uint16_t>(s.a[2] >> shift));
+      a[g + 8][2 * t + 8 + half] = conv(static_cast<uint16_t>(s.a[3] >> shift));
+      b[2 * t + half][g] = conv(static_cast<uint16_t>(s.b[0] >> shift));
+      b[2 * t + 8 + half][g] = conv(static_cast<uint16_t>(s.b[1] >> shift));
+    }
+    c[g][2 * t] = s.c[0];
+    c[g][2 * t + 1] = s.c[1];
+    c[g + 8][2 * t] = s.c[2];
+    c[g + 8][2 * t + 1] = s.c[3];
+  }
+  float d[16][8];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) {
+      float acc = c[i][j];
+      for (int k = 0; k < 16; ++k) {
+        float product = a[i][k] * b[k][j];  // exact: at most 22 significant bits
+        acc += product;
+      }
+      d[i][j] = acc;
+    }
+  // Written only now: d may be the same array as c in the caller.
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    Lane& s = l.lanes[first + lane];
+    unsigned g = lane / 4, t = lane % 4;
+    s.d[0] = d[g][2 * t];
+    s.d[1] = d[g][2 * t + 1];
+    s.d[2] = d[g + 8][2 * t];
+    s.d[3] = d[g + 8][2 * t + 1];
+  }
+}
+
+inline std::string state_groups(const Launch& l, unsigned first, unsigned count) {
+  // "lanes 0-15 at ldmatrix_x4 (k.cuh:12); lanes 16-31 have exited" for the message.
+  std::vector<std::pair<std::string, std::vector<unsigned>>> groups;
+  for (unsigned i = 0; i < count; ++i) {
+    const Lane& s = l.lanes[first + i];
+    std::string what;
+    switch (s.state) {
+      case State::Runnable: what = "are running"; break;
+      case State::Done: what = "have exited"; break;
+      case State::AtBlock: what = "wait at sync_block (" + where(s.file, s.line) + ")"; break;
+      case State::AtWarp: what = std::string("wait at ") + op_name(s.op) + " (" + where(s.file, s.line) + ")"; break;
+    }
+    auto it = groups.begin();
+    while (it != groups.end() && it->first != what) ++it;
+    if (it == groups.end()) groups.push_back({what, {i}});
+    else it->second.push_back(i);
+  }
+  std::string out;
+  for (const auto& [what, members] : groups) {
+    if (!out.empty()) out += "; ";
+    out += "lanes " + lane_list(members) + " " + what;
+  }
+  return out;
+}
+
+// Completes the warp's collective once every lane has arrived; throws when the lanes cannot
+// all arrive at the same one.
+inline void try_warp(Launch& l, unsigned warp) {
+  unsigned n = static_cast<unsigned>(l.lanes.size());
+  unsigned first = warp * 32, count = std::min(32u, n - first);
+  bool any_at_warp = false, all_at_warp = true;
+  for (unsigned i = 0; i < count; ++i) {
+    State s = l.lanes[first + i].state;
+    if (s == State::Runnable) return;
+    any_at_warp = any_at_warp || s == State::AtWarp;
+    all_at_warp = all_at_warp && s == State::AtWarp;
+  }
+  if (!any_at_warp) return;
+  std::string head = block_name(l) + ", warp " + std::to_string(warp) + ": ";
+  if (!all_at_warp) throw Error(head + "a warp collective not reached by every lane: " + state_groups(l, first, count));
+  const Lane& lead = l.lanes[first];
+  for (unsigned i = 1; i < count; ++i) {
+    const Lane& s = l.lanes[first + i];
+    if (s.op != lead.op || (op_is_aligned(lead.op) && (s.line != lead.line || std::strcmp(s.file, lead.file) != 0)))
+      throw Error(head + "lanes wait at different warp collectives: " + state_groups(l, first, count));
+  }
+  if (count < 32)
+    throw Error(head + op_name(lead.op) + " at " + where(lead.file, lead.line) + " needs 32 lanes, the warp has " +
+                std::to_string(count) + " (blockDim is not a multiple of 32)");
+  switch (lead.op) {
+    case Op::LdmatrixX4: run_ldmatrix(l, first, 4, false); break;
+    case Op::LdmatrixX4Trans: run_ldmatrix(l, first, 4, true); break;
+    case Op::LdmatrixX2: run_ldmatrix(l, first, 2, false); break;
+    case Op::LdmatrixX2Trans: run_ldmatrix(l, first, 2, true); break;
+    case Op::MmaF16: run_mma(l, first, false); break;
+    case Op::MmaBF16: run_mma(l, first, true); break;
+    case Op::ShflXor:
+      for (unsigned i = 0; i < 32; ++i) {
+        Lane& s = l.lanes[first + i];
+        unsigned source = i ^ static_cast<unsigned>(s.shfl_mask);
+        // __shfl_xor_sync over the full warp: a source lane past the warp gives the own value.
+        s.shfl_result = source < 32 ? l.lanes[first + source].shfl_value : s.shfl_value;
+      }
+      break;
+    case Op::SyncWarp: break;
+  }
+  for (unsigned i = 0; i < count; ++i) l.lanes[first + i].state = State::Runnable;
+}
+
+inline void try_block(Launch& l) {
+  bool any_done = false;
+  for (const Lane& s : l.lanes) {
+    if (s.state == State::Runnable || s.state == State::AtWarp) return;
+    any_done = any_done || s.state == State::Done;
+  }
+  bool any_waiting = false;
+  for (const Lane& s : l.lanes) any_waiting = any_waiting || s.state == State::AtBlock;
+  if (!any_waiting) return;
+  if (any_done) {
+    std::vector<unsigned> exited, waiting;
+    const Lane* first_waiting = nullptr;
+    for (const Lane& s : l.lanes) {
+      if (s.state == State::Done) exited.push_back(s.linear);
+      else {
+        waiting.push_back(s.linear);
+        if (first_waiting == nullptr) first_waiting = &s;
+      }
+    }
+    throw Error(block_name(l) + ": sync_block at " + where(first_waiting->file, first_waiting->line) +
+                " not reached by every thread: threads " + lane_list(waiting) + " wait, threads " + lane_list(exited) +
+                " have exited");
+  }
+  for (Lane& s : l.lanes) s.state = State::Runnable;
+}
+
+inline void fiber_main() {
+  Launch& l = *t_launch;
+  Lane& lane = l.lanes[l.current];
+  try {
+    l.body();
+  } catch (const std::exception& e) {
+    l.error = block_name(l) + ", thread " + std::to_string(lane.linear) + ": " + e.what();
+  } catch (...) {
+    l.error = block_name(l) + ", thread " + std::to_string(lane.linear) + ": unknown exception";
+  }
+  // Copies still in flight at exit land (a GPU completes them too).
+  if (l.error.empty())
+    for (const PendingCopy& copy : lane.pending) land(l, copy);
+  lane.pending.clear();
+  lane.state = State::Done;
+  swapcontext(&lane.context, &l.scheduler);  // never resumed
+}
+
+inline void run_block(Launch& l) {
+  std::memset(l.shared, 0xFF, l.shared_bytes);
+  std::fill(l.chunk_pending.begin(), l.chunk_pending.end(), 0u);
+  unsigned n = static_cast<unsigned>(l.lanes.size());
+  for (unsigned i = 0; i < n; ++i) {
+    Lane& s = l.lanes[i];
+    s.state = State::Runnable;
+    s.pending.clear();
+    s.committed_groups = 0;
+    getcontext(&s.context);
+    s.context.uc_stack.ss_sp = s.stack;
+    s.context.uc_stack.ss_size = kFiberStackBytes;
+    s.context.uc_link = nullptr;
+    makecontext(&s.context, fiber_main, 0);
+  }
+  unsigned done = 0;
+  while (done < n) {
+    bool progressed = false;
+    for (unsigned i = 0; i < n; ++i) {
+      if (l.lanes[i].state != State::Runnable) continue;
+      progressed = true;
+      l.current = i;
+      swapcontext(&l.scheduler, &l.lanes[i].context);
+      if (!l.error.empty()) throw Error(l.error);
+      State s = l.lanes[i].state;
+      if (s == State::Done) ++done;
+      if (s == State::AtWarp || s == State::Done) try_warp(l, i / 32);
+      if (s == State::AtBlock || s == State::Done) try_block(l);
+    }
+    if (!progressed && done < n) {
+      std::string states;
+      for (unsigned w = 0; w * 32 < n; ++w)
+        states += (states.empty() ? "" : " | ") + ("warp " + std::to_string(w) + ": ") +
+                  state_groups(l, w * 32, std::min(32u, n - w * 32));
+      throw Error(block_name(l) + ": deadlock: " + states);
+    }
+  }
+}
+
+// Scope of one launch: owns the fibers' stacks and the shared memory, resets the thread_local
+// state however the launch ends.
+struct LaunchScope {
+  Launch launch;
+  explicit LaunchScope(Launch** slot) : slot_(slot) {}
+  ~LaunchScope() {
+    for (Lane& s : launch.lanes)
+      if (s.stack != nullptr) t_stacks.give(s.stack);
+    std::free(launch.shared);
+    *slot_ = nullptr;
+    t_globals.clear();
+  }
+
+ private:
+  Launch** slot_;
+};
+
+// ---- 16-bit conversions, bit-exact round to nearest even -------------------------------------
+
+inline uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+inline float bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+inline float f16_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in fp32
+    float v = std::ldexp(static_cast<float>(mantissa), -24);
+    return sign ? -v : v;
+  }
+  if (exponent == 31) return bits_float(sign | 0x7F800000u | (mantissa << 13));  // Inf, NaN (payload kept)
+  return bits_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+// Rounds the integer significand `s` right by `shift` bits to nearest, ties to even.
+inline uint32_t round_shift(uint32_t s, unsigned shift) {
+  if (shift == 0) return s;
+  if (shift > 31) return 0;
+  uint32_t kept = s >> shift, rest = s & ((1u << shift) - 1), half = 1u << (shift - 1);
+  return kept + ((rest > half || (rest == half && (kept & 1u))) ? 1u : 0u);
+}
+
+inline uint16_t float_to_f16(float x) {
+  uint32_t u = float_bits(x);
+  uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  uint32_t magnitude = u & 0x7FFFFFFFu;
+  if (magnitude > 0x7F800000u)  // NaN: quiet, top payload bits kept
+    return static_cast<uint16_t>(sign | 0x7E00u | ((magnitude >> 13) & 0x3FFu));
+  // 65520 (half-way between 65504, the largest half, and 2^16) and above round to infinity.
+  if (magnitude >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);
+  int exponent = static_cast<int>(magnitude >> 23) - 127;
+  if (magnitude < 0x00800000u) return sign;  // fp32 subnormals are far below half's smallest subnormal
+  uint32_t significand = (magnitude & 0x7FFFFFu) | 0x800000u;  // 24 bits, value significand * 2^(exponent-23)
+  if (exponent >= -14) {
+    // Normal half: 10 mantissa bits; a carry out of the rounding moves into the exponent field.
+    uint32_t h = (static_cast<uint32_t>(exponent + 15) << 10) | ((magnitude >> 13) & 0x3FFu);
+    uint32_t rest = magnitude & 0x1FFFu;
+    h += (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ? 1u : 0u;
+    return static_cast<uint16_t>(sign | h);
+  }
+  // Subnormal half: value / 2^-24 = significand * 2^(exponent + 1); 1024 becomes the smallest normal.
+  return static_cast<uint16_t>(sign | round_shift(significand, static_cast<unsigned>(-(exponent + 1))));
+}
+
+inline uint16_t float_to_bf16(float x) {
+  uint32_t u = float_bits(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN
+  uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);  // ties to even; overflow reaches Inf
+  return static_cast<uint16_t>(rounded >> 16);
+}
+
+}  // namespace detail
+
+// ---- the host's API ------------------------------------------------------------------------------
+
+// Allows cp_async_16 to read [ptr, ptr + bytes) in the next launch. Once any range is registered,
+// a source outside all of them is an error; the list is cleared when that launch ends.
+inline void register_global(const void* ptr, std::size_t bytes) {
+  detail::t_globals.emplace_back(reinterpret_cast<uintptr_t>(ptr), bytes);
+}
+
+// Runs `kernel(args...)` on a grid x block launch with `dynamic_shared_bytes` of dynamic shared
+// memory: blocks in order (x fastest), threads of a block as fibers. Throws Error on a bad launch
+// configuration or a kernel bug the model detects.
+template <class... Params, class... Args>
+void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*kernel)(Params...), Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "xk_sim::launch: wrong number of kernel arguments");
+  if (detail::t_launch != nullptr) throw Error("xk_sim::launch: a launch is already running on this thread");
+  unsigned long threads = static_cast<unsigned long>(block.x) * block.y * block.z;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u)
+    throw Error("xk_sim::launch: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                std::to_string(grid.z) + ") outside CUDA's limits");
+  if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64)
+    throw Error("xk_sim::launch: block (" + std::to_string(block.x) + ", " + std::to_string(block.y) + ", " +
+                std::to_string(block.z) + ") outside CUDA's limits (at most 1024 threads)");
+  if (dynamic_shared_bytes > kMaxDynamicSharedBytes)
+    throw Error("xk_sim::launch: " + std::to_string(dynamic_shared_bytes) + " bytes of dynamic shared memory, sm_80 allows " +
+                std::to_string(kMaxDynamicSharedBytes));
+  std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+  detail::LaunchScope scope(&detail::t_launch);
+  detail::Launch& l = scope.launch;
+  l.grid = grid;
+  l.block = block;
+  l.globals = detail::t_globals;
+  l.shared_bytes = dynamic_shared_bytes;
+  std::size_t allocated = (dynamic_shared_bytes + 127) / 128 * 128 + 128;
+  l.shared = static_cast<unsigned char*>(std::aligned_alloc(128, allocated));
+  if (l.shared == nullptr) throw Error("xk_sim::launch: cannot allocate shared memory");
+  l.chunk_pending.assign(allocated / 16, 0u);
+  l.chunk_issuer.assign(allocated / 16, 0u);
+  l.body = [&params, kernel] { std::apply(kernel, params); };
+  l.lanes.resize(threads);
+  for (unsigned i = 0; i < threads; ++i) {
+    detail::Lane& s = l.lanes[i];
+    s.linear = i;
+    s.thread_idx = {i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+    s.stack = detail::t_stacks.take();
+  }
+  detail::t_launch = &l;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        l.block_idx = {x, y, z};
+        detail::run_block(l);
+      }
+}
+
+// Runs an entry point's body: 0 when it returns, 1 with the message kept for xk_last_error when
+// it throws (exceptions must not cross the extern "C" boundary into ctypes).
+template <class Body>
+int run_entry(Body&& body) noexcept {
+  try {
+    body();
+    detail::t_last_error.clear();
+    return 0;
+  } catch (const std::exception& e) {
+    detail::t_last_error = e.what();
+  } catch (...) {
+    detail::t_last_error = "unknown exception";
+  }
+  return 1;
+}
+
+}  // namespace xk_sim
+
+// The message of the calling OS thread's last failed entry point ("" after a success).
+extern "C" inline __attribute__((used, visibility("default"))) const char* xk_last_error() {
+  return xk_sim::detail::t_last_error.c_str();
+}

@@ -1,0 +1,129 @@
+"""Builds and calls the CUDA host model: kernels written on ``csrc/cuda/warp_mma.cuh`` run on the
+CPU through ``csrc/cuda/host_model/simt.h`` (docs/cuda.md, "The host model").
+
+An entry source ``csrc/cuda/host_model/<name>.cpp`` includes the kernel header and defines
+``extern "C"`` functions over raw pointers returning ``int`` (0 ok, else the message is
+``xk_last_error()``). :func:`build` compiles it with ``g++`` into ``build/host-model/<sha>.so``,
+the hash over the compiler command and every file under ``csrc/cuda``, so a rebuild happens
+only when a source changed. :func:`host_model` is the tests' front door (skips without g++);
+:func:`call` runs an entry point and raises :class:`HostModelError` with the model's message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+ENTRY_DIR = CUDA_DIR / "host_model"
+BUILD_DIR = ROOT / "build" / "host-model"
+
+# -O1: the model's fibers and rendezvous dominate the run time, not the arithmetic; higher levels
+# only lengthen the compile. -Wno-unknown-pragmas: g++ does not know nvcc's `#pragma unroll`.
+FLAGS = ("-DXK_HOST_MODEL", "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+         "-shared", "-fPIC")
+
+
+class HostModelUnavailable(RuntimeError):
+    """No C++ compiler to build the host model with (tests skip with this reason)."""
+
+
+class HostModelBuildError(RuntimeError):
+    """The entry source did not compile (a test failure, never a skip)."""
+
+
+class HostModelError(RuntimeError):
+    """An entry point returned nonzero: the model detected a kernel bug or a bad launch."""
+
+
+def _compiler() -> str:
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise HostModelUnavailable("the CUDA host model needs g++ (or $CXX) on PATH, none found")
+    return compiler
+
+
+def _command(compiler: str, source: Path, output: Path) -> list[str]:
+    return [compiler, *FLAGS, "-I", str(CUDA_DIR), str(source), "-o", str(output)]
+
+
+def _digest(command: list[str]) -> str:
+    """SHA-256 over the compiler command (with placeholder paths) and every file under csrc/cuda."""
+    sha = hashlib.sha256("\0".join(command).encode())
+    for path in sorted(p for p in CUDA_DIR.rglob("*") if p.is_file()):
+        sha.update(str(path.relative_to(CUDA_DIR)).encode() + b"\0")
+        sha.update(path.read_bytes())
+    return sha.hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=None)
+def build(entry_source: str) -> ctypes.CDLL:
+    """Compiles ``csrc/cuda/host_model/<entry_source>`` (one translation unit) and loads it.
+
+    Concurrent builds (two pytest processes) are safe: each compiles to its own temporary file
+    and moves it into place atomically. Raises :class:`HostModelUnavailable` without g++ and
+    :class:`HostModelBuildError` with the compiler's output when the source does not compile.
+    """
+    source = ENTRY_DIR / entry_source
+    if source.parent != ENTRY_DIR or not source.is_file():
+        raise ValueError(f"entry_source: expected a file name under {ENTRY_DIR}, got {entry_source!r}")
+    compiler = _compiler()
+    library = BUILD_DIR / f"{_digest(_command(compiler, Path(entry_source), Path('out.so')))}.so"
+    if not library.exists():
+        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+        os.close(handle)
+        try:
+            result = subprocess.run(_command(compiler, source, Path(temporary)), capture_output=True, text=True)
+            if result.returncode != 0:
+                raise HostModelBuildError(f"g++ failed on {source.relative_to(ROOT)}:\n{result.stderr}")
+            os.replace(temporary, library)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    lib = ctypes.CDLL(str(library))
+    lib.xk_last_error.restype = ctypes.c_char_p
+    lib.xk_last_error.argtypes = []
+    return lib
+
+
+def host_model(entry_source: str) -> ctypes.CDLL:
+    """:func:`build`, skipping the calling test when no compiler is available."""
+    try:
+        return build(entry_source)
+    except HostModelUnavailable as error:
+        pytest.skip(str(error))
+
+
+def ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
+    """The data pointer of a contiguous CPU tensor, for an entry point's pointer argument."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError(f"tensor: expected a contiguous CPU tensor, got device {tensor.device}, "
+                         f"contiguous={tensor.is_contiguous()}")
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def call(lib: ctypes.CDLL, name: str, *args: Any) -> None:
+    """Runs entry point ``name``; raises :class:`HostModelError` with the model's message on failure.
+
+    Arguments are passed as given: tensors through :func:`ptr`, integers as ``ctypes.c_int`` or
+    ``ctypes.c_long`` as the entry declares them.
+    """
+    function = getattr(lib, name)
+    function.restype = ctypes.c_int
+    status = function(*args)
+    if status != 0:
+        raise HostModelError(f"{name}: {lib.xk_last_error().decode(errors='replace')}")
