@@ -67,6 +67,9 @@ def _digest(command: list[str]) -> str:
     return sha.hexdigest()[:24]
 
 
+_FAILED: dict[Path, HostModelBuildError] = {}
+
+
 @functools.lru_cache(maxsize=None)
 def build(entry_source: str) -> ctypes.CDLL:
     """Compiles ``csrc/cuda/host_model/<entry_source>`` (one translation unit) and loads it.
@@ -80,6 +83,8 @@ def build(entry_source: str) -> ctypes.CDLL:
         raise ValueError(f"entry_source: expected a file name under {ENTRY_DIR}, got {entry_source!r}")
     compiler = _compiler()
     library = BUILD_DIR / f"{_digest(_command(compiler, Path(entry_source), Path('out.so')))}.so"
+    if library in _FAILED:
+        raise _FAILED[library]
     if not library.exists():
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
@@ -87,11 +92,15 @@ def build(entry_source: str) -> ctypes.CDLL:
         try:
             result = subprocess.run(_command(compiler, source, Path(temporary)), capture_output=True, text=True)
             if result.returncode != 0:
-                raise HostModelBuildError(f"g++ failed on {source.relative_to(ROOT)}:\n{result.stderr}")
-            os.replace(temporary, library)
+                # Kept, so that the other tests of this source fail at once instead of recompiling.
+                _FAILED[library] = HostModelBuildError(f"g++ failed on {source.relative_to(ROOT)}:\n{result.stderr}")
+            else:
+                os.replace(temporary, library)
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
+        if library in _FAILED:
+            raise _FAILED[library]
     lib = ctypes.CDLL(str(library))
     lib.xk_last_error.restype = ctypes.c_char_p
     lib.xk_last_error.argtypes = []
@@ -107,7 +116,8 @@ def host_model(entry_source: str) -> ctypes.CDLL:
 
 
 def ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
-    """The data pointer of a contiguous CPU tensor, for an entry point's pointer argument."""
+    """The data pointer of a contiguous CPU tensor, for an entry point's pointer argument (the
+    caller keeps the tensor alive; :func:`call` does this for tensors passed to it directly)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
@@ -119,11 +129,11 @@ def ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
 def call(lib: ctypes.CDLL, name: str, *args: Any) -> None:
     """Runs entry point ``name``; raises :class:`HostModelError` with the model's message on failure.
 
-    Arguments are passed as given: tensors through :func:`ptr`, integers as ``ctypes.c_int`` or
-    ``ctypes.c_long`` as the entry declares them.
+    Tensor arguments (contiguous, CPU) go as their data pointers, held alive for the call; other
+    arguments are passed as given (``ctypes.c_int`` / ``ctypes.c_long`` as the entry declares).
     """
     function = getattr(lib, name)
     function.restype = ctypes.c_int
-    status = function(*args)
+    status = function(*(ptr(a) if isinstance(a, torch.Tensor) else a for a in args))
     if status != 0:
         raise HostModelError(f"{name}: {lib.xk_last_error().decode(errors='replace')}")

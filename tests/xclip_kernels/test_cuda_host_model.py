@@ -12,7 +12,7 @@ import ctypes
 import pytest
 import torch
 
-from cuda_host_model import call, host_model, ptr
+from cuda_host_model import HostModelError, call, host_model
 
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 ENTRY = "selftest_model.cpp"
@@ -31,7 +31,7 @@ def _mma(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, 
     b_in = _bits(b if b_trans else b.transpose(1, 2))
     d = torch.full_like(c, float("nan"))
     call(lib, "xk_selftest_mma", ctypes.c_int(dtype == torch.bfloat16), ctypes.c_int(a_trans), ctypes.c_int(b_trans),
-         ctypes.c_int(a.shape[0]), ptr(a_in), ptr(b_in), ptr(c.contiguous()), ptr(d))
+         ctypes.c_int(a.shape[0]), a_in, b_in, c.contiguous(), d)
     return d
 
 
@@ -57,3 +57,230 @@ def test_mma_tile_matches_float64(dtype: torch.dtype, a_trans: bool, b_trans: bo
     for k in range(16):
         expected = expected + a[:, :, k : k + 1].float() * b[:, k : k + 1, :].float()
     assert torch.equal(d, expected)
+
+
+# ---- bugs the model must report (bug_kernel in selftest_model.cpp; two warps of 32) -------------
+
+BUGS = [
+    pytest.param(1, r"warp 0: lanes wait at different warp collectives: lanes 0-15 wait at shfl_xor \(.*selftest_model"
+                    r"\.cpp:\d+\); lanes 16-31 wait at sync_warp", id="divergent-collectives"),
+    pytest.param(2, r"warp 0: lanes wait at different warp collectives: lanes 0-15 wait at ldmatrix_x4 \(.*:(\d+)\); "
+                    r"lanes 16-31 wait at ldmatrix_x4 \(.*:(?!\1)\d+\)", id="divergent-call-sites"),
+    pytest.param(3, r"warp 0: a warp collective not reached by every lane: lanes 0-15 wait at shfl_xor .*; "
+                    r"lanes 16-31 have exited", id="lanes-exited"),
+    pytest.param(4, r"sync_block at .* not reached by every thread: threads 0-4, 6-63 wait, threads 5 have exited",
+                 id="barrier-skipped"),
+    pytest.param(5, r"warp 0: a warp collective not reached by every lane: lanes 0-2, 4-31 wait at sync_warp .*; "
+                    r"lanes 3 wait at sync_block", id="barrier-vs-warp"),
+    pytest.param(6, r"ldmatrix_x4 at .*lane 5 of warp 0\): row address \(shared offset 168\) is not 16-byte aligned",
+                 id="ldmatrix-misaligned"),
+    pytest.param(7, r"ldmatrix_x4 at .*lane 7 of warp 0\): row address is outside the block's 1024 bytes",
+                 id="ldmatrix-outside"),
+    pytest.param(8, r"thread 9: cp_async_16 at .*: shared destination offset 8 is not 16-byte aligned",
+                 id="cp-async-dst-misaligned"),
+    pytest.param(9, r"thread 9: cp_async_16 at .*: shared destination is outside the block's 1024 bytes",
+                 id="cp-async-dst-outside"),
+    pytest.param(10, r"thread 9: cp_async_16 at .*: global source address is not 16-byte aligned",
+                 id="cp-async-src-misaligned"),
+    pytest.param(11, r"thread 9: cp_async_16 at .*: global source is outside every buffer given to "
+                     r"xk_sim::register_global", id="cp-async-src-unregistered"),
+    pytest.param(12, r"ldmatrix_x4 at .*lane 0 of warp 0\): reads shared offset 0 while a cp_async_16 into it "
+                     r"\(thread 0\) is still in flight", id="read-before-wait"),
+    pytest.param(13, r"ldmatrix_x4 at .*: reads shared offset 0 while a cp_async_16 into it \(thread 0\) is still in "
+                     r"flight", id="wait-without-commit"),
+    pytest.param(14, r"ldmatrix_x4 at .*selftest_model\.cpp:\d+ \(block \(0, 0, 0\), lane 0 of warp 0\): reads shared "
+                     r"offset 512 while a cp_async_16 into it \(thread 0\) is still in flight", id="newer-group-pending"),
+    pytest.param(15, r"ldmatrix_x4 at .*lane 0 of warp 1\): reads shared offset 0, which thread 0's cp_async_16 landed "
+                     r"at its cp_async_wait with no sync_block since", id="wait-after-barrier"),
+    pytest.param(16, r"warp 1: sync_warp at .* needs 32 lanes, the warp has 16", id="partial-warp"),
+    pytest.param(17, r"200000 bytes of dynamic shared memory, sm_80 allows 166912", id="shared-too-large"),
+]
+
+
+def _run_bug(which: int) -> torch.Tensor:
+    lib = host_model(ENTRY)
+    g = torch.arange(1024, dtype=torch.int16)
+    out = torch.zeros(64, 4, dtype=torch.int32)
+    call(lib, "xk_selftest_bug", ctypes.c_int(which), g, out)
+    return out
+
+
+@pytest.mark.parametrize(("which", "message"), BUGS)
+def test_kernel_bug_is_reported(which: int, message: str) -> None:
+    """Each bug kernel gets an error naming the instruction, the place and the lanes, and the
+    process lives on (the next launch on this thread works)."""
+    with pytest.raises(HostModelError, match=message):
+        _run_bug(which)
+    out = _run_bug(0)
+    # The same kernel without the bug: lane 0 holds tile 0's elements (0, 1) of row 0.
+    assert out[0, 0].item() == 0 | (1 << 16)
+
+
+def test_cp_async_lands_at_its_wait() -> None:
+    """A plain load of a cp_async_16 destination sees 0xFFFF (NaN in fp16/bf16) until the wait that
+    covers the copy's group, the data after it; full=false writes zeros."""
+    lib = host_model(ENTRY)
+    g = torch.arange(256, dtype=torch.int16)
+    out = torch.zeros(32, 4, dtype=torch.int16)
+    call(lib, "xk_selftest_cp_async_visibility", g, out)
+    lanes = torch.arange(32, dtype=torch.int16)
+    expected = torch.stack([torch.full_like(lanes, -1), torch.full_like(lanes, -1), lanes * 8, torch.zeros_like(lanes)], 1)
+    assert torch.equal(out, expected)
+
+
+def test_shfl_xor_exchanges_within_each_warp() -> None:
+    """Lane l of each warp gets the value of lane l ^ mask of the same warp (its own past lane 31)."""
+    lib = host_model(ENTRY)
+    values = torch.arange(64, dtype=torch.float32) * 1.5
+    masks = torch.randint(0, 40, (64,), dtype=torch.int32)
+    out = torch.full((64,), float("nan"))
+    call(lib, "xk_selftest_shfl", ctypes.c_int(64), values, masks, out)
+    for t in range(64):
+        source = (t % 32) ^ int(masks[t])
+        assert out[t].item() == (values[t - t % 32 + source] if source < 32 else values[t]).item(), t
+
+
+def test_thread_and_block_coordinates_and_order() -> None:
+    """threadIdx/blockIdx/blockDim/gridDim of a 3-d launch, and the deterministic order: blocks
+    x-fastest, threads of a block in linear order (x fastest) between collectives."""
+    lib = host_model(ENTRY)
+    grid, block = (3, 2, 2), (8, 2, 3)
+    threads, blocks = 8 * 2 * 3, 3 * 2 * 2
+    out = torch.zeros(blocks, threads, 13, dtype=torch.int32)
+    call(lib, "xk_selftest_indices", torch.tensor(grid, dtype=torch.int32),
+         torch.tensor(block, dtype=torch.int32), out)
+    for b in range(blocks):
+        bx, by, bz = b % 3, (b // 3) % 2, b // 6
+        for t in range(threads):
+            tx, ty, tz = t % 8, (t // 8) % 2, t // 16
+            assert out[b, t].tolist() == [tx, ty, tz, bx, by, bz, *block, *grid, b * threads + t], (b, t)
+
+
+# ---- fragment layouts, from the PTX ISA's tables (written element -> holder, unlike the model) ----
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2, 3], ids=["x4", "x4_trans", "x2", "x2_trans"])
+def test_ldmatrix_layout_matches_ptx_table(variant: int) -> None:
+    """Matrix j's row r comes from the address of lane 8j + r (rows scattered over shared memory);
+    per the PTX ISA, row i of an 8 x 8 matrix is held by lanes 4i .. 4i + 3, two consecutive
+    elements each (low half = lower column), in register j; .trans delivers the transpose.
+    Addresses of lanes 16..31 are ignored by .x2 (they are misaligned here)."""
+    lib = host_model(ENTRY)
+    matrices = 4 if variant < 2 else 2
+    trans = variant in (1, 3)
+    image = torch.arange(512, dtype=torch.int32).to(torch.int16)  # element e holds e: its own coordinate
+    slots = torch.randperm(64)[:32]
+    offsets = (slots * 8).to(torch.int32)
+    if matrices == 2:
+        offsets[16:] = 3
+    out = torch.zeros(32, 4, dtype=torch.int32)
+    call(lib, "xk_selftest_ldmatrix", ctypes.c_int(variant), image, offsets, out)
+    regs = out.numpy().view("uint32")
+
+    for j in range(matrices):
+        for row in range(8):
+            for column in range(8):
+                value = int(offsets[8 * j + row]) + column  # M_j[row][column]
+                # Without .trans lane 4 row + column // 2 holds M_j[row][column]; with it, the element
+                # at (row, column) of the transpose, i.e. M_j[column][row].
+                held_row, held_column = (column, row) if trans else (row, column)
+                lane = 4 * held_row + held_column // 2
+                half = (int(regs[lane, j]) >> (16 * (held_column % 2))) & 0xFFFF
+                assert half == value, (j, row, column, lane)
+    if matrices == 2:
+        assert (regs[:, 2:] == 0).all()
+
+
+def _fragments(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each lane's registers for mma.m16n8k16 from the PTX ISA's formulas (groupID g = lane >> 2,
+    threadID_in_group t = lane % 4): a_i (i < 8) at row g + 8 ((i >> 1) & 1), column 2t + (i & 1)
+    + 8 (i >= 4); b_i (i < 4) at row 2t + (i & 1) + 8 (i >= 2), column g; c_i at row g + 8 (i >= 2),
+    column 2t + (i & 1). 16-bit element 2k is the low half of register k, 2k + 1 the high half."""
+    a_bits = a.view(torch.int16).to(torch.int64) & 0xFFFF
+    b_bits = b.view(torch.int16).to(torch.int64) & 0xFFFF
+    a_regs = torch.zeros(32, 4, dtype=torch.int64)
+    b_regs = torch.zeros(32, 2, dtype=torch.int64)
+    c_regs = torch.zeros(32, 4)
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        for i in range(8):
+            a_regs[lane, i // 2] |= a_bits[g + 8 * ((i >> 1) & 1), 2 * t + (i & 1) + 8 * (i >= 4)] << (16 * (i % 2))
+        for i in range(4):
+            b_regs[lane, i // 2] |= b_bits[2 * t + (i & 1) + 8 * (i >= 2), g] << (16 * (i % 2))
+        for i in range(4):
+            c_regs[lane, i] = c[g + 8 * (i >= 2), 2 * t + (i & 1)]
+    return a_regs.to(torch.int32), b_regs.to(torch.int32), c_regs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mma_layout_matches_ptx_table(dtype: torch.dtype) -> None:
+    """Registers built from the PTX ISA's fragment formulas give D = A B + C laid out by the C/D
+    formula: bit-exact with fp32 accumulation in the documented order (c, then k = 0..15)."""
+    lib = host_model(ENTRY)
+    a = torch.randn(16, 16).to(dtype)
+    b = torch.randn(16, 8).to(dtype)
+    c = torch.randn(16, 8)
+    a_regs, b_regs, c_regs = _fragments(a, b, c)
+    d_regs = torch.full((32, 4), float("nan"))
+    call(lib, "xk_selftest_mma_fragments", ctypes.c_int(dtype == torch.bfloat16), a_regs, b_regs, c_regs, d_regs)
+    d = torch.full((16, 8), float("nan"))
+    for lane in range(32):
+        for i in range(4):
+            d[lane // 4 + 8 * (i >= 2), 2 * (lane % 4) + (i & 1)] = d_regs[lane, i]
+    expected = c.clone()
+    for k in range(16):
+        expected = expected + a[:, k : k + 1].float() * b[k : k + 1, :].float()
+    assert torch.equal(d, expected)
+    # and a sanity check that this is the product at all
+    torch.testing.assert_close(d.double(), a.double() @ b.double() + c.double(), atol=1e-5, rtol=1e-5)
+
+
+# ---- 16-bit conversions: bit-exact against torch -------------------------------------------------
+
+def _special_floats() -> torch.Tensor:
+    """Zeros, infinities, NaNs, extremes and every kind of rounding tie for fp16 and bf16."""
+    values = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"), 65504.0, 65519.996, 65520.0,
+              -65520.0, 65536.0, 2.0**-14, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 2.0**-25 * 1.0000001, 2.0**-26,
+              1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8), 3.3895314e38,
+              3.4028235e38, 1e-45, 1.17549435e-38, 2.0**-133, 2.0**-134]
+    special = torch.tensor(values, dtype=torch.float32)
+    # Quiet and signalling NaNs with payloads.
+    nans = torch.tensor([0x7FC00000, 0x7F800001, 0xFFC00001 - 2**32, 0x7FBFFFFF, 0x7FFFE000], dtype=torch.int32)
+    # Every exponent, with mantissas at and around the fp16 (13 dropped bits) and bf16 (16) ties.
+    exponents = torch.arange(0, 255, dtype=torch.int32) << 23
+    low = torch.tensor([0, 1, 0x0FFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0x10000, 0x18000,
+                        0x7FFFFF, 0x7FE000, 0x7FF000], dtype=torch.int32)
+    ties = (exponents[:, None] | low[None, :]).flatten()
+    ties = torch.cat([ties, ties | torch.tensor(-(2**31), dtype=torch.int32)])
+    return torch.cat([special, nans.view(torch.float32), ties.view(torch.float32)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_from_float_rounds_like_torch(dtype: torch.dtype) -> None:
+    """from_float is round-to-nearest-even, bit for bit torch's conversion (NaN stays NaN) over
+    the special values, every tie and 2^20 random bit patterns (subnormals included)."""
+    lib = host_model(ENTRY)
+    generator = torch.Generator().manual_seed(1)
+    random = torch.randint(-(2**31), 2**31, (1 << 20,), dtype=torch.int64, generator=generator).to(torch.int32)
+    x = torch.cat([_special_floats(), random.view(torch.float32)])
+    out = torch.zeros(x.numel(), dtype=torch.int16)
+    call(lib, "xk_selftest_from_float", ctypes.c_int(dtype == torch.bfloat16), x, out, ctypes.c_long(x.numel()))
+    expected = x.to(dtype)
+    nan = torch.isnan(x)
+    assert torch.isnan(out.view(dtype)[nan]).all()
+    mismatch = (out != expected.view(torch.int16)) & ~nan
+    assert not mismatch.any(), [(float(v), int(o), int(e)) for v, o, e in
+                                zip(x[mismatch][:5], out[mismatch][:5], expected.view(torch.int16)[mismatch][:5])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_to_float_is_exact_for_every_pattern(dtype: torch.dtype) -> None:
+    """to_float of all 65536 bit patterns equals torch's widening bit for bit (NaN stays NaN)."""
+    lib = host_model(ENTRY)
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    out = torch.zeros(bits.numel(), dtype=torch.float32)
+    call(lib, "xk_selftest_to_float", ctypes.c_int(dtype == torch.bfloat16), bits, out, ctypes.c_long(bits.numel()))
+    expected = bits.view(dtype).float()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out[~nan].view(torch.int32), expected[~nan].view(torch.int32))

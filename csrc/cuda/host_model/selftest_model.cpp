@@ -71,6 +71,185 @@ void dispatch_mma_tile(bool a_trans, bool b_trans, int batch, const uint16_t* a,
   else launch_mma_tile<Tag, false, false>(batch, a, b, c, d);
 }
 
+// ---- probes of single instructions (the layout tables are checked in Python) ----------------
+
+// Lane l of one warp runs the ldmatrix `variant` (0 .x4, 1 .x4.trans, 2 .x2, 3 .x2.trans) with its
+// row address at element offsets[l] of a 512-element shared image of `image`; out[l][j] = r[j].
+__global__ void ldmatrix_probe_kernel(int variant, const uint16_t* image, const int* offsets, uint32_t* out) {
+  XK_EXTERN_SHARED(smem);
+  uint16_t* s = reinterpret_cast<uint16_t*>(smem);
+  const unsigned lane = threadIdx.x;
+  for (unsigned chunk = lane; chunk < 64; chunk += 32) cp_async_16(s + chunk * 8, image + chunk * 8, true);
+  cp_async_commit();
+  cp_async_wait<0>();
+  sync_block();
+  uint32_t r[4] = {0, 0, 0, 0};
+  uint32_t(&r2)[2] = reinterpret_cast<uint32_t(&)[2]>(r);
+  const uint16_t* row = s + offsets[lane];
+  if (variant == 0) ldmatrix_x4(r, row);
+  else if (variant == 1) ldmatrix_x4_trans(r, row);
+  else if (variant == 2) ldmatrix_x2(r2, row);
+  else ldmatrix_x2_trans(r2, row);
+  for (int j = 0; j < 4; ++j) out[lane * 4 + j] = r[j];
+}
+
+// Lane l of one warp passes registers a[l][0..3], b[l][0..1], c[l][0..3] to the mma; d[l] is its result.
+template <class Tag>
+__global__ void mma_probe_kernel(const uint32_t* a, const uint32_t* b, const float* c, float* d) {
+  const unsigned lane = threadIdx.x;
+  const uint32_t a_frag[4] = {a[lane * 4], a[lane * 4 + 1], a[lane * 4 + 2], a[lane * 4 + 3]};
+  const uint32_t b_frag[2] = {b[lane * 2], b[lane * 2 + 1]};
+  const float c_frag[4] = {c[lane * 4], c[lane * 4 + 1], c[lane * 4 + 2], c[lane * 4 + 3]};
+  float d_frag[4];
+  mma_m16n8k16(Tag{}, d_frag, a_frag, b_frag, c_frag);
+  for (int j = 0; j < 4; ++j) d[lane * 4 + j] = d_frag[j];
+}
+
+// out[t] = shfl_xor(in[t], masks[t]) over a block of `threads` (whole warps).
+__global__ void shfl_probe_kernel(const float* in, const int* masks, float* out) {
+  const unsigned t = threadIdx.x;
+  out[t] = shfl_xor(in[t], masks[t]);
+}
+
+// Every thread writes its coordinates: out[block][thread] = (threadIdx, blockIdx, blockDim, gridDim, order),
+// order = how many threads ran before it (the launch's thread order).
+__global__ void index_probe_kernel(uint32_t* out, uint32_t* counter) {
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  const unsigned thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const unsigned block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  uint32_t* o = out + (static_cast<std::size_t>(block) * threads + thread) * 13;
+  const uint32_t values[13] = {threadIdx.x, threadIdx.y, threadIdx.z, blockIdx.x, blockIdx.y, blockIdx.z,
+                               blockDim.x,  blockDim.y,  blockDim.z,  gridDim.x,  gridDim.y,  gridDim.z, (*counter)++};
+  for (int i = 0; i < 13; ++i) o[i] = values[i];
+}
+
+// What cp.async looks like to plain loads: out[l] = the destination's first element before the
+// commit, after the commit, after the wait; then a zero-filling copy (full == false) after its wait.
+__global__ void cp_async_visibility_kernel(const uint16_t* g, uint16_t* out) {
+  XK_EXTERN_SHARED(smem);
+  uint16_t* s = reinterpret_cast<uint16_t*>(smem);
+  const unsigned lane = threadIdx.x;
+  cp_async_16(s + lane * 8, g + lane * 8, true);
+  out[lane * 4] = s[lane * 8];
+  cp_async_commit();
+  out[lane * 4 + 1] = s[lane * 8];
+  cp_async_wait<0>();
+  out[lane * 4 + 2] = s[lane * 8];
+  cp_async_16(s + lane * 8, g, false);
+  cp_async_commit();
+  cp_async_wait<0>();
+  out[lane * 4 + 3] = s[lane * 8];
+}
+
+// ---- kernels that commit the bugs the model must report (tests name them by number) ------------
+
+enum Bug : int {
+  kNoBug = 0,
+  kDivergentKinds = 1,
+  kDivergentSites = 2,
+  kLanesExited = 3,
+  kBlockNotReached = 4,
+  kBlockVsWarp = 5,
+  kLdmatrixMisaligned = 6,
+  kLdmatrixOutside = 7,
+  kCpAsyncDstMisaligned = 8,
+  kCpAsyncDstOutside = 9,
+  kCpAsyncSrcMisaligned = 10,
+  kCpAsyncSrcUnregistered = 11,
+  kReadBeforeWait = 12,
+  kUncommitted = 13,
+  kNewerGroupPending = 14,
+  kWaitAfterBarrier = 15,
+  kPartialWarp = 16,
+  kSharedTooLarge = 17,
+};
+
+// Two warps; shared memory is two 16 x 16 tiles of 16-bit values (1024 bytes), tile w staged by
+// warp w from g (512 valid, registered elements).
+__global__ void bug_kernel(int which, const uint16_t* g, uint32_t* out) {
+  XK_EXTERN_SHARED(smem);
+  uint16_t* s = reinterpret_cast<uint16_t*>(smem);
+  const unsigned tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  uint32_t r[4] = {0, 0, 0, 0};
+  const uint16_t* tile0_row = s + (lane % 16) * 16 + (lane / 16) * 8;
+  switch (which) {
+    case kNoBug:
+    case kLdmatrixMisaligned:
+    case kLdmatrixOutside:
+    case kDivergentSites:
+      cp_async_16(s + tid * 8, g + tid * 8, true);
+      cp_async_commit();
+      cp_async_wait<0>();
+      sync_block();
+      if (which == kNoBug) ldmatrix_x4(r, tile0_row);
+      if (which == kLdmatrixMisaligned) ldmatrix_x4(r, lane == 5 ? tile0_row + 4 : tile0_row);
+      if (which == kLdmatrixOutside) ldmatrix_x4(r, lane == 7 ? s + 512 : tile0_row);
+      if (which == kDivergentSites) {
+        if (lane < 16) ldmatrix_x4(r, tile0_row);
+        else ldmatrix_x4(r, tile0_row);
+      }
+      break;
+    case kDivergentKinds:
+      if (warp == 0) {
+        if (lane < 16) shfl_xor(1.0f, 1);
+        else sync_warp();
+      }
+      break;
+    case kLanesExited:
+      if (lane >= 16) return;
+      shfl_xor(1.0f, 1);
+      break;
+    case kBlockNotReached:
+      if (tid == 5) return;
+      sync_block();
+      break;
+    case kBlockVsWarp:
+      if (warp == 0 && lane == 3) sync_block();
+      else if (warp == 0) sync_warp();
+      else sync_block();
+      break;
+    case kCpAsyncDstMisaligned: cp_async_16(s + (tid == 9 ? 4 : 0), g, true); break;
+    case kCpAsyncDstOutside: cp_async_16(s + (tid == 9 ? 512 : 0), g, true); break;
+    case kCpAsyncSrcMisaligned: cp_async_16(s, g + (tid == 9 ? 1 : 0), true); break;
+    case kCpAsyncSrcUnregistered: cp_async_16(s, g + (tid == 9 ? 512 : 0), true); break;
+    case kReadBeforeWait:
+      cp_async_16(s + tid * 8, g + tid * 8, true);
+      cp_async_commit();
+      sync_block();
+      ldmatrix_x4(r, tile0_row);
+      break;
+    case kUncommitted:
+      cp_async_16(s + tid * 8, g + tid * 8, true);
+      cp_async_wait<0>();
+      sync_block();
+      ldmatrix_x4(r, tile0_row);
+      break;
+    case kNewerGroupPending:
+      // Warp 0 stages tile 0 as group 0 and tile 1 as group 1, then waits for all but one group:
+      // tile 0 is readable, tile 1 is not.
+      if (warp == 0) cp_async_16(s + lane * 8, g + lane * 8, true);
+      cp_async_commit();
+      if (warp == 0) cp_async_16(s + 256 + lane * 8, g + 256 + lane * 8, true);
+      cp_async_commit();
+      cp_async_wait<1>();
+      sync_block();
+      ldmatrix_x4(r, tile0_row);
+      ldmatrix_x4(r, tile0_row + 256);
+      break;
+    case kWaitAfterBarrier:
+      // The wait comes after the barrier: warp 1 reads tile 0 that warp 0 landed with no barrier since.
+      cp_async_16(s + tid * 8, g + tid * 8, true);
+      cp_async_commit();
+      sync_block();
+      cp_async_wait<0>();
+      if (warp == 1) ldmatrix_x4(r, tile0_row);
+      break;
+    case kPartialWarp: sync_warp(); break;
+    default: break;
+  }
+  for (int j = 0; j < 4; ++j) out[tid * 4 + j] = r[j];
+}
+
 }  // namespace
 
 extern "C" {
@@ -97,6 +276,49 @@ int xk_selftest_from_float(int bf16, const float* x, uint16_t* out, long n) {
 int xk_selftest_to_float(int bf16, const uint16_t* bits, float* out, long n) {
   return xk_sim::run_entry([&] {
     for (long i = 0; i < n; ++i) out[i] = bf16 ? to_float(BF16{}, bits[i]) : to_float(F16{}, bits[i]);
+  });
+}
+
+int xk_selftest_ldmatrix(int variant, const uint16_t* image, const int* offsets, uint32_t* out) {
+  return xk_sim::run_entry([&] {
+    if (variant < 0 || variant > 3) throw xk_sim::Error("variant must be 0..3, got " + std::to_string(variant));
+    xk_sim::launch(dim3(1), dim3(32), 1024, ldmatrix_probe_kernel, variant, image, offsets, out);
+  });
+}
+
+int xk_selftest_mma_fragments(int bf16, const uint32_t* a, const uint32_t* b, const float* c, float* d) {
+  return xk_sim::run_entry([&] {
+    if (bf16) xk_sim::launch(dim3(1), dim3(32), 0, mma_probe_kernel<BF16>, a, b, c, d);
+    else xk_sim::launch(dim3(1), dim3(32), 0, mma_probe_kernel<F16>, a, b, c, d);
+  });
+}
+
+int xk_selftest_shfl(int threads, const float* in, const int* masks, float* out) {
+  return xk_sim::run_entry([&] {
+    xk_sim::launch(dim3(1), dim3(static_cast<unsigned>(threads)), 0, shfl_probe_kernel, in, masks, out);
+  });
+}
+
+// out holds grid * block * 13 values (index_probe_kernel).
+int xk_selftest_indices(const unsigned* grid, const unsigned* block, uint32_t* out) {
+  return xk_sim::run_entry([&] {
+    uint32_t counter = 0;
+    xk_sim::launch(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), 0, index_probe_kernel, out,
+                   &counter);
+  });
+}
+
+// g: 256 elements; out: 32 x 4 (cp_async_visibility_kernel).
+int xk_selftest_cp_async_visibility(const uint16_t* g, uint16_t* out) {
+  return xk_sim::run_entry([&] { xk_sim::launch(dim3(1), dim3(32), 512, cp_async_visibility_kernel, g, out); });
+}
+
+// Runs bug_kernel case `which` (g: 1024 elements, the first 512 registered; out: 64 x 4).
+int xk_selftest_bug(int which, const uint16_t* g, uint32_t* out) {
+  return xk_sim::run_entry([&] {
+    xk_sim::register_global(g, 512 * sizeof(uint16_t));
+    xk_sim::launch(dim3(1), dim3(which == kPartialWarp ? 48 : 64), which == kSharedTooLarge ? 200000 : 1024,
+                   bug_kernel, which, g, out);
   });
 }
 

@@ -18,7 +18,9 @@
 //   - ldmatrix / cp_async_16 addresses not 16-byte aligned or outside the block's dynamic shared
 //     memory; a cp_async_16 source outside the ranges given to xk_sim::register_global (when any);
 //   - ldmatrix reading 16 bytes that a cp_async_16 still has in flight (not yet covered by the
-//     issuing thread's cp_async_wait).
+//     issuing thread's cp_async_wait), or that another thread's copy landed with no sync_block
+//     (sync_warp, within the issuer's warp) between that thread's wait and the read: with the
+//     barrier counts as clocks this does not depend on the order the scheduler runs the warps.
 // cp.async is modelled so that an early plain read shows too: the source is read at issue, the
 // destination reads as 0xFF bytes (NaN in fp16 and bf16) until the issuing thread's
 // cp_async_wait covers the copy's group, and only then the 16 bytes land. Dynamic shared memory
@@ -122,6 +124,16 @@ struct PendingCopy {
   long group;
 };
 
+// cp.async's bookkeeping per 16-byte chunk of shared memory: copies in flight into it, and who
+// landed the last one when (to require a barrier between that thread's wait and another's read).
+struct Chunk {
+  uint32_t pending = 0;
+  uint32_t issuer = 0;
+  bool landed = false;
+  long landed_block_epoch = 0;
+  long landed_warp_epoch = 0;
+};
+
 struct Lane {
   ucontext_t context;
   void* stack = nullptr;
@@ -174,10 +186,11 @@ struct Launch {
   uint3 block_idx{0, 0, 0};
   std::size_t shared_bytes = 0;
   unsigned char* shared = nullptr;
-  // Per 16-byte chunk of shared memory: how many cp.async copies into it are in flight, and the
-  // linear id of the last thread that issued one (for the message).
-  std::vector<uint32_t> chunk_pending;
-  std::vector<uint32_t> chunk_issuer;
+  std::vector<Chunk> chunks;  // per 16 bytes of shared memory
+  // Completed sync_block rendezvous of the block, and sync_warp ones per warp: the clocks that
+  // order a landed cp.async before another thread's read.
+  long block_epoch = 0;
+  std::vector<long> warp_epochs;
   std::vector<Lane> lanes;
   unsigned current = 0;
   ucontext_t scheduler;
@@ -241,9 +254,14 @@ inline std::size_t shared_offset(const Launch& l, const void* p, std::size_t byt
   return a - base;
 }
 
-inline void land(Launch& l, const PendingCopy& copy) {
+inline void land(Launch& l, const PendingCopy& copy, const Lane& issuer) {
   std::memcpy(copy.dst, copy.bytes, 16);
-  --l.chunk_pending[static_cast<std::size_t>(copy.dst - l.shared) / 16];
+  Chunk& chunk = l.chunks[static_cast<std::size_t>(copy.dst - l.shared) / 16];
+  --chunk.pending;
+  chunk.issuer = issuer.linear;
+  chunk.landed = true;
+  chunk.landed_block_epoch = l.block_epoch;
+  chunk.landed_warp_epoch = l.warp_epochs[issuer.linear / 32];
 }
 
 inline void cp_async_16(const void* dst_shared, const void* src_global, bool full, const char* file, int line) {
@@ -273,8 +291,8 @@ inline void cp_async_16(const void* dst_shared, const void* src_global, bool ful
     std::memset(copy.bytes, 0, 16);
   }
   std::memset(copy.dst, 0xFF, 16);
-  ++l.chunk_pending[offset / 16];
-  l.chunk_issuer[offset / 16] = lane.linear;
+  ++l.chunks[offset / 16].pending;
+  l.chunks[offset / 16].issuer = lane.linear;
   lane.pending.push_back(copy);
 }
 
@@ -293,7 +311,7 @@ inline void cp_async_wait(int pending_groups) {
   std::vector<PendingCopy> still;
   for (const PendingCopy& copy : lane.pending) {
     if (copy.group >= 0 && copy.group < done_below)
-      land(l, copy);
+      land(l, copy, lane);
     else
       still.push_back(copy);
   }
@@ -343,10 +361,18 @@ inline void run_ldmatrix(Launch& l, unsigned first, int count, bool trans) {
                     " bytes of dynamic shared memory");
       if (reinterpret_cast<uintptr_t>(src.address) % 16 != 0)
         throw Error(what + ": row address (shared offset " + std::to_string(offset) + ") is not 16-byte aligned");
-      if (l.chunk_pending[offset / 16] != 0)
-        throw Error(what + ": reads shared offset " + std::to_string(offset) +
-                    " while a cp_async_16 into it (thread " + std::to_string(l.chunk_issuer[offset / 16]) +
+      const Chunk& chunk = l.chunks[offset / 16];
+      if (chunk.pending != 0)
+        throw Error(what + ": reads shared offset " + std::to_string(offset) + " while a cp_async_16 into it (thread " +
+                    std::to_string(chunk.issuer) +
                     ") is still in flight: no cp_async_wait covering its group (and sync_block) came before");
+      // Another thread's landed copy is visible after a barrier that follows the issuer's wait.
+      bool ordered = !chunk.landed || chunk.issuer == src.linear || l.block_epoch > chunk.landed_block_epoch ||
+                     (chunk.issuer / 32 == src.linear / 32 && l.warp_epochs[src.linear / 32] > chunk.landed_warp_epoch);
+      if (!ordered)
+        throw Error(what + ": reads shared offset " + std::to_string(offset) + ", which thread " +
+                    std::to_string(chunk.issuer) +
+                    "'s cp_async_16 landed at its cp_async_wait with no sync_block since (a race on the device)");
       const unsigned char* row = static_cast<const unsigned char*>(src.address);
       for (int c = 0; c < 8; ++c) m[j][r][c] = shared_u16(row, c);
     }
@@ -470,7 +496,7 @@ inline void try_warp(Launch& l, unsigned warp) {
         s.shfl_result = source < 32 ? l.lanes[first + source].shfl_value : s.shfl_value;
       }
       break;
-    case Op::SyncWarp: break;
+    case Op::SyncWarp: ++l.warp_epochs[warp]; break;
   }
   for (unsigned i = 0; i < count; ++i) l.lanes[first + i].state = State::Runnable;
 }
@@ -498,6 +524,7 @@ inline void try_block(Launch& l) {
                 " not reached by every thread: threads " + lane_list(waiting) + " wait, threads " + lane_list(exited) +
                 " have exited");
   }
+  ++l.block_epoch;
   for (Lane& s : l.lanes) s.state = State::Runnable;
 }
 
@@ -513,7 +540,7 @@ inline void fiber_main() {
   }
   // Copies still in flight at exit land (a GPU completes them too).
   if (l.error.empty())
-    for (const PendingCopy& copy : lane.pending) land(l, copy);
+    for (const PendingCopy& copy : lane.pending) land(l, copy, lane);
   lane.pending.clear();
   lane.state = State::Done;
   swapcontext(&lane.context, &l.scheduler);  // never resumed
@@ -521,7 +548,9 @@ inline void fiber_main() {
 
 inline void run_block(Launch& l) {
   std::memset(l.shared, 0xFF, l.shared_bytes);
-  std::fill(l.chunk_pending.begin(), l.chunk_pending.end(), 0u);
+  std::fill(l.chunks.begin(), l.chunks.end(), Chunk{});
+  l.block_epoch = 0;
+  std::fill(l.warp_epochs.begin(), l.warp_epochs.end(), 0L);
   unsigned n = static_cast<unsigned>(l.lanes.size());
   for (unsigned i = 0; i < n; ++i) {
     Lane& s = l.lanes[i];
@@ -675,8 +704,8 @@ void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*kern
   std::size_t allocated = (dynamic_shared_bytes + 127) / 128 * 128 + 128;
   l.shared = static_cast<unsigned char*>(std::aligned_alloc(128, allocated));
   if (l.shared == nullptr) throw Error("xk_sim::launch: cannot allocate shared memory");
-  l.chunk_pending.assign(allocated / 16, 0u);
-  l.chunk_issuer.assign(allocated / 16, 0u);
+  l.chunks.assign(allocated / 16, detail::Chunk{});
+  l.warp_epochs.assign((threads + 31) / 32, 0L);
   l.body = [&params, kernel] { std::apply(kernel, params); };
   l.lanes.resize(threads);
   for (unsigned i = 0; i < threads; ++i) {
