@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from cuda_host_model import ROOT, call, host_model
+from cuda_host_model import ROOT, HostModelError, call, host_model
 from xk_helpers import FRAME_NON_FINITE, assert_within_low_precision_rule, frame_inputs
 
 from xclip_kernels.backends import reference
@@ -181,5 +181,5 @@ def test_entry_rejects_a_head_dim_over_128() -> None:
     inputs = _inputs(1, 3, 1, 8, torch.float16, "contiguous")
     inputs[:3] = [torch.zeros(1, 3, 1, 136, dtype=torch.float16)] * 3
     inputs[3:] = [torch.zeros(1, 1, 136, dtype=torch.float16)] * 2
-    with pytest.raises(Exception, match=r"head dim D must be in \[1, 128\], got 136"):
+    with pytest.raises(HostModelError, match=r"head dim D must be in \[1, 128\], got 136"):
         _forward(*inputs, 0.1)
