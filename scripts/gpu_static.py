@@ -218,8 +218,7 @@ def cuda_tiles(kernel: str, ints: Sequence[int]) -> tuple[int, int]:
     and checked against the header through the host model in tests/xclip_kernels/
     test_cuda_mma_model.py); the message kernel has one block per (video, head): (1, 1)."""
     if kernel == "ifa_mma_fwd_kernel":
-        (dp,) = ints
-        return 64, 64 if dp <= 64 else 32
+        return 64, 32
     if kernel in ("ifa_fwd_kernel", "ifa_bwd_dkdv_kernel", "ifa_bwd_dq_kernel"):
         return ints[1], ints[2]
     if kernel == "cfa_fwd_kernel":

@@ -7,7 +7,7 @@
 // (-inf) key columns of a ragged last tile can never make a NaN.
 //
 // One block = 4 warps = 64 query rows of one frame-head (blockIdx.x = f * H + h, blockIdx.y =
-// query tile); warp w owns rows 16w..16w+15. Per key tile of 64:
+// query tile); warp w owns rows 16w..16w+15. Per key tile of 32:
 //   S = Q K^T       A = Q fragments (loaded once, kept in registers), B = K via ldmatrix
 //                   (a K row in shared memory is a column of B: no transpose needed);
 //   online softmax  on S in the mma C layout: lane (g = lane / 4, t = lane % 4) holds rows g and
@@ -61,7 +61,9 @@ struct FwdTiles {
   static_assert(DP == 32 || DP == 64 || DP == 96 || DP == 128, "head dim padded to 32, 64, 96 or 128");
   static constexpr int kThreads = 128, kWarps = kThreads / 32;
   static constexpr int kBlockM = 16 * kWarps;  // one m16 row block per warp
-  static constexpr int kBlockN = DP <= 64 ? 64 : 32;
+  // Key tiles of 32: at DP = 64, 96 registers against 135-140 with 64 (5 blocks per SM instead
+  // of 3), and at most 31 masked key columns (N = 197: 224 keys computed, not 256).
+  static constexpr int kBlockN = 32;
   static constexpr int kStride = DP + 8;  // see the file header: conflict-free ldmatrix
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + kBlockM * kStride;  // two K buffers, then two V buffers

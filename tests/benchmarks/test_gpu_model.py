@@ -100,7 +100,7 @@ def test_estimates_of_the_cuda_tensor_core_forward():
     the tensor-core rate; the bf16 estimate takes it, the fp32 one the FMA kernel."""
     static = [
         _static_row("ifa_mma_fwd_kernel", "cuda", 3, tensor_cores=True,
-                    config={"template": "<xclip_ext::warp_mma::BF16, 64>", "tiles": [64, 64]}),
+                    config={"template": "<xclip_ext::warp_mma::BF16, 64>", "tiles": [64, 32]}),
         _static_row("ifa_fwd_kernel", "cuda", 2, dtype="float32"),
     ]
     (h100, h200) = sorted(gm.estimates(static, variants=("xclip-b16",)), key=lambda r: r["gpu"])

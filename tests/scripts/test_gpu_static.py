@@ -225,7 +225,7 @@ def test_compile_request_specialises_like_the_jit(gs):
 
 def test_cuda_tiles(gs):
     assert gs.cuda_tiles("ifa_bwd_dq_kernel", [128, 32, 16]) == (32, 16)  # FMA kernels: the template's
-    assert gs.cuda_tiles("ifa_mma_fwd_kernel", [64]) == (64, 64)  # FwdTiles<DP>
+    assert gs.cuda_tiles("ifa_mma_fwd_kernel", [64]) == (64, 32)  # FwdTiles<DP>
     assert gs.cuda_tiles("ifa_mma_fwd_kernel", [128]) == (64, 32)
     assert gs.cuda_tiles("cfa_fwd_kernel", [64]) == (1, 1)
     with pytest.raises(ValueError, match="no tiles known"):
@@ -233,11 +233,11 @@ def test_cuda_tiles(gs):
 
 
 def test_cuda_shared_bytes_of_the_tensor_core_forward(gs):
-    """16-bit Q (64 rows) and two K and two V buffers of 64 (DP <= 64) or 32 key rows, rows
-    DP + 8 elements long; the same for both tags (the host-model test checks the header agrees)."""
-    assert gs.cuda_shared_bytes("ifa_mma_fwd_kernel", "bfloat16", [64]) == (64 + 4 * 64) * 72 * 2 == 46080
+    """16-bit Q (64 rows) and two K and two V buffers of 32 key rows, rows DP + 8 elements long;
+    the same for both tags (the host-model test checks the header agrees)."""
+    assert gs.cuda_shared_bytes("ifa_mma_fwd_kernel", "bfloat16", [64]) == (64 + 4 * 32) * 72 * 2 == 27648
     assert gs.cuda_shared_bytes("ifa_mma_fwd_kernel", "float16", [128]) == (64 + 4 * 32) * 136 * 2 == 52224
-    assert gs.cuda_shared_bytes("ifa_mma_fwd_kernel", "float16", [32]) == (64 + 4 * 64) * 40 * 2
+    assert gs.cuda_shared_bytes("ifa_mma_fwd_kernel", "float16", [32]) == (64 + 4 * 32) * 40 * 2
 
 
 def test_markdown_report(gs):

@@ -75,9 +75,9 @@ def _inputs(frames: int, tokens: int, heads: int, dim: int, dtype: torch.dtype, 
     return [q, k, v, msg_k, msg_v]
 
 
-# (F, N, H, D): N = 1, 17, 197 at D = 64 (query and key tiles of 64: 197 = 3 x 64 + 5); D = 40
-# (8-aligned, zero-filled to DP = 64); D = 20 (not a multiple of 8: element-wise staging, DP = 32);
-# D = 80 and 128 (DP = 96 and 128, key tiles of 32: 45 = 32 + 13, 40 = 32 + 8).
+# (F, N, H, D): N = 1, 17, 197 at D = 64 (query tiles of 64, key tiles of 32: 197 = 3 x 64 + 5
+# = 6 x 32 + 5); D = 40 (8-aligned, zero-filled to DP = 64); D = 20 (not a multiple of 8:
+# element-wise staging, DP = 32); D = 80 and 128 (DP = 96 and 128; N = 45 = 32 + 13, 40 = 32 + 8).
 SHAPES = [
     pytest.param((2, 1, 2, 64), "qkv", id="N1-D64-qkv"),
     pytest.param((1, 17, 2, 64), "contiguous", id="N17-D64"),
