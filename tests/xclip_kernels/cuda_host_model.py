@@ -54,8 +54,8 @@ def _compiler() -> str:
     return compiler
 
 
-def _command(compiler: str, source: Path, output: Path) -> list[str]:
-    return [compiler, *FLAGS, "-I", str(CUDA_DIR), str(source), "-o", str(output)]
+def _command(compiler: str, source: Path, output: Path, defines: tuple[str, ...]) -> list[str]:
+    return [compiler, *FLAGS, *(f"-D{d}" for d in defines), "-I", str(CUDA_DIR), str(source), "-o", str(output)]
 
 
 def _digest(command: list[str]) -> str:
@@ -71,8 +71,11 @@ _FAILED: dict[Path, HostModelBuildError] = {}
 
 
 @functools.lru_cache(maxsize=None)
-def build(entry_source: str) -> ctypes.CDLL:
+def build(entry_source: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Compiles ``csrc/cuda/host_model/<entry_source>`` (one translation unit) and loads it.
+
+    ``defines``: extra macros (``NAME`` or ``NAME=VALUE``), e.g. ``("XK_SIM_UCONTEXT",)`` for the
+    portable fiber switch.
 
     Concurrent builds (two pytest processes) are safe: each compiles to its own temporary file
     and moves it into place atomically. Raises :class:`HostModelUnavailable` without g++ and
@@ -81,8 +84,10 @@ def build(entry_source: str) -> ctypes.CDLL:
     source = ENTRY_DIR / entry_source
     if source.parent != ENTRY_DIR or not source.is_file():
         raise ValueError(f"entry_source: expected a file name under {ENTRY_DIR}, got {entry_source!r}")
+    if not isinstance(defines, tuple) or not all(isinstance(d, str) and d and " " not in d for d in defines):
+        raise ValueError(f"defines: expected a tuple of macro names (NAME or NAME=VALUE), got {defines!r}")
     compiler = _compiler()
-    library = BUILD_DIR / f"{_digest(_command(compiler, Path(entry_source), Path('out.so')))}.so"
+    library = BUILD_DIR / f"{_digest(_command(compiler, Path(entry_source), Path('out.so'), defines))}.so"
     if library in _FAILED:
         raise _FAILED[library]
     if not library.exists():
@@ -90,7 +95,7 @@ def build(entry_source: str) -> ctypes.CDLL:
         handle, temporary = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
         os.close(handle)
         try:
-            result = subprocess.run(_command(compiler, source, Path(temporary)), capture_output=True, text=True)
+            result = subprocess.run(_command(compiler, source, Path(temporary), defines), capture_output=True, text=True)
             if result.returncode != 0:
                 # Kept, so that the other tests of this source fail at once instead of recompiling.
                 _FAILED[library] = HostModelBuildError(f"g++ failed on {source.relative_to(ROOT)}:\n{result.stderr}")
@@ -107,10 +112,10 @@ def build(entry_source: str) -> ctypes.CDLL:
     return lib
 
 
-def host_model(entry_source: str) -> ctypes.CDLL:
+def host_model(entry_source: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """:func:`build`, skipping the calling test when no compiler is available."""
     try:
-        return build(entry_source)
+        return build(entry_source, defines)
     except HostModelUnavailable as error:
         pytest.skip(str(error))
 

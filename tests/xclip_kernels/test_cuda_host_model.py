@@ -7,6 +7,7 @@ Entry points: csrc/cuda/host_model/selftest_model.cpp.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 
 import pytest
@@ -24,9 +25,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mma(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_trans: bool,
-         b_trans: bool) -> torch.Tensor:
+         b_trans: bool, defines: tuple[str, ...] = ()) -> torch.Tensor:
     """The selftest kernel's D = A B + C for (batch, 16, 16) operands, staged as the flags say."""
-    lib = host_model(ENTRY)
+    lib = host_model(ENTRY, defines)
     a_in = _bits(a.transpose(1, 2) if a_trans else a)
     b_in = _bits(b if b_trans else b.transpose(1, 2))
     d = torch.full_like(c, float("nan"))
@@ -94,11 +95,13 @@ BUGS = [
                      r"at its cp_async_wait with no sync_block since", id="wait-after-barrier"),
     pytest.param(16, r"warp 1: sync_warp at .* needs 32 lanes, the warp has 16", id="partial-warp"),
     pytest.param(17, r"200000 bytes of dynamic shared memory, sm_80 allows 166912", id="shared-too-large"),
+    pytest.param(18, r"warp 0: a warp collective not reached by every lane: lanes 0-30 wait at sync_warp .*; "
+                     r"lanes 31 wait at sync_block", id="barrier-vs-warp-last-lane"),
 ]
 
 
-def _run_bug(which: int) -> torch.Tensor:
-    lib = host_model(ENTRY)
+def _run_bug(which: int, defines: tuple[str, ...] = ()) -> torch.Tensor:
+    lib = host_model(ENTRY, defines)
     g = torch.arange(1024, dtype=torch.int16)
     out = torch.zeros(64, 4, dtype=torch.int32)
     call(lib, "xk_selftest_bug", ctypes.c_int(which), g, out)
@@ -114,6 +117,42 @@ def test_kernel_bug_is_reported(which: int, message: str) -> None:
     out = _run_bug(0)
     # The same kernel without the bug: lane 0 holds tile 0's elements (0, 1) of row 0.
     assert out[0, 0].item() == 0 | (1 << 16)
+
+
+def test_registrations_end_with_a_failed_launch() -> None:
+    """register_global's ranges belong to one launch even when it fails its checks: a later
+    launch without registrations may read any source."""
+    with pytest.raises(HostModelError, match="sm_80 allows"):
+        _run_bug(17)
+    lib = host_model(ENTRY)
+    out = torch.zeros(32, 4, dtype=torch.int32)
+    call(lib, "xk_selftest_ldmatrix", ctypes.c_int(0), torch.zeros(512, dtype=torch.int16),
+         torch.arange(32, dtype=torch.int32) * 8, out)
+
+
+def test_portable_fiber_switch() -> None:
+    """The ucontext fallback (-DXK_SIM_UCONTEXT, used off x86-64) runs the same kernels: the mma
+    tile equals the default build's bit for bit, and a bug is reported the same way."""
+    a = torch.randn(2, 16, 16).to(torch.bfloat16)
+    b = torch.randn(2, 16, 16).to(torch.bfloat16)
+    c = torch.randn(2, 16, 16)
+    portable = _mma(torch.bfloat16, a, b, c, True, False, defines=("XK_SIM_UCONTEXT",))
+    assert torch.equal(portable, _mma(torch.bfloat16, a, b, c, True, False))
+    with pytest.raises(HostModelError, match="lanes 16-31 have exited"):
+        _run_bug(3, defines=("XK_SIM_UCONTEXT",))
+
+
+def test_launches_on_two_threads_at_once() -> None:
+    """The scheduler's state is per OS thread: concurrent launches (ctypes drops the GIL) give each
+    thread its own results, equal to a launch alone."""
+    a = torch.randn(4, 16, 16).to(torch.float16)
+    b = torch.randn(4, 16, 16).to(torch.float16)
+    c = torch.randn(4, 16, 16)
+    alone = _mma(torch.float16, a, b, c, False, True)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: _mma(torch.float16, a, b, c, False, True), range(6)))
+    for result in results:
+        assert torch.equal(result, alone)
 
 
 def test_cp_async_lands_at_its_wait() -> None:

@@ -162,6 +162,7 @@ enum Bug : int {
   kWaitAfterBarrier = 15,
   kPartialWarp = 16,
   kSharedTooLarge = 17,
+  kBlockVsWarpLast = 18,
 };
 
 // Two warps; shared memory is two 16 x 16 tiles of 16-bit values (1024 bytes), tile w staged by
@@ -243,6 +244,11 @@ __global__ void bug_kernel(int which, const uint16_t* g, uint32_t* out) {
       sync_block();
       cp_async_wait<0>();
       if (warp == 1) ldmatrix_x4(r, tile0_row);
+      break;
+    case kBlockVsWarpLast:  // the lane at the barrier is the last of its warp to stop
+      if (warp == 0 && lane == 31) sync_block();
+      else if (warp == 0) sync_warp();
+      else sync_block();
       break;
     case kPartialWarp: sync_warp(); break;
     default: break;

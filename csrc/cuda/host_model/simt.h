@@ -3,7 +3,9 @@
 // cuda_host_model.py builds it; it is never part of the extension). docs/cuda.md says what it
 // covers and what only a GPU can show.
 //
-// Every emulated CUDA thread is a fiber (ucontext) with its own stack. The blocks of a launch run
+// Every emulated CUDA thread is a fiber with its own stack (on x86-64 a hand-written switch of the
+// callee-saved registers: ucontext's makes a system call per switch for the signal mask; ucontext
+// elsewhere or with -DXK_SIM_UCONTEXT, e.g. under a sanitizer). The blocks of a launch run
 // one after another; inside a block the scheduler resumes the runnable threads round-robin in
 // linear thread order (deterministic), each until it reaches a collective:
 //   - warp collectives (ldmatrix, mma, shfl_xor, sync_warp) are a rendezvous of the warp's 32
@@ -80,6 +82,49 @@ struct dim3 {
 // The block's dynamic shared memory; declare it inside the kernel body (as on the device side).
 #define XK_EXTERN_SHARED(name) unsigned char* const name = ::xk_sim::detail::dynamic_shared()
 
+// ---- fiber context switch -----------------------------------------------------------------------
+
+#if defined(__x86_64__) && !defined(XK_SIM_UCONTEXT)
+#define XK_SIM_FAST_SWITCH 1
+// xk_sim_switch(&save_sp, load_sp): pushes the System V callee-saved registers and the SSE/x87
+// control words on the current stack, stores the stack pointer in *save_sp, continues on load_sp
+// (a stack left by an earlier switch, or one make_context prepared). Weak in a COMDAT section:
+// several translation units of one library may include this header.
+extern "C" void xk_sim_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .pushsection .text.xk_sim_switch,"axG",@progbits,xk_sim_switch,comdat
+  .weak xk_sim_switch
+  .hidden xk_sim_switch
+  .type xk_sim_switch, @function
+xk_sim_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size xk_sim_switch, .-xk_sim_switch
+  .popsection
+)");
+#else
+#define XK_SIM_FAST_SWITCH 0
+#endif
+
 namespace xk_sim {
 
 // What the model throws on a kernel bug or a bad launch.
@@ -94,6 +139,47 @@ constexpr std::size_t kMaxDynamicSharedBytes = 166912;
 constexpr std::size_t kFiberStackBytes = 256 * 1024;
 
 namespace detail {
+
+struct Context {
+#if XK_SIM_FAST_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+inline void switch_context(Context& from, Context& to) {
+#if XK_SIM_FAST_SWITCH
+  xk_sim_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
+
+// Prepares `c` to start `entry` (which must never return) on [stack, stack + bytes).
+inline void make_context(Context& c, void* stack, std::size_t bytes, void (*entry)()) {
+#if XK_SIM_FAST_SWITCH
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~static_cast<uintptr_t>(15);
+  uint64_t* p = reinterpret_cast<uint64_t*>(top);
+  uint32_t mxcsr = 0;
+  uint16_t fpucw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  // What xk_sim_switch pops, bottom up: control words, r15, r14, r13, r12, rbx, rbp, then `ret`
+  // into entry with rsp = top - 8 (a call's alignment: 16 n + 8) over a null return address.
+  p[-1] = 0;
+  p[-2] = reinterpret_cast<uint64_t>(entry);
+  for (int i = 3; i <= 8; ++i) p[-i] = 0;
+  p[-9] = static_cast<uint64_t>(mxcsr) | (static_cast<uint64_t>(fpucw) << 32);
+  c.sp = &p[-9];
+#else
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+#endif
+}
 
 enum class State : uint8_t { Runnable, AtWarp, AtBlock, Done };
 enum class Op : uint8_t { LdmatrixX4, LdmatrixX4Trans, LdmatrixX2, LdmatrixX2Trans, MmaF16, MmaBF16, ShflXor, SyncWarp };
@@ -135,7 +221,7 @@ struct Chunk {
 };
 
 struct Lane {
-  ucontext_t context;
+  Context context;
   void* stack = nullptr;
   uint3 thread_idx{0, 0, 0};
   unsigned linear = 0;
@@ -191,9 +277,13 @@ struct Launch {
   // order a landed cp.async before another thread's read.
   long block_epoch = 0;
   std::vector<long> warp_epochs;
+  // Threads not runnable (waiting or exited), per warp and in the block: a rendezvous is looked
+  // at only once all of its threads have stopped.
+  std::vector<unsigned> warp_stopped;
+  unsigned block_stopped = 0;
   std::vector<Lane> lanes;
   unsigned current = 0;
-  ucontext_t scheduler;
+  Context scheduler;
   std::function<void()> body;
   std::string error;
   std::vector<std::pair<uintptr_t, std::size_t>> globals;
@@ -243,7 +333,7 @@ inline std::string block_name(const Launch& l) {
 // Hands control back to the scheduler until it resumes this fiber.
 inline void park(Lane& lane) {
   Launch& l = launch_state();
-  swapcontext(&lane.context, &l.scheduler);
+  switch_context(lane.context, l.scheduler);
 }
 
 // ---- cp.async --------------------------------------------------------------------------------
@@ -354,23 +444,25 @@ inline void run_ldmatrix(Launch& l, unsigned first, int count, bool trans) {
       const Lane& src = l.lanes[first + 8 * j + r];
       bool inside = false;
       std::size_t offset = shared_offset(l, src.address, 16, &inside);
-      std::string what = std::string(op_name(src.op)) + " at " + where(src.file, src.line) + " (" + block_name(l) +
-                         ", lane " + std::to_string(8 * j + r) + " of warp " + std::to_string(first / 32) + ")";
+      auto what = [&] {
+        return std::string(op_name(src.op)) + " at " + where(src.file, src.line) + " (" + block_name(l) + ", lane " +
+               std::to_string(8 * j + r) + " of warp " + std::to_string(first / 32) + ")";
+      };
       if (!inside)
-        throw Error(what + ": row address is outside the block's " + std::to_string(l.shared_bytes) +
+        throw Error(what() + ": row address is outside the block's " + std::to_string(l.shared_bytes) +
                     " bytes of dynamic shared memory");
       if (reinterpret_cast<uintptr_t>(src.address) % 16 != 0)
-        throw Error(what + ": row address (shared offset " + std::to_string(offset) + ") is not 16-byte aligned");
+        throw Error(what() + ": row address (shared offset " + std::to_string(offset) + ") is not 16-byte aligned");
       const Chunk& chunk = l.chunks[offset / 16];
       if (chunk.pending != 0)
-        throw Error(what + ": reads shared offset " + std::to_string(offset) + " while a cp_async_16 into it (thread " +
+        throw Error(what() + ": reads shared offset " + std::to_string(offset) + " while a cp_async_16 into it (thread " +
                     std::to_string(chunk.issuer) +
                     ") is still in flight: no cp_async_wait covering its group (and sync_block) came before");
       // Another thread's landed copy is visible after a barrier that follows the issuer's wait.
       bool ordered = !chunk.landed || chunk.issuer == src.linear || l.block_epoch > chunk.landed_block_epoch ||
                      (chunk.issuer / 32 == src.linear / 32 && l.warp_epochs[src.linear / 32] > chunk.landed_warp_epoch);
       if (!ordered)
-        throw Error(what + ": reads shared offset " + std::to_string(offset) + ", which thread " +
+        throw Error(what() + ": reads shared offset " + std::to_string(offset) + ", which thread " +
                     std::to_string(chunk.issuer) +
                     "'s cp_async_16 landed at its cp_async_wait with no sync_block since (a race on the device)");
       const unsigned char* row = static_cast<const unsigned char*>(src.address);
@@ -391,7 +483,8 @@ float bf16_to_float(uint16_t h);
 
 // d = a b + c for the m16n8k16 shape. Each d[i][j] is c[i][j] + sum_k a[i][k] b[k][j] summed in
 // fp32 left to right (c first, then k = 0..15); the products of 16-bit values are exact in fp32.
-inline void run_mma(Launch& l, unsigned first, bool bf16) {
+// (Optimised beyond the harness's -O1: this loop is most of the model's time on a tensor-core kernel.)
+__attribute__((optimize("O2", "tree-vectorize"))) inline void run_mma(Launch& l, unsigned first, bool bf16) {
   auto conv = [bf16](uint16_t bits) { return bf16 ? bf16_to_float(bits) : f16_to_float(bits); };
   float a[16][16], b[16][8], c[16][8];
   for (unsigned lane = 0; lane < 32; ++lane) {
@@ -411,16 +504,13 @@ inline void run_mma(Launch& l, unsigned first, bool bf16) {
     c[g + 8][2 * t] = s.c[2];
     c[g + 8][2 * t + 1] = s.c[3];
   }
+  // k outermost keeps each element's order (c, then k = 0..15) and lets the 8 columns vectorise.
   float d[16][8];
   for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 8; ++j) {
-      float acc = c[i][j];
-      for (int k = 0; k < 16; ++k) {
-        float product = a[i][k] * b[k][j];  // exact: at most 22 significant bits
-        acc += product;
-      }
-      d[i][j] = acc;
-    }
+    for (int j = 0; j < 8; ++j) d[i][j] = c[i][j];
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 16; ++k)
+      for (int j = 0; j < 8; ++j) d[i][j] += a[i][k] * b[k][j];  // the product is exact: <= 22 significant bits
   // Written only now: d may be the same array as c in the caller.
   for (unsigned lane = 0; lane < 32; ++lane) {
     Lane& s = l.lanes[first + lane];
@@ -462,6 +552,7 @@ inline std::string state_groups(const Launch& l, unsigned first, unsigned count)
 inline void try_warp(Launch& l, unsigned warp) {
   unsigned n = static_cast<unsigned>(l.lanes.size());
   unsigned first = warp * 32, count = std::min(32u, n - first);
+  if (l.warp_stopped[warp] < count) return;
   bool any_at_warp = false, all_at_warp = true;
   for (unsigned i = 0; i < count; ++i) {
     State s = l.lanes[first + i].state;
@@ -470,16 +561,16 @@ inline void try_warp(Launch& l, unsigned warp) {
     all_at_warp = all_at_warp && s == State::AtWarp;
   }
   if (!any_at_warp) return;
-  std::string head = block_name(l) + ", warp " + std::to_string(warp) + ": ";
-  if (!all_at_warp) throw Error(head + "a warp collective not reached by every lane: " + state_groups(l, first, count));
+  auto head = [&] { return block_name(l) + ", warp " + std::to_string(warp) + ": "; };
+  if (!all_at_warp) throw Error(head() + "a warp collective not reached by every lane: " + state_groups(l, first, count));
   const Lane& lead = l.lanes[first];
   for (unsigned i = 1; i < count; ++i) {
     const Lane& s = l.lanes[first + i];
     if (s.op != lead.op || (op_is_aligned(lead.op) && (s.line != lead.line || std::strcmp(s.file, lead.file) != 0)))
-      throw Error(head + "lanes wait at different warp collectives: " + state_groups(l, first, count));
+      throw Error(head() + "lanes wait at different warp collectives: " + state_groups(l, first, count));
   }
   if (count < 32)
-    throw Error(head + op_name(lead.op) + " at " + where(lead.file, lead.line) + " needs 32 lanes, the warp has " +
+    throw Error(head() + op_name(lead.op) + " at " + where(lead.file, lead.line) + " needs 32 lanes, the warp has " +
                 std::to_string(count) + " (blockDim is not a multiple of 32)");
   switch (lead.op) {
     case Op::LdmatrixX4: run_ldmatrix(l, first, 4, false); break;
@@ -499,9 +590,12 @@ inline void try_warp(Launch& l, unsigned warp) {
     case Op::SyncWarp: ++l.warp_epochs[warp]; break;
   }
   for (unsigned i = 0; i < count; ++i) l.lanes[first + i].state = State::Runnable;
+  l.warp_stopped[warp] = 0;
+  l.block_stopped -= count;
 }
 
 inline void try_block(Launch& l) {
+  if (l.block_stopped < l.lanes.size()) return;
   bool any_done = false;
   for (const Lane& s : l.lanes) {
     if (s.state == State::Runnable || s.state == State::AtWarp) return;
@@ -526,6 +620,8 @@ inline void try_block(Launch& l) {
   }
   ++l.block_epoch;
   for (Lane& s : l.lanes) s.state = State::Runnable;
+  std::fill(l.warp_stopped.begin(), l.warp_stopped.end(), 0u);
+  l.block_stopped = 0;
 }
 
 inline void fiber_main() {
@@ -543,7 +639,7 @@ inline void fiber_main() {
     for (const PendingCopy& copy : lane.pending) land(l, copy, lane);
   lane.pending.clear();
   lane.state = State::Done;
-  swapcontext(&lane.context, &l.scheduler);  // never resumed
+  switch_context(lane.context, l.scheduler);  // never resumed
 }
 
 inline void run_block(Launch& l) {
@@ -551,17 +647,15 @@ inline void run_block(Launch& l) {
   std::fill(l.chunks.begin(), l.chunks.end(), Chunk{});
   l.block_epoch = 0;
   std::fill(l.warp_epochs.begin(), l.warp_epochs.end(), 0L);
+  std::fill(l.warp_stopped.begin(), l.warp_stopped.end(), 0u);
+  l.block_stopped = 0;
   unsigned n = static_cast<unsigned>(l.lanes.size());
   for (unsigned i = 0; i < n; ++i) {
     Lane& s = l.lanes[i];
     s.state = State::Runnable;
     s.pending.clear();
     s.committed_groups = 0;
-    getcontext(&s.context);
-    s.context.uc_stack.ss_sp = s.stack;
-    s.context.uc_stack.ss_size = kFiberStackBytes;
-    s.context.uc_link = nullptr;
-    makecontext(&s.context, fiber_main, 0);
+    make_context(s.context, s.stack, kFiberStackBytes, fiber_main);
   }
   unsigned done = 0;
   while (done < n) {
@@ -570,11 +664,13 @@ inline void run_block(Launch& l) {
       if (l.lanes[i].state != State::Runnable) continue;
       progressed = true;
       l.current = i;
-      swapcontext(&l.scheduler, &l.lanes[i].context);
+      switch_context(l.scheduler, l.lanes[i].context);
       if (!l.error.empty()) throw Error(l.error);
       State s = l.lanes[i].state;
+      ++l.warp_stopped[i / 32];
+      ++l.block_stopped;
       if (s == State::Done) ++done;
-      if (s == State::AtWarp || s == State::Done) try_warp(l, i / 32);
+      try_warp(l, i / 32);  // also when it stopped at sync_block: the warp may wait for it
       if (s == State::AtBlock || s == State::Done) try_block(l);
     }
     if (!progressed && done < n) {
@@ -621,7 +717,7 @@ inline float f16_to_float(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
   if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in fp32
-    float v = std::ldexp(static_cast<float>(mantissa), -24);
+    float v = static_cast<float>(mantissa) * bits_float(0x33800000u);  // 2^-24
     return sign ? -v : v;
   }
   if (exponent == 31) return bits_float(sign | 0x7F800000u | (mantissa << 13));  // Inf, NaN (payload kept)
@@ -684,6 +780,7 @@ template <class... Params, class... Args>
 void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "xk_sim::launch: wrong number of kernel arguments");
   if (detail::t_launch != nullptr) throw Error("xk_sim::launch: a launch is already running on this thread");
+  detail::LaunchScope scope(&detail::t_launch);  // from here on, the registrations end with this launch
   unsigned long threads = static_cast<unsigned long>(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u)
     throw Error("xk_sim::launch: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
@@ -695,7 +792,6 @@ void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*kern
     throw Error("xk_sim::launch: " + std::to_string(dynamic_shared_bytes) + " bytes of dynamic shared memory, sm_80 allows " +
                 std::to_string(kMaxDynamicSharedBytes));
   std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-  detail::LaunchScope scope(&detail::t_launch);
   detail::Launch& l = scope.launch;
   l.grid = grid;
   l.block = block;
@@ -706,6 +802,7 @@ void launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes, void (*kern
   if (l.shared == nullptr) throw Error("xk_sim::launch: cannot allocate shared memory");
   l.chunks.assign(allocated / 16, detail::Chunk{});
   l.warp_epochs.assign((threads + 31) / 32, 0L);
+  l.warp_stopped.assign((threads + 31) / 32, 0u);
   l.body = [&params, kernel] { std::apply(kernel, params); };
   l.lanes.resize(threads);
   for (unsigned i = 0; i < threads; ++i) {

@@ -46,7 +46,10 @@ def ifa_launch_config(kernel: str, dtype: torch.dtype, head_dim: int) -> LaunchC
     """What the launcher compiles ``kernel`` (one of :data:`IFA_KERNELS`) with for inputs of
     ``dtype`` and head dim ``head_dim``.
 
-    fp16/bf16: (query x key) tiles of 64 x 64, 64 x 32 above D = 64, 4 warps, on tensor cores.
+    fp16/bf16: (query x key) tiles of 64 x 64 over 4 warps on tensor cores; above D = 64 the
+    key tile is 32 wide and the kernels take 8 warps (the forward also 2 pipeline stages): with
+    4 warps the D = 80/128 kernels spilled 4-96 bytes per thread on sm_80/sm_90 with Triton
+    3.6 or 3.9 (``make gpu-static``, which fails on any fp16/bf16 spill).
     fp32 computes exact (``ieee``) products with FMAs, and Triton's FMA ``tl.dot`` holds each
     thread's rows of both operands over the whole reduction in registers: at those tiles the
     fp32 kernels spilled 1.5-35 KB per thread (sm_80/sm_90) and the D = 128 backward asked for
@@ -58,8 +61,10 @@ def ifa_launch_config(kernel: str, dtype: torch.dtype, head_dim: int) -> LaunchC
         raise ValueError(f"kernel: expected one of {IFA_KERNELS}, got {kernel!r}")
     if dtype == torch.float32:
         block_m, block_n, num_warps, num_stages = 16, 16, 8, 1
+    elif head_dim <= 64:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, None
     else:
-        block_m, block_n, num_warps, num_stages = 64, 64 if head_dim <= 64 else 32, 4, None
+        block_m, block_n, num_warps, num_stages = 64, 32, 8, 2 if kernel == "forward" else None
     return LaunchConfig(block_m, block_n, block_d(head_dim), dot_precision(dtype), num_warps, num_stages)
 
 
