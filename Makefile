@@ -110,7 +110,7 @@ TRITON_GPU_IMAGE := 3.6.0
 # Every Triton kernel (this Triton and the GPU image's) and every CUDA kernel compiled for
 # sm_80 and sm_90a without a GPU: registers, spills, shared memory, tensor cores, blocks/SM;
 # fails on a compile error, too much shared memory, fp16/bf16 spills or no tensor cores in an
-# fp16/bf16 Triton kernel (scripts/gpu_static.py). Writes bench-results/gpu-static.json.
+# fp16/bf16 Triton or CUDA kernel (scripts/gpu_static.py). Writes bench-results/gpu-static.json.
 gpu-static: $(if $(PYTHON),,$(VENV)/.stamp-bench) .triton36/.stamp
 	$(RUN) scripts/gpu_static.py --triton .triton36 $(if $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null),,--no-cuda)
 

@@ -5,10 +5,12 @@ registers, shared memory and blocks per SM of every kernel compiled for sm_90a) 
 Triton and CUDA kernel at X-CLIP-B/16 and L/14, 8 frames, batch 32, gives:
 
 - **FLOPs**: the matrix products the kernel executes (2 per multiply-accumulate; softmax,
-  LayerNorm and exponentials are not counted). IFA forward ``4·F·H·N·(N+1)·D``; the backward
+  LayerNorm and exponentials are not counted). IFA forward ``4·F·H·N·(N+1)·D`` (the CUDA
+  backend's fp16/bf16 forward is the tensor-core ``ifa_mma_fwd_kernel``, same work); the backward
   kernels recompute the scores: dK/dV ``8·F·H·N²·D`` (QKᵀ, PᵀdO, dOVᵀ, dSᵀQ), dQ
-  ``6·F·H·N²·D`` (QKᵀ, dOVᵀ, dS·K); the message kernel the q/k/v projection ``6·F·W²`` plus
-  attention over T ``4·F·T·W``.
+  ``6·F·H·N²·D`` (QKᵀ, dOVᵀ, dS·K) (the CUDA backend's fp16/bf16 ones are the tensor-core
+  ``ifa_mma_bwd_dkdv_kernel`` and ``ifa_mma_bwd_dq_kernel``, same work); the message kernel the
+  q/k/v projection ``6·F·W²`` plus attention over T ``4·F·T·W``.
 - **bytes**: compulsory HBM traffic, every input read once and every output written once
   (re-reads of a frame's keys hit L2, which holds them many times over).
 - **arithmetic intensity** and the **roofline** time ``max(FLOPs / peak, bytes / bandwidth)``,
@@ -94,22 +96,24 @@ def kernel_work(kernel: str, s: Shape, tiles: tuple[int, int], dtype_bytes: int 
     """FLOPs, compulsory bytes and grid size (blocks) of one kernel at shape ``s``.
 
     ``kernel`` is a name shared by both backends (``ifa_fwd_kernel``, ``ifa_bwd_dkdv_kernel``,
-    ``ifa_bwd_dq_kernel``, ``cfa_fwd_kernel``); ``tiles`` its (query tile, key tile) rows.
+    ``ifa_bwd_dq_kernel``, ``cfa_fwd_kernel``) or a CUDA tensor-core kernel
+    (``ifa_mma_fwd_kernel``, ``ifa_mma_bwd_dkdv_kernel``, ``ifa_mma_bwd_dq_kernel``: the work of
+    the kernel without ``mma_``); ``tiles`` its (query tile, key tile) rows.
     """
     f, n, h, d = s.frames, s.tokens, s.heads, s.head_dim
     block_m, block_n = tiles
     rows = f * n * h * d  # elements of one (F, N, H, D) tensor
     vecs = f * h * d  # elements of one (F, H, D) tensor
     stats = 4 * f * h * n  # one fp32 value per (frame, head, query): lse or delta
-    if kernel == "ifa_fwd_kernel":
+    if kernel in ("ifa_fwd_kernel", "ifa_mma_fwd_kernel"):
         flops = 4 * f * h * n * (n + 1) * d
         moved = dtype_bytes * (4 * rows + 2 * vecs) + stats
         blocks = _cdiv(n, block_m) * f * h
-    elif kernel == "ifa_bwd_dkdv_kernel":
+    elif kernel in ("ifa_bwd_dkdv_kernel", "ifa_mma_bwd_dkdv_kernel"):
         flops = 8 * f * h * n * n * d
         moved = dtype_bytes * 6 * rows + 2 * stats  # q, k, v, dO in; dK, dV out
         blocks = _cdiv(n, block_n) * f * h
-    elif kernel == "ifa_bwd_dq_kernel":
+    elif kernel in ("ifa_bwd_dq_kernel", "ifa_mma_bwd_dq_kernel"):
         m_tiles = _cdiv(n, block_m)
         flops = 6 * f * h * n * n * d + 8 * f * h * n * d  # plus the message column as vectors
         moved = dtype_bytes * (5 * rows + 2 * vecs) + 2 * stats + 2 * 4 * f * h * m_tiles * d
@@ -120,8 +124,9 @@ def kernel_work(kernel: str, s: Shape, tiles: tuple[int, int], dtype_bytes: int 
         moved = dtype_bytes * (r * w + 3 * w * w + 3 * w + 3 * w + 2 * r * w)  # messages, W_in, biases, LN in; 2 out
         blocks = s.videos * h
     else:
-        raise ValueError(f"kernel: expected one of ifa_fwd_kernel, ifa_bwd_dkdv_kernel, ifa_bwd_dq_kernel, "
-                         f"cfa_fwd_kernel; got {kernel!r}")
+        raise ValueError(f"kernel: expected one of ifa_fwd_kernel, ifa_mma_fwd_kernel, ifa_bwd_dkdv_kernel, "
+                         f"ifa_mma_bwd_dkdv_kernel, ifa_bwd_dq_kernel, ifa_mma_bwd_dq_kernel, cfa_fwd_kernel; "
+                         f"got {kernel!r}")
     return flops, moved, blocks
 
 
@@ -148,6 +153,9 @@ def _tiles(row: dict[str, Any]) -> tuple[int, int]:
         return (1, 1)  # one block per (video, head): no tiles in its grid
     if row["source"] == "triton":
         return int(config["BLOCK_M"]), int(config.get("BLOCK_N", config["BLOCK_M"]))
+    if "tiles" in config:  # CUDA rows: scripts/gpu_static.py's cuda_tiles
+        block_m, block_n = config["tiles"]
+        return int(block_m), int(block_n)
     ints = [int(x) for x in re.findall(r"\b\d+\b", config.get("template", ""))]
     return (ints[1], ints[2]) if len(ints) >= 3 else (1, 1)
 
@@ -178,7 +186,10 @@ def estimates(static: Sequence[dict[str, Any]], variants: Sequence[str] = VARIAN
     for variant in variants:
         s = shape_of(variant)
         for source in ("triton", "cuda"):
-            kernels = ("ifa_fwd_kernel", "ifa_bwd_dkdv_kernel", "ifa_bwd_dq_kernel", "cfa_fwd_kernel")
+            # The CUDA backend's fp16/bf16 IFA runs the ifa_mma_* kernels (no bf16 ifa_fwd/bwd_*
+            # kernel is built), its fp32 one the FMA kernels: each dtype finds the ones that run it.
+            kernels = ("ifa_fwd_kernel", "ifa_mma_fwd_kernel", "ifa_bwd_dkdv_kernel", "ifa_mma_bwd_dkdv_kernel",
+                       "ifa_bwd_dq_kernel", "ifa_mma_bwd_dq_kernel", "cfa_fwd_kernel")
             for kernel in kernels:
                 row = _pick(static, kernel, source, arch, dtype, s.head_dim, s.t, prefer_toolchain)
                 if row is None:

@@ -15,8 +15,9 @@ Triton's own binder (pointer alignment, integer divisibility). The CUDA kernels 
 instantiations nvcc makes of the real sources (the launchers' dispatch picks them).
 
 Fails (exit status 1, naming each kernel) on a compile error, shared memory above the
-architecture's per-block limit, any spill in an fp16/bf16 kernel, or an fp16/bf16 Triton
-kernel without tensor-core instructions. fp32 spills are reported, not failed.
+architecture's per-block limit, any spill in an fp16/bf16 kernel, an fp16/bf16 Triton kernel
+without tensor-core instructions, or an fp16/bf16 CUDA kernel without ``HMMA``/``HGMMA`` in its
+SASS (or whose SASS could not be read). fp32 spills are reported, not failed.
 
 Compiled results are cached under ``build/gpu-static/`` keyed by everything that decides them
 (sources, toolchain version, flags, arguments), so a second run costs seconds.
@@ -101,8 +102,9 @@ def blocks_per_sm(arch: str, registers: int, threads: int, shared_bytes: int) ->
 
 def failures(row: dict[str, Any]) -> list[str]:
     """Why ``row`` fails the check (empty when it passes): a compile error, shared memory above
-    the architecture's per-block limit, a spill in an fp16/bf16 kernel, an fp16/bf16 Triton
-    kernel without tensor-core instructions, or no block fitting on an SM."""
+    the architecture's per-block limit, a spill in an fp16/bf16 kernel, an fp16/bf16 kernel
+    without tensor-core instructions (Triton: in its PTX or SASS; CUDA: ``HMMA``/``HGMMA`` in its
+    SASS, ``tensor_cores`` None when no SASS could be read), or no block fitting on an SM."""
     if row.get("error"):
         return [f"compile error: {row['error']}"]
     found = []
@@ -113,6 +115,9 @@ def failures(row: dict[str, Any]) -> list[str]:
         found.append(f"spills {row['spill_bytes']} B in a {row['dtype']} kernel")
     if row["source"] == "triton" and row["dtype"] in LOW_PRECISION and not row["tensor_cores"]:
         found.append(f"no tensor-core instructions in a {row['dtype']} Triton kernel")
+    if row["source"] == "cuda" and row["dtype"] in LOW_PRECISION and not row["tensor_cores"]:
+        found.append(f"no HMMA in the SASS of a {row['dtype']} CUDA kernel" if row["tensor_cores"] is False
+                     else f"SASS not read (no cuobjdump): cannot check a {row['dtype']} CUDA kernel for HMMA")
     if row["blocks_per_sm"] == 0 and not found:
         found.append(f"no block fits on one SM ({row['registers']} registers, {row['shared_bytes']} B shared)")
     return found
@@ -185,21 +190,47 @@ def split_sass(sass: str) -> dict[str, str]:
     return parts
 
 
-_CUDA_DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
+# The first template argument: ``scalar_t`` of the FMA kernels, or the 16-bit element tag of the
+# tensor-core kernels (csrc/cuda/warp_mma.cuh).
+_CUDA_DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16",
+                "xclip_ext::warp_mma::F16": "float16", "xclip_ext::warp_mma::BF16": "bfloat16"}
 _TEMPLATE = re.compile(r"(\w+)<([^<>]*)>\(")
 
 
 def cuda_kernel_config(demangled: str) -> tuple[str, str, list[int]]:
     """``void ns::ifa_fwd_kernel<c10::Half, float, 64, 64, 64>(...)`` ->
-    ``("ifa_fwd_kernel", "float16", [64, 64, 64])``: name, dtype of ``scalar_t`` and the
-    integer template arguments (DP first, then the tiles)."""
+    ``("ifa_fwd_kernel", "float16", [64, 64, 64])``: name, dtype of the first template argument
+    and the integer template arguments (DP first, then the tiles where the template has them;
+    ``ifa_mma_fwd_kernel<xclip_ext::warp_mma::BF16, 64>`` -> ``[64]``)."""
     m = _TEMPLATE.search(demangled)
     if m is None:
         raise ValueError(f"demangled: expected a kernel template instantiation, got {demangled!r}")
     args = [a.strip() for a in m.group(2).split(",")]
     if args[0] not in _CUDA_DTYPES:
         raise ValueError(f"demangled: unknown scalar type {args[0]!r} in {demangled!r}")
-    return m.group(1), _CUDA_DTYPES[args[0]], [int(a) for a in args[2:]]
+    return m.group(1), _CUDA_DTYPES[args[0]], [int(a) for a in args[1:] if re.fullmatch(r"-?\d+", a)]
+
+
+def cuda_tiles(kernel: str, ints: Sequence[int]) -> tuple[int, int]:
+    """(query tile rows, key tile rows) of one CUDA instantiation (``ints`` as
+    :func:`cuda_kernel_config` gives them): the FMA kernels carry them as template arguments;
+    the tensor-core forward's are ``FwdTiles<DP>`` (csrc/cuda/ifa_mma_forward.cuh, mirrored here
+    and checked against the header through the host model in tests/xclip_kernels/
+    test_cuda_mma_model.py); the message kernel has one block per (video, head): (1, 1)."""
+    if kernel == "ifa_mma_fwd_kernel":
+        return 64, 32
+    # The tensor-core backward's BwdTiles<DP> (csrc/cuda/ifa_mma_backward.cuh, checked through the
+    # host model in tests/xclip_kernels/test_cuda_mma_backward_model.py): dK/dV 64 keys, query
+    # tiles 64 / 64 / 32 / 16 at DP = 32 / 64 / 96 / 128; dQ 64 queries, key tiles 64 up to DP = 64.
+    if kernel == "ifa_mma_bwd_dkdv_kernel":
+        return {32: 64, 64: 64, 96: 32, 128: 16}[ints[0]], 64
+    if kernel == "ifa_mma_bwd_dq_kernel":
+        return 64, 64 if ints[0] <= 64 else 32
+    if kernel in ("ifa_fwd_kernel", "ifa_bwd_dkdv_kernel", "ifa_bwd_dq_kernel"):
+        return ints[1], ints[2]
+    if kernel == "cfa_fwd_kernel":
+        return 1, 1
+    raise ValueError(f"kernel: no tiles known for {kernel!r}")
 
 
 def cuda_shared_bytes(kernel: str, dtype: str, ints: Sequence[int], frames: int | None = None) -> int:
@@ -207,9 +238,24 @@ def cuda_shared_bytes(kernel: str, dtype: str, ints: Sequence[int], frames: int 
 
     Mirrors the layouts ``FwdSmem``/``DkdvSmem``/``DqSmem`` (csrc/cuda/frame_attention.cu) and
     ``CfaSmem`` (csrc/cuda/message_attention.cu), counted in the accumulation type (fp32, fp64
-    for double). The kernels declare only ``extern __shared__`` memory, so ptxas cannot report
-    it. ``ints`` are the template's integer arguments (DP, BM, BN); ``frames`` is T (message path).
+    for double), ``FwdTiles`` (csrc/cuda/ifa_mma_forward.cuh: 16-bit Q and double-buffered
+    K/V tiles, rows of DP + 8 elements) and ``BwdTiles`` (csrc/cuda/ifa_mma_backward.cuh). The
+    kernels declare only ``extern __shared__`` memory, so ptxas cannot report it. ``ints`` are
+    the template's integer arguments (DP, BM, BN; DP alone for the tensor-core kernels);
+    ``frames`` is T (message path).
     """
+    if kernel == "ifa_mma_fwd_kernel":
+        (dp,) = ints
+        bm, bn = cuda_tiles(kernel, ints)
+        return (bm + 4 * bn) * (dp + 8) * 2
+    if kernel == "ifa_mma_bwd_dkdv_kernel":  # K, V; Q, dO double-buffered; lse, delta (2 x BM floats)
+        (dp,) = ints
+        bm, bn = cuda_tiles(kernel, ints)
+        return (2 * bn + 4 * bm) * (dp + 8) * 2 + 4 * bm * 4
+    if kernel == "ifa_mma_bwd_dq_kernel":  # Q, dO; K, V double-buffered; msg_k, msg_v (DP), p, dS (BM)
+        (dp,) = ints
+        bm, bn = cuda_tiles(kernel, ints)
+        return (2 * bm + 4 * bn) * (dp + 8) * 2 + 2 * dp * 4 + 2 * bm * 4
     acc = 8 if dtype == "float64" else 4
     if kernel == "cfa_fwd_kernel":
         if frames is None:
@@ -501,7 +547,7 @@ def cuda_rows(source: str, arch: str, cache: str | None) -> list[dict[str, Any]]
                          tensor_cores=False, threads=0, error="nvcc failed: " + " | ".join(tail))]
         entries = parse_ptxas_log(result.stdout + result.stderr)
         cuobjdump = shutil.which("cuobjdump") or _venv_cuobjdump()
-        sass = {}
+        sass = None  # None: no SASS read, so tensor_cores is unknown (None) below
         if cuobjdump:
             sass = split_sass(subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True,
                                              check=True).stdout)
@@ -516,8 +562,10 @@ def cuda_rows(source: str, arch: str, cache: str | None) -> list[dict[str, Any]]
                 kernel=kernel, source="cuda", arch=arch, dtype=dtype, head_dim=ints[0], frames=frames,
                 toolchain=toolchain, registers=entry.registers, spill_bytes=entry.spill_stores,
                 shared_bytes=entry.static_shared + cuda_shared_bytes(kernel, dtype, ints, frames),
-                tensor_cores=has_tensor_core_instructions(sass=sass.get(entry.function, "")),
-                threads=threads, config={"template": demangled[demangled.index("<"):demangled.index(">(") + 1]},
+                tensor_cores=(None if sass is None
+                              else has_tensor_core_instructions(sass=sass.get(entry.function, ""))),
+                threads=threads, config={"template": demangled[demangled.index("<"):demangled.index(">(") + 1],
+                                         "tiles": list(cuda_tiles(kernel, ints))},
                 error=None,
             ))
     if path:
@@ -529,9 +577,10 @@ def cuda_rows(source: str, arch: str, cache: str | None) -> list[dict[str, Any]]
 def _venv_cuobjdump() -> str | None:
     # CUDA's own cuobjdump may be missing (a compiler-only install); Triton bundles one.
     try:
-        return _triton_tool("cuobjdump")
+        path = _triton_tool("cuobjdump")
     except ImportError:
         return None
+    return path if os.path.isfile(path) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +597,10 @@ def finish_row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _yes_no(value: bool | None) -> str:
+    return "?" if value is None else "yes" if value else "no"
+
+
 def format_table(rows: Iterable[dict[str, Any]]) -> str:
     """One line per kernel configuration, failures marked."""
     header = (f"{'kernel':<20} {'source':<6} {'arch':<6} {'dtype':<8} {'D':>3} {'T':>3} {'toolchain':<12} "
@@ -557,7 +610,7 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
         lines.append(
             f"{r['kernel']:<20} {r['source']:<6} {r['arch']:<6} {str(r['dtype']):<8} {str(r['head_dim']):>3} "
             f"{str(r['frames'] or ''):>3} {r['toolchain']:<12} {r['registers']:>4} {r['spill_bytes']:>5} "
-            f"{r['shared_bytes']:>7} {'yes' if r['tensor_cores'] else 'no':>3} {r['blocks_per_sm']:>6}  "
+            f"{r['shared_bytes']:>7} {_yes_no(r['tensor_cores']):>3} {r['blocks_per_sm']:>6}  "
             + ("FAIL: " + "; ".join(r["failures"]) if r["failures"] else "ok"))
     return "\n".join(lines)
 
@@ -576,7 +629,7 @@ def markdown_report(rows: Sequence[dict[str, Any]], arch: str = "sm_90a", triton
             continue
         lines.append(f"| {r['kernel']} | {r['source']} | {r['toolchain']} | {r['dtype']} | {r['head_dim']} | "
                      f"{r['frames'] or ''} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
-                     f"{'yes' if r['tensor_cores'] else 'no'} | {r['blocks_per_sm']} |")
+                     f"{_yes_no(r['tensor_cores'])} | {r['blocks_per_sm']} |")
     failed = [r for r in rows if r["failures"]]
     lines += ["", f"Failing ({len(failed)} of {len(rows)} rows, all architectures):", ""]
     lines += [f"- {r['kernel']} ({r['source']}, {r['toolchain']}, {r['arch']}, {r['dtype']}, D = {r['head_dim']}"

@@ -20,12 +20,16 @@
 // input type only as mma operands, the streamed Q/dO (dK/dV) or K/V (dQ) tiles double-buffered
 // by cp.async; the host model runs those kernels' source on the CPU (docs/cuda.md).
 //
-// Why plain CUDA-core FMA and not tensor cores. This file cannot be run where it was written;
-// scalar fp32 math in shared memory is the variant that is easy to get right, and at X-CLIP's
-// sizes (N = 50..577, D = 64) IFA is a few percent of the model's FLOPs and is bound by memory
-// and latency rather than by the multiply rate (docs/benchmarking.md#hardware-limits). All
-// math is in the accumulation type (fp32 for all three input dtypes: fp32, fp16, bf16; no fp64
-// is built), inputs are converted once when a tile is staged into shared memory.
+// Why CUDA-core FMA for fp32 and tensor cores for fp16/bf16. The kernels in this file do
+// scalar fp32 math in shared memory (no fp64 is built), converting inputs once when a tile is
+// staged: exact for fp32 inputs (no tf32), so they run fp32, forward and backward. The fp16/bf16
+// forward runs ifa_mma_fwd_kernel instead (ifa_mma_forward.cuh, which gives its tiles, shared
+// memory and registers): mma.sync m16n8k16 with fp32 accumulation, fragments by ldmatrix, K/V
+// tiles double-buffered by cp.async; the fp16/bf16 backward runs the kernels of
+// ifa_mma_backward.cuh (above). The FMA kernels use a small fraction of an H100's multiply rate
+// (~60 TFLOP/s fp32 FMA against ~790 TFLOP/s bf16 dense on tensor cores), too little for a
+// CUDA backend to keep up with Triton's tensor-core kernels; the tensor-core kernels' index
+// math is checked on the CPU, where this file cannot run, by the host model (docs/cuda.md).
 //
 // Why these tiles. 128 threads = 4 warps laid out as 8 row groups (ty) x 16 lanes (tx); a
 // half-warp owns whole tile rows, so row max/sum reductions are 4 xor-shuffles that never
@@ -37,7 +41,8 @@
 // instantiations. Query tiles of 64 rows keep the number of blocks high for N ~ 200 (4 tiles
 // per frame-head) and waste at most 63 rows on the ragged tail; key tiles are 64 wide for
 // DP <= 64 and 32 wide above, so that every kernel's shared memory stays under 78 KiB in fp32
-// (2-3 blocks per SM on A100/H100, and within the 99 KiB opt-in limit of sm_86/89):
+// (2-3 blocks per SM on A100/H100, and within the 99 KiB opt-in limit of sm_86/89); these
+// are the fp32 kernels (the fp16/bf16 tiles: ifa_mma_forward.cuh, ifa_mma_backward.cuh):
 //   forward    BM=64 queries, BN=64|32 keys:   DP=64: 69.2 KiB, DP=128: 77.5 KiB
 //   dK/dV      BN=64|32 keys, BM=32 queries:   DP=64: 73.0 KiB, DP=128: 76.8 KiB
 //   dQ         BM=64|32 queries, BN=32 keys:   DP=64: 62.2 KiB, DP=128: 72.0 KiB
@@ -59,6 +64,7 @@
 #include "ifa_mma_backward.cuh"
 #include "../xclip_ops.h"
 #include "common.cuh"
+#include "ifa_mma_forward.cuh"
 
 namespace xclip_ext {
 namespace {
@@ -633,6 +639,35 @@ void check_sizes(int64_t frames, int64_t tokens, int64_t heads, int64_t head_dim
                     head_dim);
 }
 
+// fp16/bf16 forward: the tensor-core kernel (ifa_mma_forward.cuh) on the tensors' raw 16-bit
+// values; grid, block and shared memory from its FwdTiles, the staging paths from make_fwd_args.
+ifa_mma::RowsArg mma_rows(const at::Tensor& t) {
+  return {reinterpret_cast<const uint16_t*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+ifa_mma::VecsArg mma_vecs(const at::Tensor& t) {
+  return {reinterpret_cast<const uint16_t*>(t.const_data_ptr()), t.stride(0), t.stride(1)};
+}
+
+template <typename Tag>
+void launch_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& msg_k,
+                        const at::Tensor& msg_v, at::Tensor& out, at::Tensor& lse, double scale, cudaStream_t stream) {
+  const int64_t frames = q.size(0), tokens = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  dispatch_head_dim(head_dim, "frame_attention (cuda): head dim D", [&](auto dp) {
+    constexpr int DP = decltype(dp)::value;
+    using L = ifa_mma::FwdTiles<DP>;
+    static_assert(L::kThreads == kThreads, "one block size for every CUDA kernel (gpu_static reads kThreads)");
+    auto kernel = ifa_mma::ifa_mma_fwd_kernel<Tag, DP>;
+    prepare_shared_memory(kernel, L::kSharedBytes, "frame_attention_forward_cuda");
+    const ifa_mma::FwdArgs args = ifa_mma::make_fwd_args(
+        mma_rows(q), mma_rows(k), mma_rows(v), mma_vecs(msg_k), mma_vecs(msg_v),
+        reinterpret_cast<uint16_t*>(out.mutable_data_ptr()), lse.data_ptr<float>(), static_cast<int>(tokens),
+        static_cast<int>(heads), static_cast<int>(head_dim), scale);
+    const dim3 grid(static_cast<unsigned>(frames * heads), static_cast<unsigned>(L::query_tiles(tokens)));
+    kernel<<<grid, L::kThreads, L::kSharedBytes, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> frame_attention_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -649,22 +684,33 @@ std::tuple<at::Tensor, at::Tensor> frame_attention_forward_cuda(const at::Tensor
   check_sizes(frames, tokens, heads, head_dim);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  XCLIP_DISPATCH_CUDA_TYPES(q.scalar_type(), "frame_attention_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_head_dim(head_dim, "frame_attention (cuda): head dim D", [&](auto dp) {
-      constexpr int DP = decltype(dp)::value;
-      constexpr int BM = Tiles<DP>::fwd_m, BN = Tiles<DP>::fwd_n;
-      const size_t smem = FwdSmem<DP, BM, BN>::total * sizeof(acc_t);
-      auto kernel = ifa_fwd_kernel<scalar_t, acc_t, DP, BM, BN>;
-      prepare_shared_memory(kernel, smem, "frame_attention_forward_cuda");
-      const dim3 grid(static_cast<unsigned>(frames * heads), static_cast<unsigned>(ceil_div(tokens, BM)));
-      kernel<<<grid, kThreads, smem, stream>>>(
-          rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), vecs_of<scalar_t>(msg_k),
-          vecs_of<scalar_t>(msg_v), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), static_cast<int>(tokens),
-          static_cast<int>(heads), static_cast<int>(head_dim), static_cast<acc_t>(scale * kLog2e));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      // fp32: the exact CUDA-core kernel.
+      dispatch_head_dim(head_dim, "frame_attention (cuda): head dim D", [&](auto dp) {
+        constexpr int DP = decltype(dp)::value;
+        constexpr int BM = Tiles<DP>::fwd_m, BN = Tiles<DP>::fwd_n;
+        const size_t smem = FwdSmem<DP, BM, BN>::total * sizeof(float);
+        auto kernel = ifa_fwd_kernel<float, float, DP, BM, BN>;
+        prepare_shared_memory(kernel, smem, "frame_attention_forward_cuda");
+        const dim3 grid(static_cast<unsigned>(frames * heads), static_cast<unsigned>(ceil_div(tokens, BM)));
+        kernel<<<grid, kThreads, smem, stream>>>(
+            rows_of<float>(q), rows_of<float>(k), rows_of<float>(v), vecs_of<float>(msg_k), vecs_of<float>(msg_v),
+            out.data_ptr<float>(), lse.data_ptr<float>(), static_cast<int>(tokens), static_cast<int>(heads),
+            static_cast<int>(head_dim), static_cast<float>(scale * kLog2e));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      break;
+    case at::kHalf:
+      launch_mma_forward<warp_mma::F16>(q, k, v, msg_k, msg_v, out, lse, scale, stream);
+      break;
+    case at::kBFloat16:
+      launch_mma_forward<warp_mma::BF16>(q, k, v, msg_k, msg_v, out, lse, scale, stream);
+      break;
+    default:
+      TORCH_CHECK_VALUE(false, "frame_attention_forward_cuda: q must be float32, float16 or bfloat16, got ",
+                        q.scalar_type());
+  }
   return {out, lse};
 }
 

@@ -38,6 +38,10 @@ def test_kernel_work():
     assert dq[0] - 8 * 256 * 12 * 197 * 64 == 6 * 256 * 12 * 197 * 197 * 64
     cfa = gm.kernel_work("cfa_fwd_kernel", s, (16, 16))
     assert cfa[0] == 2 * 256 * 768 * 3 * 768 + 4 * 256 * 8 * 768 and cfa[2] == 32 * 12
+    # The CUDA tensor-core kernels do the work of their FMA counterparts.
+    assert gm.kernel_work("ifa_mma_fwd_kernel", s, (64, 64)) == (flops, moved, blocks)
+    assert gm.kernel_work("ifa_mma_bwd_dkdv_kernel", s, (64, 32)) == dkdv
+    assert gm.kernel_work("ifa_mma_bwd_dq_kernel", s, (64, 32)) == dq
     with pytest.raises(ValueError, match="kernel"):
         gm.kernel_work("gemm", s, (64, 64))
 
@@ -91,6 +95,22 @@ def test_estimates_use_the_static_rows():
     cuda_cfa = [r for r in rows if r["source"] == "cuda" and r["kernel"] == "cfa_fwd_kernel"]
     assert len(cuda_cfa) == 2 and all(r["blocks"] == 32 * 12 and r["estimate_us"] > 0 for r in cuda_cfa)
     assert "does not fit" in gm.format_table(rows)
+
+
+def test_estimates_of_the_cuda_tensor_core_forward():
+    """Its tiles come from the row's config["tiles"] (its template has DP only); it is priced at
+    the tensor-core rate; the bf16 estimate takes it, the fp32 one the FMA kernel."""
+    static = [
+        _static_row("ifa_mma_fwd_kernel", "cuda", 3, tensor_cores=True,
+                    config={"template": "<xclip_ext::warp_mma::BF16, 64>", "tiles": [64, 32]}),
+        _static_row("ifa_fwd_kernel", "cuda", 2, dtype="float32"),
+    ]
+    (h100, h200) = sorted(gm.estimates(static, variants=("xclip-b16",)), key=lambda r: r["gpu"])
+    assert h100["kernel"] == "ifa_mma_fwd_kernel" and h100["blocks"] == 4 * 256 * 12 and h100["bound"] == "memory"
+    assert h100["estimate_us"] == pytest.approx(h100["roofline_us"] / gm.wave_efficiency(4 * 256 * 12, 132, 3))
+    assert h200["roofline_us"] < h100["roofline_us"]
+    (fp32, _) = gm.estimates(static, variants=("xclip-b16",), dtype="float32")
+    assert fp32["kernel"] == "ifa_fwd_kernel" and fp32["bound"] == "compute"
 
 
 def test_cli_reads_the_static_json(tmp_path):

@@ -108,9 +108,17 @@ def test_failures(gs):
     # Spills fail in fp16/bf16, are reported but pass in fp32.
     assert any("spills 8 B" in f for f in gs.failures(gs.finish_row(_row(dtype="float16", spill_bytes=8))))
     assert gs.failures(gs.finish_row(_row(dtype="float32", spill_bytes=13000, tensor_cores=False))) == []
-    # Tensor cores are required of fp16/bf16 Triton kernels only.
+    # Tensor cores are required of fp16/bf16 kernels: Triton (PTX or SASS) and CUDA (HMMA in the
+    # SASS; a CUDA row whose SASS could not be read has tensor_cores None and fails too).
     assert any("tensor-core" in f for f in gs.failures(gs.finish_row(_row(tensor_cores=False))))
-    assert gs.failures(gs.finish_row(_row(source="cuda", toolchain="nvcc 13.0", tensor_cores=False))) == []
+    cuda = dict(source="cuda", toolchain="nvcc 13.0")
+    assert any("no HMMA in the SASS of a bfloat16 CUDA kernel" in f
+               for f in gs.failures(gs.finish_row(_row(**cuda, tensor_cores=False))))
+    assert any("no HMMA in the SASS of a float16 CUDA kernel" in f
+               for f in gs.failures(gs.finish_row(_row(**cuda, dtype="float16", tensor_cores=False))))
+    assert any("SASS not read" in f for f in gs.failures(gs.finish_row(_row(**cuda, tensor_cores=None))))
+    assert gs.failures(gs.finish_row(_row(**cuda, tensor_cores=True))) == []
+    assert gs.failures(gs.finish_row(_row(**cuda, dtype="float32", tensor_cores=False))) == []
     # The per-block shared-memory limit is the architecture's: 200 KB fits sm_90a's 227 KB, not sm_80's 163 KB.
     assert gs.failures(gs.finish_row(_row(arch="sm_90a", shared_bytes=200 * 1024))) == []
     assert any("shared memory" in f for f in gs.failures(gs.finish_row(_row(arch="sm_80", shared_bytes=200 * 1024))))
@@ -139,6 +147,10 @@ def test_cuda_kernel_config(gs):
     assert gs.cuda_kernel_config(name) == ("ifa_bwd_dq_kernel", "bfloat16", [128, 32, 32])
     assert gs.cuda_kernel_config("void ns::cfa_fwd_kernel<double, double, 32>(double const*, int)") == (
         "cfa_fwd_kernel", "float64", [32])
+    # The tensor-core kernels: a warp_mma tag, then DP alone.
+    mma = "void xclip_ext::ifa_mma::ifa_mma_fwd_kernel<xclip_ext::warp_mma::{}, {}>(xclip_ext::ifa_mma::FwdArgs)"
+    assert gs.cuda_kernel_config(mma.format("BF16", 64)) == ("ifa_mma_fwd_kernel", "bfloat16", [64])
+    assert gs.cuda_kernel_config(mma.format("F16", 96)) == ("ifa_mma_fwd_kernel", "float16", [96])
     with pytest.raises(ValueError, match="demangled"):
         gs.cuda_kernel_config("void ns::plain(int)")
 
@@ -209,6 +221,36 @@ def test_compile_request_specialises_like_the_jit(gs):
     divisible = {names[path[0]] for path, attr in request["attrs"].items() if ["tt.divisibility", 16] in attr}
     assert {"Q", "K", "V", "O", "s_qn"} <= divisible
     assert "N" not in divisible and "H" not in divisible  # N = 197 is never specialised, H = 12 is not 16-divisible
+
+
+def test_cuda_tiles(gs):
+    assert gs.cuda_tiles("ifa_bwd_dq_kernel", [128, 32, 16]) == (32, 16)  # FMA kernels: the template's
+    assert gs.cuda_tiles("ifa_mma_fwd_kernel", [64]) == (64, 32)  # FwdTiles<DP>
+    assert gs.cuda_tiles("ifa_mma_fwd_kernel", [128]) == (64, 32)
+    assert gs.cuda_tiles("cfa_fwd_kernel", [64]) == (1, 1)
+    with pytest.raises(ValueError, match="no tiles known"):
+        gs.cuda_tiles("other_kernel", [64])
+
+
+def test_cuda_shared_bytes_of_the_tensor_core_forward(gs):
+    """16-bit Q (64 rows) and two K and two V buffers of 32 key rows, rows DP + 8 elements long;
+    the same for both tags (the host-model test checks the header agrees)."""
+    assert gs.cuda_shared_bytes("ifa_mma_fwd_kernel", "bfloat16", [64]) == (64 + 4 * 32) * 72 * 2 == 27648
+    assert gs.cuda_shared_bytes("ifa_mma_fwd_kernel", "float16", [128]) == (64 + 4 * 32) * 136 * 2 == 52224
+    assert gs.cuda_shared_bytes("ifa_mma_fwd_kernel", "float16", [32]) == (64 + 4 * 32) * 40 * 2
+
+
+def test_cuda_tiles_and_shared_bytes_of_the_tensor_core_backward(gs):
+    """BwdTiles<DP>: dK/dV 64 keys with query tiles shrinking as DP grows, dQ 64 queries (the
+    host-model test of the backward checks these against the header)."""
+    assert [gs.cuda_tiles("ifa_mma_bwd_dkdv_kernel", [dp]) for dp in (32, 64, 96, 128)] == [
+        (64, 64), (64, 64), (32, 64), (16, 64)]
+    assert [gs.cuda_tiles("ifa_mma_bwd_dq_kernel", [dp]) for dp in (32, 64, 96, 128)] == [
+        (64, 64), (64, 64), (64, 32), (64, 32)]
+    # DP = 64: K, V (64 rows) and two Q, two dO buffers (64 rows) of 72 elements; lse/delta floats.
+    assert gs.cuda_shared_bytes("ifa_mma_bwd_dkdv_kernel", "bfloat16", [64]) == (2 * 64 + 4 * 64) * 144 + 4 * 64 * 4
+    assert gs.cuda_shared_bytes("ifa_mma_bwd_dq_kernel", "float16", [128]) == (
+        (2 * 64 + 4 * 32) * 272 + 2 * 128 * 4 + 2 * 64 * 4)
 
 
 def test_markdown_report(gs):
