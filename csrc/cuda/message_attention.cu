@@ -18,14 +18,25 @@
 // Every head recomputes the LayerNorm statistics of its video's rows: T * W reads from L2,
 // negligible next to the head's 3 * hd * W weight slice, and it avoids a third launch.
 //
-// Why these tiles. 128 threads as 8 row groups (ty) x 16 lanes (tx), thread (ty, tx) owning
-// rows t = ty + 8i (i < 8, so T <= 64) and head-dim columns tx + 16j: with T = 8 (the common
-// case) all 128 threads still have work, and the T x T softmax rows live in one half-warp
-// (shuffle reductions). The projection streams W in chunks of 16 columns: the normalised rows
-// (Tp x 16) and one weight slice (DP x 16) sit in shared memory with odd row strides (17), so
-// the 16 lanes reading 16 different weight rows hit 16 banks. q, k and v are projected one
-// after the other (three passes over the chunks) to keep the accumulators at 8 x DP/16 <= 64
-// registers. Head dim is padded to DP in {32, 64, 96, 128}; T to Tp = roundup(T, 8).
+// Why tensor cores for fp16/bf16 (issue 16: "use tensor cores for its projections only if the
+// GPU-time model says it pays"). The projections are 6 F W^2 of the 6 F W^2 + 4 F T W FLOPs
+// here. On CUDA-core FMA this kernel models (python -m benchmarks.gpu_model on make gpu-static's
+// sm_90a rows, bf16, batch 32, T = 8, H100) at 14.0 us at X-CLIP-B/16 and 37.4 us at L/14,
+// compute bound, against 2.4 / 3.0 us for the Triton message kernel, whose projections run on
+// tensor cores. The tensor-core kernel's own sm_90a figures (158 registers at DP = 64, 38.7 KiB
+// at T = 8: 3 blocks per SM) model 1.5 / 3.6 us (docs/cuda.md). So fp16/bf16 run
+// cfa_mma_fwd_kernel (cfa_mma.cuh: same contract and launch structure, q/k/v on mma.sync
+// m16n8k16 with fp32 accumulation; its own header gives tiles, shared memory, registers), and
+// the kernel below is built for fp32 only (the exact path). A model, not a measurement.
+//
+// Why these tiles (the fp32 kernel). 128 threads as 8 row groups (ty) x 16 lanes (tx), thread (ty,
+// tx) owning rows t = ty + 8i (i < 8, so T <= 64) and head-dim columns tx + 16j: with T = 8 (the
+// common case) all 128 threads still have work, and the T x T softmax rows live in one half-warp
+// (shuffle reductions). The projection streams W in chunks of 16 columns: the normalised rows (Tp x
+// 16) and one weight slice (DP x 16) sit in shared memory with odd row strides (17), so the 16
+// lanes reading 16 different weight rows hit 16 banks. q, k and v are projected one after the other
+// (three passes over the chunks) to keep the accumulators at 8 x DP/16 <= 64 registers. Head dim is
+// padded to DP in {32, 64, 96, 128}; T to Tp = roundup(T, 8).
 // Shared memory (acc_t units) = Tp*17 + DP*17 + 3*Tp*(DP+1) + Tp*80 + 2*Tp, sized at launch:
 // T = 8, hd = 64: 13.4 KiB; T = 32: 41 KiB; T = 64: 77.8 KiB (fp32).
 #include <ATen/ATen.h>
