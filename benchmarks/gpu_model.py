@@ -10,7 +10,8 @@ Triton and CUDA kernel at X-CLIP-B/16 and L/14, 8 frames, batch 32, gives:
   kernels recompute the scores: dK/dV ``8·F·H·N²·D`` (QKᵀ, PᵀdO, dOVᵀ, dSᵀQ), dQ
   ``6·F·H·N²·D`` (QKᵀ, dOVᵀ, dS·K) (the CUDA backend's fp16/bf16 ones are the tensor-core
   ``ifa_mma_bwd_dkdv_kernel`` and ``ifa_mma_bwd_dq_kernel``, same work); the message kernel the
-  q/k/v projection ``6·F·W²`` plus attention over T ``4·F·T·W``.
+  q/k/v projection ``6·F·W²`` plus attention over T ``4·F·T·W`` (the CUDA backend's fp16/bf16
+  one is the tensor-core ``cfa_mma_fwd_kernel``, same work).
 - **bytes**: compulsory HBM traffic, every input read once and every output written once
   (re-reads of a frame's keys hit L2, which holds them many times over).
 - **arithmetic intensity** and the **roofline** time ``max(FLOPs / peak, bytes / bandwidth)``,
@@ -97,8 +98,9 @@ def kernel_work(kernel: str, s: Shape, tiles: tuple[int, int], dtype_bytes: int 
 
     ``kernel`` is a name shared by both backends (``ifa_fwd_kernel``, ``ifa_bwd_dkdv_kernel``,
     ``ifa_bwd_dq_kernel``, ``cfa_fwd_kernel``) or a CUDA tensor-core kernel
-    (``ifa_mma_fwd_kernel``, ``ifa_mma_bwd_dkdv_kernel``, ``ifa_mma_bwd_dq_kernel``: the work of
-    the kernel without ``mma_``); ``tiles`` its (query tile, key tile) rows.
+    (``ifa_mma_fwd_kernel``, ``ifa_mma_bwd_dkdv_kernel``, ``ifa_mma_bwd_dq_kernel``,
+    ``cfa_mma_fwd_kernel``: the work of the kernel without ``mma_``); ``tiles`` its (query tile,
+    key tile) rows.
     """
     f, n, h, d = s.frames, s.tokens, s.heads, s.head_dim
     block_m, block_n = tiles
@@ -118,15 +120,15 @@ def kernel_work(kernel: str, s: Shape, tiles: tuple[int, int], dtype_bytes: int 
         flops = 6 * f * h * n * n * d + 8 * f * h * n * d  # plus the message column as vectors
         moved = dtype_bytes * (5 * rows + 2 * vecs) + 2 * stats + 2 * 4 * f * h * m_tiles * d
         blocks = m_tiles * f * h
-    elif kernel == "cfa_fwd_kernel":
+    elif kernel in ("cfa_fwd_kernel", "cfa_mma_fwd_kernel"):
         w, r = s.width, s.videos * s.t
         flops = 2 * r * w * 3 * w + 4 * r * s.t * w
         moved = dtype_bytes * (r * w + 3 * w * w + 3 * w + 3 * w + 2 * r * w)  # messages, W_in, biases, LN in; 2 out
         blocks = s.videos * h
     else:
         raise ValueError(f"kernel: expected one of ifa_fwd_kernel, ifa_mma_fwd_kernel, ifa_bwd_dkdv_kernel, "
-                         f"ifa_mma_bwd_dkdv_kernel, ifa_bwd_dq_kernel, ifa_mma_bwd_dq_kernel, cfa_fwd_kernel; "
-                         f"got {kernel!r}")
+                         f"ifa_mma_bwd_dkdv_kernel, ifa_bwd_dq_kernel, ifa_mma_bwd_dq_kernel, cfa_fwd_kernel, "
+                         f"cfa_mma_fwd_kernel; got {kernel!r}")
     return flops, moved, blocks
 
 
@@ -149,7 +151,7 @@ def wave_efficiency(blocks: int, sms: int, blocks_per_sm: int) -> float:
 
 def _tiles(row: dict[str, Any]) -> tuple[int, int]:
     config = row.get("config") or {}
-    if row["kernel"] == "cfa_fwd_kernel":
+    if row["kernel"] in ("cfa_fwd_kernel", "cfa_mma_fwd_kernel"):
         return (1, 1)  # one block per (video, head): no tiles in its grid
     if row["source"] == "triton":
         return int(config["BLOCK_M"]), int(config.get("BLOCK_N", config["BLOCK_M"]))
@@ -170,7 +172,7 @@ def _pick(static: Sequence[dict[str, Any]], kernel: str, source: str, arch: str,
         candidates = [r for r in candidates if r["head_dim"] == padded]
     else:
         candidates = [r for r in candidates if r["head_dim"] == head_dim]
-    if kernel == "cfa_fwd_kernel":
+    if kernel in ("cfa_fwd_kernel", "cfa_mma_fwd_kernel"):
         candidates = [r for r in candidates if r.get("frames") == frames]
     preferred = [r for r in candidates if prefer_toolchain in r["toolchain"]]
     return (preferred or candidates or [None])[0]
@@ -186,10 +188,11 @@ def estimates(static: Sequence[dict[str, Any]], variants: Sequence[str] = VARIAN
     for variant in variants:
         s = shape_of(variant)
         for source in ("triton", "cuda"):
-            # The CUDA backend's fp16/bf16 IFA runs the ifa_mma_* kernels (no bf16 ifa_fwd/bwd_*
-            # kernel is built), its fp32 one the FMA kernels: each dtype finds the ones that run it.
+            # The CUDA backend's fp16/bf16 IFA and message path run the *_mma_* kernels (no bf16
+            # ifa_fwd/bwd_* or cfa_fwd_kernel is built), its fp32 ones the FMA kernels: each dtype
+            # finds the ones that run it.
             kernels = ("ifa_fwd_kernel", "ifa_mma_fwd_kernel", "ifa_bwd_dkdv_kernel", "ifa_mma_bwd_dkdv_kernel",
-                       "ifa_bwd_dq_kernel", "ifa_mma_bwd_dq_kernel", "cfa_fwd_kernel")
+                       "ifa_bwd_dq_kernel", "ifa_mma_bwd_dq_kernel", "cfa_fwd_kernel", "cfa_mma_fwd_kernel")
             for kernel in kernels:
                 row = _pick(static, kernel, source, arch, dtype, s.head_dim, s.t, prefer_toolchain)
                 if row is None:

@@ -216,7 +216,8 @@ def cuda_tiles(kernel: str, ints: Sequence[int]) -> tuple[int, int]:
     :func:`cuda_kernel_config` gives them): the FMA kernels carry them as template arguments;
     the tensor-core forward's are ``FwdTiles<DP>`` (csrc/cuda/ifa_mma_forward.cuh, mirrored here
     and checked against the header through the host model in tests/xclip_kernels/
-    test_cuda_mma_model.py); the message kernel has one block per (video, head): (1, 1)."""
+    test_cuda_mma_model.py); the message kernels (FMA and tensor-core) have one block per
+    (video, head): (1, 1)."""
     if kernel == "ifa_mma_fwd_kernel":
         return 64, 32
     # The tensor-core backward's BwdTiles<DP> (csrc/cuda/ifa_mma_backward.cuh, checked through the
@@ -228,7 +229,7 @@ def cuda_tiles(kernel: str, ints: Sequence[int]) -> tuple[int, int]:
         return 64, 64 if ints[0] <= 64 else 32
     if kernel in ("ifa_fwd_kernel", "ifa_bwd_dkdv_kernel", "ifa_bwd_dq_kernel"):
         return ints[1], ints[2]
-    if kernel == "cfa_fwd_kernel":
+    if kernel in ("cfa_fwd_kernel", "cfa_mma_fwd_kernel"):
         return 1, 1
     raise ValueError(f"kernel: no tiles known for {kernel!r}")
 
@@ -239,10 +240,12 @@ def cuda_shared_bytes(kernel: str, dtype: str, ints: Sequence[int], frames: int 
     Mirrors the layouts ``FwdSmem``/``DkdvSmem``/``DqSmem`` (csrc/cuda/frame_attention.cu) and
     ``CfaSmem`` (csrc/cuda/message_attention.cu), counted in the accumulation type (fp32, fp64
     for double), ``FwdTiles`` (csrc/cuda/ifa_mma_forward.cuh: 16-bit Q and double-buffered
-    K/V tiles, rows of DP + 8 elements) and ``BwdTiles`` (csrc/cuda/ifa_mma_backward.cuh). The
-    kernels declare only ``extern __shared__`` memory, so ptxas cannot report it. ``ints`` are
-    the template's integer arguments (DP, BM, BN; DP alone for the tensor-core kernels);
-    ``frames`` is T (message path).
+    K/V tiles, rows of DP + 8 elements), ``BwdTiles`` (csrc/cuda/ifa_mma_backward.cuh) and
+    ``CfaTiles`` (csrc/cuda/cfa_mma.cuh: 16-bit A and B k-chunk double buffers, fp32 q/k/v;
+    checked against the header through the host model in tests/xclip_kernels/
+    test_cuda_cfa_model.py). The kernels declare only ``extern __shared__`` memory, so ptxas
+    cannot report it. ``ints`` are the template's integer arguments (DP, BM, BN; DP alone for
+    the tensor-core kernels); ``frames`` is T (message path).
     """
     if kernel == "ifa_mma_fwd_kernel":
         (dp,) = ints
@@ -256,6 +259,15 @@ def cuda_shared_bytes(kernel: str, dtype: str, ints: Sequence[int], frames: int 
         (dp,) = ints
         bm, bn = cuda_tiles(kernel, ints)
         return (2 * bm + 4 * bn) * (dp + 8) * 2 + 2 * dp * 4 + 2 * bm * 4
+    if kernel == "cfa_mma_fwd_kernel":
+        if frames is None:
+            raise ValueError("frames: the message kernel's shared memory depends on T; got None")
+        (dp,) = ints
+        k_bk, k_max_t = 32, 64
+        stride, parts = k_bk + 8, 3 if dp <= 64 else 1
+        t16, t8 = _round_up(frames, 16), _round_up(frames, 8)
+        staging = max(2 * t16 * stride * 2 + 2 * parts * dp * stride * 2, t8 * (k_max_t + 16) * 4)
+        return _round_up(staging + 3 * t8 * (dp + 1) * 4 + 2 * t8 * 4, 16)
     acc = 8 if dtype == "float64" else 4
     if kernel == "cfa_fwd_kernel":
         if frames is None:
@@ -557,7 +569,7 @@ def cuda_rows(source: str, arch: str, cache: str | None) -> list[dict[str, Any]]
     rows = []
     for entry, demangled in zip(entries, names):
         kernel, dtype, ints = cuda_kernel_config(demangled)
-        for frames in (CFA_FRAMES if kernel == "cfa_fwd_kernel" else (None,)):
+        for frames in (CFA_FRAMES if kernel in ("cfa_fwd_kernel", "cfa_mma_fwd_kernel") else (None,)):
             rows.append(dict(
                 kernel=kernel, source="cuda", arch=arch, dtype=dtype, head_dim=ints[0], frames=frames,
                 toolchain=toolchain, registers=entry.registers, spill_bytes=entry.spill_stores,

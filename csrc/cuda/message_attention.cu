@@ -18,19 +18,28 @@
 // Every head recomputes the LayerNorm statistics of its video's rows: T * W reads from L2,
 // negligible next to the head's 3 * hd * W weight slice, and it avoids a third launch.
 //
-// Why these tiles. 128 threads as 8 row groups (ty) x 16 lanes (tx), thread (ty, tx) owning
-// rows t = ty + 8i (i < 8, so T <= 64) and head-dim columns tx + 16j: with T = 8 (the common
-// case) all 128 threads still have work, and the T x T softmax rows live in one half-warp
-// (shuffle reductions). The projection streams W in chunks of 16 columns: the normalised rows
-// (Tp x 16) and one weight slice (DP x 16) sit in shared memory with odd row strides (17), so
-// the 16 lanes reading 16 different weight rows hit 16 banks. q, k and v are projected one
-// after the other (three passes over the chunks) to keep the accumulators at 8 x DP/16 <= 64
-// registers. Head dim is padded to DP in {32, 64, 96, 128}; T to Tp = roundup(T, 8).
+// Why tensor cores for fp16/bf16 (issue 16: "use tensor cores for its projections only if the
+// GPU-time model says it pays"). The projections are 6 F W^2 of the 6 F W^2 + 4 F T W FLOPs
+// here. On CUDA-core FMA this kernel models (python -m benchmarks.gpu_model on make gpu-static's
+// sm_90a rows, bf16, batch 32, T = 8, H100) at 14.0 us at X-CLIP-B/16 and 37.4 us at L/14,
+// compute bound, against 2.4 / 3.0 us for the Triton message kernel, whose projections run on
+// tensor cores. The tensor-core kernel's own sm_90a figures (158 registers at DP = 64, 38.7 KiB
+// at T = 8: 3 blocks per SM) model 1.5 / 3.6 us (docs/cuda.md). So fp16/bf16 run
+// cfa_mma_fwd_kernel (cfa_mma.cuh: same contract and launch structure, q/k/v on mma.sync
+// m16n8k16 with fp32 accumulation; its own header gives tiles, shared memory, registers), and
+// the kernel below is built for fp32 only (the exact path). A model, not a measurement.
+//
+// Why these tiles (the fp32 kernel). 128 threads as 8 row groups (ty) x 16 lanes (tx), thread (ty,
+// tx) owning rows t = ty + 8i (i < 8, so T <= 64) and head-dim columns tx + 16j: with T = 8 (the
+// common case) all 128 threads still have work, and the T x T softmax rows live in one half-warp
+// (shuffle reductions). The projection streams W in chunks of 16 columns: the normalised rows (Tp x
+// 16) and one weight slice (DP x 16) sit in shared memory with odd row strides (17), so the 16
+// lanes reading 16 different weight rows hit 16 banks. q, k and v are projected one after the other
+// (three passes over the chunks) to keep the accumulators at 8 x DP/16 <= 64 registers. Head dim is
+// padded to DP in {32, 64, 96, 128}; T to Tp = roundup(T, 8).
 // Shared memory (acc_t units) = Tp*17 + DP*17 + 3*Tp*(DP+1) + Tp*80 + 2*Tp, sized at launch:
 // T = 8, hd = 64: 13.4 KiB; T = 32: 41 KiB; T = 64: 77.8 KiB (fp32).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -40,6 +49,7 @@
 #include <type_traits>
 
 #include "../xclip_ops.h"
+#include "cfa_mma.cuh"
 #include "common.cuh"
 
 namespace xclip_ext {
@@ -236,6 +246,70 @@ __global__ void __launch_bounds__(kThreads)
 // ---- kernels end ----
 
 
+// The shared-memory check and opt-in above 48 KiB for one launch.
+template <typename Kernel>
+void prepare_shared_memory(Kernel kernel, size_t bytes, int64_t num_frames, int64_t head_dim) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "message_attention_forward_cuda: needs ", bytes,
+              " bytes of shared memory per block for T = ", num_frames, ", head dim ", head_dim,
+              "; this GPU allows ", limit);
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+// fp32: the exact CUDA-core kernel above.
+void launch_fma_forward(const at::Tensor& messages, const at::Tensor& lnw, const at::Tensor& lnb,
+                        const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& b_out, at::Tensor& mixed,
+                        at::Tensor& residual, int64_t num_frames, int64_t videos, int64_t num_heads, int64_t head_dim,
+                        double eps, cudaStream_t stream) {
+  const int64_t width = messages.size(1);
+  dispatch_head_dim(head_dim, "message_attention (cuda): head dim W / num_heads", [&](auto dp) {
+    constexpr int DP = decltype(dp)::value;
+    const int tp = static_cast<int>((num_frames + kTY - 1) / kTY * kTY);
+    const size_t smem = static_cast<size_t>(CfaSmem<DP>(tp).total) * sizeof(float);
+    auto kernel = cfa_fwd_kernel<float, float, DP>;
+    prepare_shared_memory(kernel, smem, num_frames, head_dim);
+    const dim3 grid(static_cast<unsigned>(videos), static_cast<unsigned>(num_heads));
+    const double scale_log2e = kLog2e / std::sqrt(static_cast<double>(head_dim));
+    kernel<<<grid, kThreads, smem, stream>>>(
+        messages.data_ptr<float>(), lnw.data_ptr<float>(), lnb.data_ptr<float>(), w_in.data_ptr<float>(),
+        b_in.data_ptr<float>(), b_out.data_ptr<float>(), mixed.data_ptr<float>(), residual.data_ptr<float>(),
+        static_cast<int>(num_frames), static_cast<int>(width), static_cast<int>(head_dim), static_cast<float>(eps),
+        static_cast<float>(scale_log2e));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// fp16/bf16: the tensor-core kernel (cfa_mma.cuh) on the tensors' raw 16-bit values; grid, block
+// and shared memory from its CfaTiles, the weight staging path from make_cfa_args.
+template <typename Tag>
+void launch_mma_forward(const at::Tensor& messages, const at::Tensor& lnw, const at::Tensor& lnb,
+                        const at::Tensor& w_in, const at::Tensor& b_in, const at::Tensor& b_out, at::Tensor& mixed,
+                        at::Tensor& residual, int64_t num_frames, int64_t videos, int64_t num_heads, int64_t head_dim,
+                        double eps, cudaStream_t stream) {
+  const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); };
+  dispatch_head_dim(head_dim, "message_attention (cuda): head dim W / num_heads", [&](auto dp) {
+    constexpr int DP = decltype(dp)::value;
+    using L = cfa_mma::CfaTiles<DP>;
+    static_assert(L::kThreads == kThreads, "one block size for every CUDA kernel (gpu_static reads kThreads)");
+    static_assert(L::kMaxT == kMaxT, "both kernels take up to kMaxT frames");
+    const size_t smem = static_cast<size_t>(L::shared_bytes(static_cast<int>(num_frames)));
+    auto kernel = cfa_mma::cfa_mma_fwd_kernel<Tag, DP>;
+    prepare_shared_memory(kernel, smem, num_frames, head_dim);
+    const cfa_mma::CfaArgs args = cfa_mma::make_cfa_args(
+        bits(messages), bits(lnw), bits(lnb), bits(w_in), bits(b_in), bits(b_out),
+        reinterpret_cast<uint16_t*>(mixed.mutable_data_ptr()), reinterpret_cast<uint16_t*>(residual.mutable_data_ptr()),
+        static_cast<int>(num_frames), static_cast<int>(messages.size(1)), static_cast<int>(head_dim), eps);
+    const dim3 grid(static_cast<unsigned>(videos), static_cast<unsigned>(num_heads));
+    kernel<<<grid, L::kThreads, smem, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 at::Tensor message_attention_forward_cuda(const at::Tensor& messages_in, const at::Tensor& ln_weight,
@@ -267,35 +341,23 @@ at::Tensor message_attention_forward_cuda(const at::Tensor& messages_in, const a
   if (frames > 0 && width > 0) {
     TORCH_CHECK_VALUE(videos <= INT32_MAX && num_heads <= 65535, "message_attention (cuda): too many videos or heads");
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    XCLIP_DISPATCH_CUDA_TYPES(messages.scalar_type(), "message_attention_forward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      dispatch_head_dim(head_dim, "message_attention (cuda): head dim W / num_heads", [&](auto dp) {
-        constexpr int DP = decltype(dp)::value;
-        const int tp = static_cast<int>((num_frames + kTY - 1) / kTY * kTY);
-        const size_t smem = static_cast<size_t>(CfaSmem<DP>(tp).total) * sizeof(acc_t);
-        auto kernel = cfa_fwd_kernel<scalar_t, acc_t, DP>;
-        int device = 0;
-        C10_CUDA_CHECK(cudaGetDevice(&device));
-        int limit = 0;
-        C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-        TORCH_CHECK(smem <= static_cast<size_t>(limit), "message_attention_forward_cuda: needs ", smem,
-                    " bytes of shared memory per block for T = ", num_frames, ", head dim ", head_dim,
-                    "; this GPU allows ", limit);
-        if (smem > 48 * 1024) {
-          C10_CUDA_CHECK(
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        }
-        const dim3 grid(static_cast<unsigned>(videos), static_cast<unsigned>(num_heads));
-        const double scale_log2e = kLog2e / std::sqrt(static_cast<double>(head_dim));
-        kernel<<<grid, kThreads, smem, stream>>>(
-            messages.data_ptr<scalar_t>(), lnw.data_ptr<scalar_t>(), lnb.data_ptr<scalar_t>(),
-            w_in.data_ptr<scalar_t>(), b_in.data_ptr<scalar_t>(), b_out.data_ptr<scalar_t>(),
-            mixed.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), static_cast<int>(num_frames),
-            static_cast<int>(width), static_cast<int>(head_dim), static_cast<acc_t>(eps),
-            static_cast<acc_t>(scale_log2e));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+    switch (messages.scalar_type()) {
+      case at::kFloat:
+        launch_fma_forward(messages, lnw, lnb, w_in, b_in, b_out, mixed, residual, num_frames, videos, num_heads,
+                           head_dim, eps, stream);
+        break;
+      case at::kHalf:
+        launch_mma_forward<warp_mma::F16>(messages, lnw, lnb, w_in, b_in, b_out, mixed, residual, num_frames, videos,
+                                          num_heads, head_dim, eps, stream);
+        break;
+      case at::kBFloat16:
+        launch_mma_forward<warp_mma::BF16>(messages, lnw, lnb, w_in, b_in, b_out, mixed, residual, num_frames,
+                                           videos, num_heads, head_dim, eps, stream);
+        break;
+      default:
+        TORCH_CHECK_VALUE(false, "message_attention_forward_cuda: messages must be float32, float16 or bfloat16, got ",
+                          messages.scalar_type());
+    }
   }
   // The output projection, accumulating onto messages + out_proj_bias: the second launch.
   return at::addmm(residual, mixed, out_proj_weight.t());

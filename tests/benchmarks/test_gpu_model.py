@@ -42,6 +42,8 @@ def test_kernel_work():
     assert gm.kernel_work("ifa_mma_fwd_kernel", s, (64, 64)) == (flops, moved, blocks)
     assert gm.kernel_work("ifa_mma_bwd_dkdv_kernel", s, (64, 32)) == dkdv
     assert gm.kernel_work("ifa_mma_bwd_dq_kernel", s, (64, 32)) == dq
+    # ... and the tensor-core message kernel the message kernel's.
+    assert gm.kernel_work("cfa_mma_fwd_kernel", s, (1, 1)) == cfa
     with pytest.raises(ValueError, match="kernel"):
         gm.kernel_work("gemm", s, (64, 64))
 
@@ -111,6 +113,26 @@ def test_estimates_of_the_cuda_tensor_core_forward():
     assert h200["roofline_us"] < h100["roofline_us"]
     (fp32, _) = gm.estimates(static, variants=("xclip-b16",), dtype="float32")
     assert fp32["kernel"] == "ifa_fwd_kernel" and fp32["bound"] == "compute"
+
+
+def test_estimates_of_the_cuda_tensor_core_message_kernel():
+    """The bf16 message path takes cfa_mma_fwd_kernel at T = 8, one block per (video, head), at
+    the tensor-core rate; the fp32 one the FMA cfa_fwd_kernel on CUDA cores."""
+    static = [
+        _static_row("cfa_mma_fwd_kernel", "cuda", 5, tensor_cores=True, frames=8,
+                    config={"template": "<xclip_ext::warp_mma::BF16, 64>", "tiles": [1, 1]}),
+        _static_row("cfa_mma_fwd_kernel", "cuda", 1, tensor_cores=True, frames=64,
+                    config={"template": "<xclip_ext::warp_mma::BF16, 64>", "tiles": [1, 1]}),
+        _static_row("cfa_fwd_kernel", "cuda", 3, dtype="float32", frames=8,
+                    config={"template": "<float, float, 64>", "tiles": [1, 1]}),
+    ]
+    (h100, _) = sorted(gm.estimates(static, variants=("xclip-b16",)), key=lambda r: r["gpu"])
+    assert h100["kernel"] == "cfa_mma_fwd_kernel" and h100["blocks"] == 32 * 12 and h100["blocks_per_sm"] == 5
+    flops, moved, _ = gm.kernel_work("cfa_fwd_kernel", gm.shape_of("xclip-b16"), (1, 1))
+    roof = max(flops / gm.GPUS["H100"].tensor_flops, moved / gm.GPUS["H100"].bandwidth)
+    assert h100["roofline_us"] == pytest.approx(roof * 1e6)
+    (fp32, _) = gm.estimates(static, variants=("xclip-b16",), dtype="float32")
+    assert fp32["kernel"] == "cfa_fwd_kernel" and fp32["roofline_us"] > h100["roofline_us"]
 
 
 def test_cli_reads_the_static_json(tmp_path):

@@ -151,6 +151,8 @@ def test_cuda_kernel_config(gs):
     mma = "void xclip_ext::ifa_mma::ifa_mma_fwd_kernel<xclip_ext::warp_mma::{}, {}>(xclip_ext::ifa_mma::FwdArgs)"
     assert gs.cuda_kernel_config(mma.format("BF16", 64)) == ("ifa_mma_fwd_kernel", "bfloat16", [64])
     assert gs.cuda_kernel_config(mma.format("F16", 96)) == ("ifa_mma_fwd_kernel", "float16", [96])
+    cfa = "void xclip_ext::cfa_mma::cfa_mma_fwd_kernel<xclip_ext::warp_mma::BF16, 32>(xclip_ext::cfa_mma::CfaArgs)"
+    assert gs.cuda_kernel_config(cfa) == ("cfa_mma_fwd_kernel", "bfloat16", [32])
     with pytest.raises(ValueError, match="demangled"):
         gs.cuda_kernel_config("void ns::plain(int)")
 
@@ -228,6 +230,7 @@ def test_cuda_tiles(gs):
     assert gs.cuda_tiles("ifa_mma_fwd_kernel", [64]) == (64, 32)  # FwdTiles<DP>
     assert gs.cuda_tiles("ifa_mma_fwd_kernel", [128]) == (64, 32)
     assert gs.cuda_tiles("cfa_fwd_kernel", [64]) == (1, 1)
+    assert gs.cuda_tiles("cfa_mma_fwd_kernel", [64]) == (1, 1)
     with pytest.raises(ValueError, match="no tiles known"):
         gs.cuda_tiles("other_kernel", [64])
 
@@ -251,6 +254,22 @@ def test_cuda_tiles_and_shared_bytes_of_the_tensor_core_backward(gs):
     assert gs.cuda_shared_bytes("ifa_mma_bwd_dkdv_kernel", "bfloat16", [64]) == (2 * 64 + 4 * 64) * 144 + 4 * 64 * 4
     assert gs.cuda_shared_bytes("ifa_mma_bwd_dq_kernel", "float16", [128]) == (
         (2 * 64 + 4 * 32) * 272 + 2 * 128 * 4 + 2 * 64 * 4)
+
+
+def test_cuda_shared_bytes_of_the_tensor_core_message_kernel(gs):
+    """CfaTiles (csrc/cuda/cfa_mma.cuh): 16-bit A (T rounded up to 16 rows) and B (3 DP weight
+    rows at DP <= 64, DP in the three-pass DP 96 / 128) k-chunk double buffers of rows 32 + 8,
+    the fp32 probabilities aliasing them, fp32 q, k, v (T rounded up to 8 rows of DP + 1), the
+    statistics; the host-model test checks the header agrees."""
+    staging = 2 * 16 * 40 * 2 + 2 * 192 * 40 * 2
+    expected = staging + 3 * 8 * 65 * 4 + 2 * 8 * 4
+    assert gs.cuda_shared_bytes("cfa_mma_fwd_kernel", "bfloat16", [64], frames=8) == expected == 39584
+    # T = 64, DP = 128: one part per pass (128 B rows); q, k, v dominate.
+    staging = 2 * 64 * 40 * 2 + 2 * 128 * 40 * 2
+    expected = staging + 3 * 64 * 129 * 4 + 2 * 64 * 4
+    assert gs.cuda_shared_bytes("cfa_mma_fwd_kernel", "float16", [128], frames=64) == expected == 130304
+    with pytest.raises(ValueError, match="frames"):
+        gs.cuda_shared_bytes("cfa_mma_fwd_kernel", "float16", [64])
 
 
 def test_markdown_report(gs):
