@@ -11,6 +11,14 @@ collate and worker settings), the samples consumed and dropped. A pass includes 
 stopping its workers, as every run pays them. Passes of all worker counts run in interleaved
 rounds in this one process (``benchmarks.timing.interleaved``), the ratios taken per round.
 
+The control: the same decoding (``xclip.video.load_views``, one FFmpeg and one torch thread, as
+in a worker) in N independent processes started the same way (fork), each taking every N-th
+file, no DataLoader, nothing sent back. Its N/1 ratio is what this machine gives a second
+decoder at all (two virtual cores need not run two decoders at twice the rate of one: shared
+caches, memory bandwidth, clock, a hypervisor's neighbours); the pipeline's N workers against
+the control's N processes is what the pipeline itself loses. Passes of the control run in the
+same interleaved rounds.
+
 Synthetic videos (random frames, MPEG-4, 10 fps, as the tests write them) are written into
 ``--folder`` on first use, named by their size and length, and reused by later runs.
 
@@ -25,6 +33,7 @@ average; "LOADED" above a quarter of a core): on a loaded machine the ratios mea
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import time
@@ -36,6 +45,7 @@ import torch
 from benchmarks.backends import positive_int
 from benchmarks.timing import environment, interleaved, write_json
 from xclip import collection
+from xclip.video import load_views
 
 FPS = 10
 """Frame rate of the synthetic videos (the tests' ``write_video`` default)."""
@@ -122,10 +132,35 @@ def _cpu_seconds() -> tuple[float, float]:
     return own + t.children_user + t.children_system, own
 
 
+def _decode_share(paths: Sequence[str], num_frames: int, image_size: int) -> None:
+    # One control process: a worker's settings (one torch thread, one FFmpeg thread), no
+    # DataLoader, the views dropped. A file that fails is skipped (the timed table counts errors).
+    torch.set_num_threads(1)
+    for path in paths:
+        try:
+            load_views(path, num_frames, image_size, threads=1)
+        except Exception:  # noqa: BLE001, S112 - the control times decoding, not error handling
+            continue
+
+
+def independent_pass(paths: Sequence[str], processes: int, *, num_frames: int = 8, image_size: int = 224) -> None:
+    """The control: decode ``paths`` in ``processes`` forked processes, process i taking
+    ``paths[i::processes]``; returns when all have exited."""
+    context = multiprocessing.get_context("fork")  # how a DataLoader on Linux starts its workers
+    started = [context.Process(target=_decode_share, args=(list(paths[i::processes]), num_frames, image_size))
+               for i in range(processes)]
+    for process in started:
+        process.start()
+    for process in started:
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"control decode process exited with status {process.exitcode}")
+
+
 def measure(
     paths: Sequence[str], workers: Sequence[int], *, rounds: int, warmup: int = 1, num_frames: int = 8,
-    image_size: int = 224, num_clips: int = 1, num_crops: int = 1,
-) -> list[dict[str, Any]]:
+    image_size: int = 224, num_clips: int = 1, num_crops: int = 1, control: Sequence[int] = (),
+) -> tuple[list[dict[str, Any]], dict[int, list[float]]]:
     """Decode every path once per pass, per worker count, in interleaved rounds.
 
     Returns one row per worker count, in ``workers`` order: ``{"workers", "seconds"
@@ -133,7 +168,8 @@ def measure(
     "main_cpu_seconds_per_video" (this process: with workers, receiving their views, the CPU
     a run's model loses to decoding), "decode_seconds_per_video" (medians over rounds),
     "errors"}``. A file that fails to decode counts as an error (and a
-    video done, as in a run).
+    video done, as in a run). Also returns the control's seconds per round for each process
+    count in ``control`` (:func:`independent_pass`), timed in the same rounds.
     """
     items = collection.collect_inputs(paths)
     dataset = collection.ViewsDataset(items, num_frames, image_size, num_clips=num_clips, num_crops=num_crops)
@@ -149,7 +185,12 @@ def measure(
         cpu_after, own_after = _cpu_seconds()
         stats[n].append((cpu_after - cpu, own_after - own, decode, errors))
 
-    timings = interleaved({str(n): (lambda n=n: one_pass(n)) for n in workers}, rounds=rounds, warmup=warmup)
+    candidates = {str(n): (lambda n=n: one_pass(n)) for n in workers}
+    paths_in_order = [item.path for item in items]
+    for n in control:
+        candidates[f"control-{n}"] = lambda n=n: independent_pass(
+            paths_in_order, n, num_frames=num_frames, image_size=image_size)
+    timings = interleaved(candidates, rounds=rounds, warmup=warmup)
     rows = []
     for n in workers:
         timed = stats[n][warmup:]  # the warm-up passes are not timed
@@ -163,7 +204,24 @@ def measure(
             "decode_seconds_per_video": statistics.median(d for _, _, d, _ in timed) / len(items),
             "errors": max(e for _, _, _, e in timed),
         })
-    return rows
+    return rows, {n: timings.seconds[f"control-{n}"] for n in control}
+
+
+def control_ratios(rows: Sequence[dict[str, Any]], control: dict[int, list[float]]) -> dict[str, float]:
+    """Median over rounds of per-round ratios: ``"N/1"`` the control's N processes against its
+    one (what the machine gives an N-th decoder), and ``"pipeline N/control N"`` the pipeline's N
+    workers against the control's N processes (what the pipeline loses), for N >= 1 where both
+    ran."""
+    out: dict[str, float] = {}
+    if 1 in control:
+        for n in sorted(control):
+            if n >= 2:
+                out[f"{n}/1"] = statistics.median(b / a for a, b in zip(control[n], control[1]))
+    pipeline = {row["workers"]: row["seconds"] for row in rows}
+    for n in sorted(control):
+        if n in pipeline:
+            out[f"pipeline {n}/control {n}"] = statistics.median(c / p for p, c in zip(pipeline[n], control[n]))
+    return out
 
 
 def ratios(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -199,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="timed rounds after one warm-up (default %(default)s)")
     parser.add_argument("--frames", type=positive_int, default=8, help="frames per clip, T (default %(default)s)")
     parser.add_argument("--image-size", type=positive_int, default=224, help="crop size, S (default %(default)s)")
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the control (the same decoding in 1 and 2 independent processes)")
     parser.add_argument("--json", metavar="PATH", help="also write the record as JSON")
     args = parser.parse_args(argv)
 
@@ -208,13 +268,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     width, height = args.size
     paths = synthetic_videos(args.folder, args.videos, args.size, args.seconds)
-    rows = measure(paths, args.workers, rounds=args.rounds, num_frames=args.frames, image_size=args.image_size)
+    control_counts = [] if args.no_control else [n for n in (1, 2) if n in args.workers]
+    rows, control = measure(paths, args.workers, rounds=args.rounds, num_frames=args.frames,
+                            image_size=args.image_size, control=control_counts)
     load_after = os.getloadavg()
     busy_after = busy_cores()
     env = environment()
     cores = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     speedups = ratios(rows)
+    control_speedups = control_ratios(rows, control)
     loaded = max(busy_before, busy_after) > 0.25
 
     print("Decode stage of the collection pipeline (xclip.collection ViewsDataset + decode_loader, no model)")
@@ -244,6 +307,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{n} worker{'s' if n != '1' else ''} / {what}: {value:.2f}x videos/s (median of per-round ratios{goal})")
     print("CPU s per video: this process and its workers, user + system (in the main process: with workers, "
           "receiving the views); decode s per video: wall time inside the dataset, summed over workers")
+    if control:
+        print()
+        print("Control, the same decoding in independent processes (no DataLoader, nothing sent back):")
+        for n, seconds in control.items():
+            rates = [len(paths) / s for s in seconds]
+            print(f"  {n} process{'es' if n > 1 else ''}: {statistics.median(rates):.1f} videos/s "
+                  f"({min(rates):.1f}-{max(rates):.1f})")
+        for pair, value in control_speedups.items():
+            what = ("what this machine gives a second decoder" if "pipeline" not in pair
+                    else "the pipeline against the control")
+            print(f"  {pair}: {value:.2f}x ({what})")
 
     if args.json:
         write_json(args.json, {
@@ -255,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "folder": args.folder},
             "frames": args.frames, "image_size": args.image_size, "rounds": args.rounds,
             "rows": rows, "ratios": speedups,
+            "control": {"seconds": {str(n): seconds for n, seconds in control.items()}, "ratios": control_speedups},
         })
     return 1 if any(row["errors"] for row in rows) else 0
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.collection import parse_size, parse_workers, ratios, synthetic_videos
+from benchmarks.collection import control_ratios, parse_size, parse_workers, ratios, synthetic_videos
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +41,11 @@ def test_tiny_run_prints_the_table_and_writes_the_record(tmp_path):
     assert set(record["ratios"]) == {"2/1", "1/0"}
     assert set(record["load"]) == {"busy_cores_before", "busy_cores_after", "loadavg_before", "loadavg_after", "loaded"}
     assert record["environment"]["device"] and record["environment"]["av"]
+    # The control: the same decoding in 1 and 2 independent processes, in the same rounds.
+    assert "Control, the same decoding in independent processes" in text and "  2 processes: " in text
+    assert set(record["control"]["seconds"]) == {"1", "2"} and all(
+        len(s) == 1 and s[0] > 0 for s in record["control"]["seconds"].values())
+    assert set(record["control"]["ratios"]) == {"2/1", "pipeline 1/control 1", "pipeline 2/control 2"}
 
     # Another run reuses the videos: nothing rewritten.
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
@@ -53,6 +58,15 @@ def test_ratios_are_per_round_medians():
             {"workers": 2, "seconds": [1.0, 1.6, 1.5]}]
     assert ratios(rows) == pytest.approx({"2/1": 2.0, "1/0": 3.0})  # per round 2/1: 2, 1.25, 2; 1/0: 2, 4.5, 3
     assert ratios(rows[2:]) == {}  # no 1-worker row: nothing to compare with
+
+
+def test_control_ratios_are_per_round_medians():
+    rows = [{"workers": 1, "seconds": [2.0, 2.0, 3.0]}, {"workers": 2, "seconds": [1.0, 1.6, 1.5]}]
+    control = {1: [1.8, 2.0, 2.4], 2: [1.0, 1.0, 1.5]}
+    # control 2/1 per round: 1.8, 2.0, 1.6; pipeline/control: 1: 0.9, 1.0, 0.8; 2: 1.0, 0.625, 1.0
+    assert control_ratios(rows, control) == pytest.approx(
+        {"2/1": 1.8, "pipeline 1/control 1": 0.9, "pipeline 2/control 2": 1.0})
+    assert control_ratios(rows, {}) == {}
 
 
 def test_argument_checks():
