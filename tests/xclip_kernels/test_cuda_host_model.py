@@ -399,3 +399,74 @@ def test_to_float_is_exact_for_every_pattern(dtype: torch.dtype) -> None:
     nan = torch.isnan(expected)
     assert torch.equal(torch.isnan(out), nan)
     assert torch.equal(out[~nan].view(torch.int32), expected[~nan].view(torch.int32))
+
+
+# ---- the real kernels' double buffers without the barrier ending each tile ------------------------
+
+def _contiguous_strides(t: torch.Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * t.dim())(*t.stride())
+
+
+def _run_ifa_forward(defines: tuple[str, ...], tokens: int, dim: int) -> None:
+    """ifa_forward_model.cpp's xk_ifa_forward on one fp16 (1, tokens, 1, dim) problem of random
+    values (the launcher's grid, shared memory and staging); raises HostModelError on a kernel bug."""
+    lib = host_model("ifa_forward_model.cpp", defines)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, tokens, 1, dim, generator=gen).half() for _ in range(3))
+    msg_k, msg_v = (torch.randn(1, 1, dim, generator=gen).half() for _ in range(2))
+    out = torch.zeros(1, tokens, 1, dim, dtype=torch.int16)
+    lse = torch.zeros(1, 1, tokens)
+    staging = (ctypes.c_int * 2)(-1, -1)
+    call(lib, "xk_ifa_forward", ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(tokens), ctypes.c_int(1),
+         ctypes.c_int(dim), ctypes.c_double(dim**-0.5),
+         *(arg for t in (q, k, v, msg_k, msg_v) for arg in (t.view(torch.int16), _contiguous_strides(t))),
+         out, lse, staging)
+    assert tuple(staging) == (1, 1), "expected the cp.async staging path (the one with a double buffer)"
+
+
+def _run_ifa_backward(defines: tuple[str, ...], tokens: int, dim: int) -> None:
+    """ifa_backward_model.cpp's xk_ifa_backward (dK/dV kernel, then dQ kernel) on one fp16
+    (1, tokens, 1, dim) problem of random values; raises HostModelError on a kernel bug."""
+    lib = host_model("ifa_backward_model.cpp", defines)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, tokens, 1, dim, generator=gen).half().view(torch.int16) for _ in range(4))
+    msg_k, msg_v = (torch.randn(1, 1, dim, generator=gen).half().view(torch.int16) for _ in range(2))
+    lse = torch.full((1, 1, tokens), 3.0)
+    delta = torch.randn(1, 1, tokens, generator=gen)
+    tiles = lib.xk_ifa_backward_q_tiles(ctypes.c_int(tokens))
+    grads = [torch.zeros(1, tokens, 1, dim, dtype=torch.int16) for _ in range(3)]
+    parts = [torch.zeros(1, 1, tiles, dim) for _ in range(2)]
+    rows_strides = torch.tensor([s for t in (q, k, v, dout) for s in t.stride()[:3]], dtype=torch.int64)
+    vecs_strides = torch.tensor([s for t in (msg_k, msg_v) for s in t.stride()[:2]], dtype=torch.int64)
+    assert lib.xk_ifa_backward_vec_staging(*(ctypes.c_void_p(t.data_ptr()) for t in (q, k, v, dout)),
+                                           ctypes.c_void_p(rows_strides.data_ptr()), ctypes.c_int(dim)) == 1
+    call(lib, "xk_ifa_backward", ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(tokens), ctypes.c_int(1),
+         ctypes.c_int(dim), ctypes.c_double(dim**-0.5), q, k, v, dout, rows_strides, msg_k, msg_v, vecs_strides,
+         lse, delta, *grads, *parts)
+
+
+def _war_message(header: str) -> str:
+    return (rf"cp_async_16 at .*{header}:\d+ \(thread \d+, warp \d\) writes shared offset \d+, which ldmatrix_x4\w* "
+            rf"at .*{header}:\d+ \(warp \d, row address of thread \d+\) read with no sync_block since: a "
+            r"write-after-read race")
+
+
+# (runner, the macro that drops the barrier, the kernel header). Shapes with three streamed tiles:
+# the forward's key tiles are 32 rows; at D = 96 the dK/dV kernel's query tiles and the dQ
+# kernel's key tiles are 32 rows too.
+TILE_BARRIERS = [
+    pytest.param(_run_ifa_forward, 64, "XK_TEST_DROP_FWD_TILE_BARRIER", r"ifa_mma_forward\.cuh", id="forward"),
+    pytest.param(_run_ifa_backward, 96, "XK_TEST_DROP_DKDV_TILE_BARRIER", r"ifa_mma_backward\.cuh", id="backward-dkdv"),
+    pytest.param(_run_ifa_backward, 96, "XK_TEST_DROP_DQ_TILE_BARRIER", r"ifa_mma_backward\.cuh", id="backward-dq"),
+]
+
+
+@pytest.mark.parametrize(("runner", "dim", "macro", "header"), TILE_BARRIERS)
+def test_kernel_without_its_tile_barrier_is_a_race(runner, dim: int, macro: str, header: str) -> None:
+    """The real kernel, built with the compile-time switch that drops the barrier ending each
+    streamed tile, is reported as a write-after-read race on its double buffer (the warps run the
+    same program in lockstep, so only the per-epoch read tracking sees it); with the barrier it
+    runs clean on the same problem."""
+    runner((), tokens=65, dim=dim)
+    with pytest.raises(HostModelError, match=_war_message(header)):
+        runner((macro,), tokens=65, dim=dim)
