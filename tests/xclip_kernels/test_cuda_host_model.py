@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -462,7 +463,8 @@ TILE_BARRIERS = [
 
 
 @pytest.mark.parametrize(("runner", "dim", "macro", "header"), TILE_BARRIERS)
-def test_kernel_without_its_tile_barrier_is_a_race(runner, dim: int, macro: str, header: str) -> None:
+def test_kernel_without_its_tile_barrier_is_a_race(runner: Callable[..., None], dim: int, macro: str,
+                                                   header: str) -> None:
     """The real kernel, built with the compile-time switch that drops the barrier ending each
     streamed tile, is reported as a write-after-read race on its double buffer (the warps run the
     same program in lockstep, so only the per-epoch read tracking sees it); with the barrier it
