@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -86,13 +87,15 @@ BUGS = [
     pytest.param(11, r"thread 9: cp_async_16 at .*: global source is outside every buffer given to "
                      r"xk_sim::register_global", id="cp-async-src-unregistered"),
     pytest.param(12, r"ldmatrix_x4 at .*lane 0 of warp 0\): reads shared offset 0 while a cp_async_16 into it "
-                     r"\(thread 0\) is still in flight", id="read-before-wait"),
-    pytest.param(13, r"ldmatrix_x4 at .*: reads shared offset 0 while a cp_async_16 into it \(thread 0\) is still in "
-                     r"flight", id="wait-without-commit"),
+                     r"\(thread 0, warp 0, at .*selftest_model\.cpp:\d+\) is still in flight", id="read-before-wait"),
+    pytest.param(13, r"ldmatrix_x4 at .*: reads shared offset 0 while a cp_async_16 into it \(thread 0, warp 0, at "
+                     r".*\) is still in flight", id="wait-without-commit"),
     pytest.param(14, r"ldmatrix_x4 at .*selftest_model\.cpp:\d+ \(block \(0, 0, 0\), lane 0 of warp 0\): reads shared "
-                     r"offset 512 while a cp_async_16 into it \(thread 0\) is still in flight", id="newer-group-pending"),
+                     r"offset 512 while a cp_async_16 into it \(thread 0, warp 0, at .*\) is still in flight",
+                 id="newer-group-pending"),
     pytest.param(15, r"ldmatrix_x4 at .*lane 0 of warp 1\): reads shared offset 0, which thread 0's cp_async_16 landed "
-                     r"at its cp_async_wait with no sync_block since", id="wait-after-barrier"),
+                     r"at its cp_async_wait with no sync_block since \(a read-after-write race on the device; the "
+                     r"copy: warp 0, .*selftest_model\.cpp:\d+\)", id="wait-after-barrier"),
     pytest.param(16, r"warp 1: sync_warp at .* needs 32 lanes, the warp has 16", id="partial-warp"),
     pytest.param(17, r"200000 bytes of dynamic shared memory, sm_80 allows 166912", id="shared-too-large"),
     pytest.param(18, r"warp 0: a warp collective not reached by every lane: lanes 0-30 wait at sync_warp .*; "
@@ -165,6 +168,80 @@ def test_cp_async_lands_at_its_wait() -> None:
     lanes = torch.arange(32, dtype=torch.int16)
     expected = torch.stack([torch.full_like(lanes, -1), torch.full_like(lanes, -1), lanes * 8, torch.zeros_like(lanes)], 1)
     assert torch.equal(out, expected)
+
+
+TILES = 4
+COPIERS = {"own-rows": -1, "warp0-copies": 0, "warp1-copies": 1, "both-copy": 2}
+
+
+def _double_buffer(copier: int, landed: bool, done: bool) -> torch.Tensor:
+    """selftest_model.cpp's double_buffer_kernel over TILES tiles (32 x 16) of g = 0, 1, 2, ...
+    with `copier` as the kernel defines it; out (2, TILES, 32): each reading warp's register 0."""
+    lib = host_model(ENTRY)
+    g = torch.arange(TILES * 512, dtype=torch.int16)
+    out = torch.zeros(2, TILES, 32, dtype=torch.int32)
+    call(lib, "xk_selftest_double_buffer", ctypes.c_int(TILES), ctypes.c_int(copier), ctypes.c_int(landed),
+         ctypes.c_int(done), g, out)
+    return out
+
+
+def _first_register(tile: int, row0: int) -> torch.Tensor:
+    """ldmatrix_x4's register 0 per lane for rows row0 .. row0 + 15 of tile `tile` of g: row
+    row0 + l // 4, columns 2 (l % 4) and 2 (l % 4) + 1 (low, high half)."""
+    lanes = torch.arange(32, dtype=torch.int32)
+    low = tile * 512 + (row0 + lanes // 4) * 16 + 2 * (lanes % 4)
+    return low | ((low + 1) << 16)
+
+
+@pytest.mark.parametrize("copier", COPIERS.values(), ids=COPIERS.keys())
+def test_double_buffer_with_its_barriers_is_not_a_race(copier: int) -> None:
+    """A double buffer with a barrier after each tile's wait and one ending each tile runs clean
+    and every reading warp sees each tile. A warp streaming through rows only it copies needs
+    only sync_warp (its ldmatrix, executed by all its lanes, precedes its lanes' next copies)."""
+    out = _double_buffer(copier, landed=copier >= 0, done=copier >= 0)
+    readers = [1 - copier] if copier in (0, 1) else [0, 1]
+    for warp in readers:
+        row0 = 16 * warp if copier < 0 else 16 * (1 - warp)
+        for tile in range(TILES):
+            assert torch.equal(out[warp, tile], _first_register(tile, row0)), (warp, tile)
+
+
+@pytest.mark.parametrize(("copier", "message"), [
+    # Both warps run the same program in lockstep, as the real kernels' warps: the refill of tile 0's
+    # buffer by warp 0 finds warp 1's read of it in the same barrier epoch. Before the model kept
+    # the reads per epoch this ran clean.
+    pytest.param(2, r"thread 0: cp_async_16 at .*selftest_model\.cpp:\d+ \(thread 0, warp 0\) writes shared offset 0, "
+                    r"which ldmatrix_x4 at .*selftest_model\.cpp:\d+ \(warp 1, row address of thread 32\) read with no "
+                    r"sync_block since: a write-after-read race", id="both-copy"),
+    # The reader runs first: the refill's issue finds the read.
+    pytest.param(1, r"thread 32: cp_async_16 at .* \(thread 32, warp 1\) writes shared offset 512, which ldmatrix_x4 at "
+                    r".* \(warp 0, row address of thread 0\) read with no sync_block since", id="reader-first"),
+    # The copier runs first: the read finds the refill in flight.
+    pytest.param(0, r"ldmatrix_x4 at .*\(block \(0, 0, 0\), lane 0 of warp 1\): reads shared offset 0 while a "
+                    r"cp_async_16 into it \(thread 0, warp 0, at .*\) is still in flight", id="copier-first"),
+])
+def test_double_buffer_without_the_barrier_ending_each_tile_is_a_race(copier: int, message: str) -> None:
+    """Dropping the barrier that ends each tile lets the copy of tile t + 2 into the buffer of tile t
+    land while another warp may still read tile t (write after read). The model reports it in
+    whichever order it runs the two warps."""
+    with pytest.raises(HostModelError, match=message):
+        _double_buffer(copier, landed=True, done=False)
+
+
+@pytest.mark.parametrize(("copier", "message"), [
+    # The copier runs first: its copy lands at its wait, the other warp reads it with no barrier since.
+    pytest.param(0, r"ldmatrix_x4 at .*lane 0 of warp 1\): reads shared offset 0, which thread 0's cp_async_16 landed at "
+                    r"its cp_async_wait with no sync_block since \(a read-after-write race on the device; the copy: "
+                    r"warp 0, .*selftest_model\.cpp:\d+\)", id="copier-first"),
+    # The reader runs first, before the copy is even issued: the issue finds the read.
+    pytest.param(1, r"cp_async_16 at .* \(thread 32, warp 1\) writes shared offset 512, which ldmatrix_x4 at .* "
+                    r"\(warp 0, row address of thread 0\) read with no sync_block since", id="reader-first"),
+])
+def test_double_buffer_without_the_barrier_after_the_wait_is_a_race(copier: int, message: str) -> None:
+    """Dropping the barrier between the copier's cp_async_wait and the other warp's ldmatrix (read
+    after write) is reported in whichever order the model runs the two warps."""
+    with pytest.raises(HostModelError, match=message):
+        _double_buffer(copier, landed=False, done=True)
 
 
 def test_shfl_xor_exchanges_within_each_warp() -> None:
@@ -323,3 +400,75 @@ def test_to_float_is_exact_for_every_pattern(dtype: torch.dtype) -> None:
     nan = torch.isnan(expected)
     assert torch.equal(torch.isnan(out), nan)
     assert torch.equal(out[~nan].view(torch.int32), expected[~nan].view(torch.int32))
+
+
+# ---- the real kernels' double buffers without the barrier ending each tile ------------------------
+
+def _contiguous_strides(t: torch.Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * t.dim())(*t.stride())
+
+
+def _run_ifa_forward(defines: tuple[str, ...], tokens: int, dim: int) -> None:
+    """ifa_forward_model.cpp's xk_ifa_forward on one fp16 (1, tokens, 1, dim) problem of random
+    values (the launcher's grid, shared memory and staging); raises HostModelError on a kernel bug."""
+    lib = host_model("ifa_forward_model.cpp", defines)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, tokens, 1, dim, generator=gen).half() for _ in range(3))
+    msg_k, msg_v = (torch.randn(1, 1, dim, generator=gen).half() for _ in range(2))
+    out = torch.zeros(1, tokens, 1, dim, dtype=torch.int16)
+    lse = torch.zeros(1, 1, tokens)
+    staging = (ctypes.c_int * 2)(-1, -1)
+    call(lib, "xk_ifa_forward", ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(tokens), ctypes.c_int(1),
+         ctypes.c_int(dim), ctypes.c_double(dim**-0.5),
+         *(arg for t in (q, k, v, msg_k, msg_v) for arg in (t.view(torch.int16), _contiguous_strides(t))),
+         out, lse, staging)
+    assert tuple(staging) == (1, 1), "expected the cp.async staging path (the one with a double buffer)"
+
+
+def _run_ifa_backward(defines: tuple[str, ...], tokens: int, dim: int) -> None:
+    """ifa_backward_model.cpp's xk_ifa_backward (dK/dV kernel, then dQ kernel) on one fp16
+    (1, tokens, 1, dim) problem of random values; raises HostModelError on a kernel bug."""
+    lib = host_model("ifa_backward_model.cpp", defines)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, tokens, 1, dim, generator=gen).half().view(torch.int16) for _ in range(4))
+    msg_k, msg_v = (torch.randn(1, 1, dim, generator=gen).half().view(torch.int16) for _ in range(2))
+    lse = torch.full((1, 1, tokens), 3.0)
+    delta = torch.randn(1, 1, tokens, generator=gen)
+    tiles = lib.xk_ifa_backward_q_tiles(ctypes.c_int(tokens))
+    grads = [torch.zeros(1, tokens, 1, dim, dtype=torch.int16) for _ in range(3)]
+    parts = [torch.zeros(1, 1, tiles, dim) for _ in range(2)]
+    rows_strides = torch.tensor([s for t in (q, k, v, dout) for s in t.stride()[:3]], dtype=torch.int64)
+    vecs_strides = torch.tensor([s for t in (msg_k, msg_v) for s in t.stride()[:2]], dtype=torch.int64)
+    assert lib.xk_ifa_backward_vec_staging(*(ctypes.c_void_p(t.data_ptr()) for t in (q, k, v, dout)),
+                                           ctypes.c_void_p(rows_strides.data_ptr()), ctypes.c_int(dim)) == 1
+    call(lib, "xk_ifa_backward", ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(tokens), ctypes.c_int(1),
+         ctypes.c_int(dim), ctypes.c_double(dim**-0.5), q, k, v, dout, rows_strides, msg_k, msg_v, vecs_strides,
+         lse, delta, *grads, *parts)
+
+
+def _war_message(header: str) -> str:
+    return (rf"cp_async_16 at .*{header}:\d+ \(thread \d+, warp \d\) writes shared offset \d+, which ldmatrix_x4\w* "
+            rf"at .*{header}:\d+ \(warp \d, row address of thread \d+\) read with no sync_block since: a "
+            r"write-after-read race")
+
+
+# (runner, the macro that drops the barrier, the kernel header). Shapes with three streamed tiles:
+# the forward's key tiles are 32 rows; at D = 96 the dK/dV kernel's query tiles and the dQ
+# kernel's key tiles are 32 rows too.
+TILE_BARRIERS = [
+    pytest.param(_run_ifa_forward, 64, "XK_TEST_DROP_FWD_TILE_BARRIER", r"ifa_mma_forward\.cuh", id="forward"),
+    pytest.param(_run_ifa_backward, 96, "XK_TEST_DROP_DKDV_TILE_BARRIER", r"ifa_mma_backward\.cuh", id="backward-dkdv"),
+    pytest.param(_run_ifa_backward, 96, "XK_TEST_DROP_DQ_TILE_BARRIER", r"ifa_mma_backward\.cuh", id="backward-dq"),
+]
+
+
+@pytest.mark.parametrize(("runner", "dim", "macro", "header"), TILE_BARRIERS)
+def test_kernel_without_its_tile_barrier_is_a_race(runner: Callable[..., None], dim: int, macro: str,
+                                                   header: str) -> None:
+    """The real kernel, built with the compile-time switch that drops the barrier ending each
+    streamed tile, is reported as a write-after-read race on its double buffer (the warps run the
+    same program in lockstep, so only the per-epoch read tracking sees it); with the barrier it
+    runs clean on the same problem."""
+    runner((), tokens=65, dim=dim)
+    with pytest.raises(HostModelError, match=_war_message(header)):
+        runner((macro,), tokens=65, dim=dim)

@@ -256,9 +256,69 @@ __global__ void bug_kernel(int which, const uint16_t* g, uint32_t* out) {
   for (int j = 0; j < 4; ++j) out[tid * 4 + j] = r[j];
 }
 
+// A double buffer, the pattern of the real kernels' streamed tiles: tile t + 1 (32 rows x 16
+// 16-bit elements, chunk c = row c / 2, half c % 2) is copied into the other buffer while tile t
+// is read. Who copies (`copier`):
+//   2: thread tid copies chunk tid (warp w: rows 16w ..), and warp w reads rows 16 (1 - w) ..,
+//      the other warp's copies: both warps run the same program in lockstep, as the real ones;
+//   0 or 1: that warp copies every chunk (lane l: chunks l, l + 32), the other warp reads;
+//  -1: as 2, but each warp reads its own rows, ordered by sync_warp alone (no race: one warp).
+// The reading warp w writes its ldmatrix_x4 register 0 to out[w][t][lane]. The barriers: `landed`
+// after each tile's wait (read after write: another warp's copy before this warp's read) and
+// `done` ending each tile (write after read: every read of a buffer before its refill).
+__global__ void double_buffer_kernel(int tiles, int copier, bool landed, bool done, const uint16_t* g, uint32_t* out) {
+  XK_EXTERN_SHARED(smem);
+  uint16_t* s = reinterpret_cast<uint16_t*>(smem);  // two buffers of 512 elements
+  const unsigned tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const bool own = copier < 0, single = copier == 0 || copier == 1;
+  const bool reads = !single || static_cast<int>(warp) != copier;
+  const unsigned row0 = own ? 16 * warp : 16 * (1 - warp);
+  auto stage = [&](int t) {
+    uint16_t* buffer = s + (t % 2) * 512;
+    const uint16_t* tile = g + t * 512;
+    if (!single) {
+      cp_async_16(buffer + tid * 8, tile + tid * 8, true);
+    } else if (static_cast<int>(warp) == copier) {
+      cp_async_16(buffer + lane * 8, tile + lane * 8, true);
+      cp_async_16(buffer + (lane + 32) * 8, tile + (lane + 32) * 8, true);
+    }
+    cp_async_commit();
+  };
+  stage(0);
+  for (int t = 0; t < tiles; ++t) {
+    if (t + 1 < tiles) {
+      stage(t + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    if (own) sync_warp();
+    else if (landed) sync_block();
+    if (reads) {
+      uint32_t r[4];
+      ldmatrix_x4(r, s + (t % 2) * 512 + (row0 + lane % 16) * 16 + (lane / 16) * 8);
+      out[(warp * tiles + t) * 32 + lane] = r[0];
+    }
+    if (!own && done) sync_block();
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+// Runs double_buffer_kernel on one block of two warps (g: tiles * 512 elements, registered;
+// out: 2 x tiles x 32).
+int xk_selftest_double_buffer(int tiles, int copier, int landed, int done, const uint16_t* g, uint32_t* out) {
+  return xk_sim::run_entry([&] {
+    if (tiles < 1 || copier < -1 || copier > 2)
+      throw xk_sim::Error("tiles must be positive and copier -1, 0, 1 or 2, got " + std::to_string(tiles) + ", " +
+                          std::to_string(copier));
+    xk_sim::register_global(g, static_cast<std::size_t>(tiles) * 512 * sizeof(uint16_t));
+    xk_sim::launch(dim3(1), dim3(64), 2048, double_buffer_kernel, tiles, copier, landed != 0,
+                   done != 0, g, out);
+  });
+}
 
 // d[p] = a[p] b[p] + c[p] for p < batch (16 x 16 each, layouts as mma_tile_kernel says); bf16 != 0
 // for bfloat16 operands, else float16.

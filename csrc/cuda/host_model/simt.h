@@ -22,7 +22,11 @@
 //   - ldmatrix reading 16 bytes that a cp_async_16 still has in flight (not yet covered by the
 //     issuing thread's cp_async_wait), or that another thread's copy landed with no sync_block
 //     (sync_warp, within the issuer's warp) between that thread's wait and the read: with the
-//     barrier counts as clocks this does not depend on the order the scheduler runs the warps.
+//     barrier counts as clocks this does not depend on the order the scheduler runs the warps;
+//   - cp_async_16 into 16 bytes that another warp's ldmatrix read since the last sync_block (a
+//     write-after-read race: on the device the copy may land before the read). With the check
+//     above, a copy and another warp's read of the same chunk in one barrier epoch are an error
+//     in whichever order the scheduler runs them.
 // cp.async is modelled so that an early plain read shows too: the source is read at issue, the
 // destination reads as 0xFF bytes (NaN in fp16 and bf16) until the issuing thread's
 // cp_async_wait covers the copy's group, and only then the 16 bytes land. Dynamic shared memory
@@ -208,16 +212,35 @@ struct PendingCopy {
   unsigned char* dst;
   unsigned char bytes[16];
   long group;
+  const char* file;  // the cp_async_16 call site, for race messages
+  int line;
 };
 
-// cp.async's bookkeeping per 16-byte chunk of shared memory: copies in flight into it, and who
-// landed the last one when (to require a barrier between that thread's wait and another's read).
+// An ldmatrix read of a chunk, for a race message: the thread whose row address it was (its warp
+// is the reader: ldmatrix is a warp-wide instruction) and the instruction.
+struct Read {
+  uint32_t thread = 0;
+  Op op = Op::LdmatrixX4;
+  const char* file = "";
+  int line = 0;
+};
+
+// Race bookkeeping per 16-byte chunk of shared memory. cp.async: copies in flight into it, and
+// who landed the last one when (to require a barrier between that thread's wait and another's
+// read). ldmatrix: the reads in barrier epoch read_epoch (the block's epoch when they happened):
+// the first, and the latest from a warp other than the first's; together they name a reader of
+// any warp other than a given one, in O(1) per access (the write-after-read check).
 struct Chunk {
   uint32_t pending = 0;
   uint32_t issuer = 0;
   bool landed = false;
   long landed_block_epoch = 0;
   long landed_warp_epoch = 0;
+  const char* issue_file = "";
+  int issue_line = 0;
+  long read_epoch = -1;
+  bool other_warp_read = false;
+  Read first_read, other_read;
 };
 
 struct Lane {
@@ -349,6 +372,8 @@ inline void land(Launch& l, const PendingCopy& copy, const Lane& issuer) {
   Chunk& chunk = l.chunks[static_cast<std::size_t>(copy.dst - l.shared) / 16];
   --chunk.pending;
   chunk.issuer = issuer.linear;
+  chunk.issue_file = copy.file;
+  chunk.issue_line = copy.line;
   chunk.landed = true;
   chunk.landed_block_epoch = l.block_epoch;
   chunk.landed_warp_epoch = l.warp_epochs[issuer.linear / 32];
@@ -366,7 +391,26 @@ inline void cp_async_16(const void* dst_shared, const void* src_global, bool ful
   // The device faults on a misaligned source even when it reads nothing (full == false).
   if (reinterpret_cast<uintptr_t>(src_global) % 16 != 0)
     throw Error("cp_async_16 at " + where(file, line) + ": global source address is not 16-byte aligned");
-  PendingCopy copy{static_cast<unsigned char*>(const_cast<void*>(dst_shared)), {}, -1};
+  // Write after read: another warp's ldmatrix of this chunk since the last sync_block is not
+  // ordered before this copy, which on the device may land before that read. (Within one warp
+  // the ldmatrix, executed by every lane, precedes the lane's copy in program order.) A read
+  // that the scheduler runs after the issue is caught at the read, as in flight or as landed
+  // without a barrier, so neither order of the two goes unnoticed.
+  Chunk& target = l.chunks[offset / 16];
+  const unsigned warp = lane.linear / 32;
+  if (target.read_epoch == l.block_epoch) {
+    const Read* read = target.first_read.thread / 32 != warp ? &target.first_read
+                       : target.other_warp_read              ? &target.other_read
+                                                             : nullptr;
+    if (read != nullptr)
+      throw Error("cp_async_16 at " + where(file, line) + " (thread " + std::to_string(lane.linear) + ", warp " +
+                  std::to_string(warp) + ") writes shared offset " + std::to_string(offset) + ", which " +
+                  op_name(read->op) + " at " + where(read->file, read->line) + " (warp " +
+                  std::to_string(read->thread / 32) + ", row address of thread " + std::to_string(read->thread) +
+                  ") read with no sync_block since: a write-after-read race (on the device the copy may land "
+                  "before that read)");
+  }
+  PendingCopy copy{static_cast<unsigned char*>(const_cast<void*>(dst_shared)), {}, -1, file, line};
   if (full) {
     if (!l.globals.empty()) {
       uintptr_t a = reinterpret_cast<uintptr_t>(src_global);
@@ -381,8 +425,10 @@ inline void cp_async_16(const void* dst_shared, const void* src_global, bool ful
     std::memset(copy.bytes, 0, 16);
   }
   std::memset(copy.dst, 0xFF, 16);
-  ++l.chunks[offset / 16].pending;
-  l.chunks[offset / 16].issuer = lane.linear;
+  ++target.pending;
+  target.issuer = lane.linear;
+  target.issue_file = file;
+  target.issue_line = line;
   lane.pending.push_back(copy);
 }
 
@@ -453,18 +499,30 @@ inline void run_ldmatrix(Launch& l, unsigned first, int count, bool trans) {
                     " bytes of dynamic shared memory");
       if (reinterpret_cast<uintptr_t>(src.address) % 16 != 0)
         throw Error(what() + ": row address (shared offset " + std::to_string(offset) + ") is not 16-byte aligned");
-      const Chunk& chunk = l.chunks[offset / 16];
+      Chunk& chunk = l.chunks[offset / 16];
       if (chunk.pending != 0)
         throw Error(what() + ": reads shared offset " + std::to_string(offset) + " while a cp_async_16 into it (thread " +
-                    std::to_string(chunk.issuer) +
+                    std::to_string(chunk.issuer) + ", warp " + std::to_string(chunk.issuer / 32) + ", at " +
+                    where(chunk.issue_file, chunk.issue_line) +
                     ") is still in flight: no cp_async_wait covering its group (and sync_block) came before");
       // Another thread's landed copy is visible after a barrier that follows the issuer's wait.
       bool ordered = !chunk.landed || chunk.issuer == src.linear || l.block_epoch > chunk.landed_block_epoch ||
                      (chunk.issuer / 32 == src.linear / 32 && l.warp_epochs[src.linear / 32] > chunk.landed_warp_epoch);
       if (!ordered)
         throw Error(what() + ": reads shared offset " + std::to_string(offset) + ", which thread " +
-                    std::to_string(chunk.issuer) +
-                    "'s cp_async_16 landed at its cp_async_wait with no sync_block since (a race on the device)");
+                    std::to_string(chunk.issuer) + "'s cp_async_16 landed at its cp_async_wait with no sync_block since "
+                    "(a read-after-write race on the device; the copy: warp " + std::to_string(chunk.issuer / 32) +
+                    ", " + where(chunk.issue_file, chunk.issue_line) + ")");
+      // The read, for the write-after-read check of later copies into this chunk.
+      const Read read{src.linear, src.op, src.file, src.line};
+      if (chunk.read_epoch != l.block_epoch) {
+        chunk.read_epoch = l.block_epoch;
+        chunk.first_read = read;
+        chunk.other_warp_read = false;
+      } else if (read.thread / 32 != chunk.first_read.thread / 32) {
+        chunk.other_read = read;
+        chunk.other_warp_read = true;
+      }
       const unsigned char* row = static_cast<const unsigned char*>(src.address);
       for (int c = 0; c < 8; ++c) m[j][r][c] = shared_u16(row, c);
     }
