@@ -446,29 +446,50 @@ def _run_ifa_backward(defines: tuple[str, ...], tokens: int, dim: int) -> None:
          lse, delta, *grads, *parts)
 
 
+def _run_cfa_forward(defines: tuple[str, ...], tokens: int, dim: int) -> None:
+    """cfa_forward_model.cpp's xk_cfa_forward on one fp16 video of ``tokens`` messages of width
+    ``dim`` (two heads) with random values; raises HostModelError on a kernel bug."""
+    lib = host_model("cfa_forward_model.cpp", defines)
+    gen = torch.Generator().manual_seed(0)
+
+    def bits(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).half().view(torch.int16)
+
+    messages, w_in, b_in = bits(tokens, dim), bits(3 * dim, dim, scale=dim**-0.5), bits(3 * dim)
+    ln_w, ln_b, b_out = bits(dim), bits(dim), bits(dim)
+    mixed, residual = (torch.zeros(tokens, dim, dtype=torch.int16) for _ in range(2))
+    staging = (ctypes.c_int * 1)(-1)
+    call(lib, "xk_cfa_forward", ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(tokens), ctypes.c_int(dim),
+         ctypes.c_int(2), ctypes.c_double(1e-5), messages, ln_w, ln_b, w_in, b_in, b_out, mixed, residual, staging)
+    assert staging[0] == 1, "expected the cp.async staging path (the one with a double buffer)"
+
+
 def _war_message(header: str) -> str:
-    return (rf"cp_async_16 at .*{header}:\d+ \(thread \d+, warp \d\) writes shared offset \d+, which ldmatrix_x4\w* "
+    return (rf"cp_async_16 at .*{header}:\d+ \(thread \d+, warp \d\) writes shared offset \d+, which ldmatrix_x[24]\w* "
             rf"at .*{header}:\d+ \(warp \d, row address of thread \d+\) read with no sync_block since: a "
             r"write-after-read race")
 
 
-# (runner, the macro that drops the barrier, the kernel header). Shapes with three streamed tiles:
+# (runner, N or T, D or W, the macro that drops the barrier, the kernel header). Shapes with three
+# streamed tiles:
 # the forward's key tiles are 32 rows; at D = 96 the dK/dV kernel's query tiles and the dQ
 # kernel's key tiles are 32 rows too.
 TILE_BARRIERS = [
-    pytest.param(_run_ifa_forward, 64, "XK_TEST_DROP_FWD_TILE_BARRIER", r"ifa_mma_forward\.cuh", id="forward"),
-    pytest.param(_run_ifa_backward, 96, "XK_TEST_DROP_DKDV_TILE_BARRIER", r"ifa_mma_backward\.cuh", id="backward-dkdv"),
-    pytest.param(_run_ifa_backward, 96, "XK_TEST_DROP_DQ_TILE_BARRIER", r"ifa_mma_backward\.cuh", id="backward-dq"),
+    pytest.param(_run_ifa_forward, 65, 64, "XK_TEST_DROP_FWD_TILE_BARRIER", r"ifa_mma_forward\.cuh", id="forward"),
+    pytest.param(_run_ifa_backward, 65, 96, "XK_TEST_DROP_DKDV_TILE_BARRIER", r"ifa_mma_backward\.cuh", id="backward-dkdv"),
+    pytest.param(_run_ifa_backward, 65, 96, "XK_TEST_DROP_DQ_TILE_BARRIER", r"ifa_mma_backward\.cuh", id="backward-dq"),
+    # The message path streams W in k-chunks of 32 columns: W = 96 is three (T = 8 messages).
+    pytest.param(_run_cfa_forward, 8, 96, "XK_TEST_DROP_CFA_TILE_BARRIER", r"cfa_mma\.cuh", id="message-path"),
 ]
 
 
-@pytest.mark.parametrize(("runner", "dim", "macro", "header"), TILE_BARRIERS)
-def test_kernel_without_its_tile_barrier_is_a_race(runner: Callable[..., None], dim: int, macro: str,
+@pytest.mark.parametrize(("runner", "tokens", "dim", "macro", "header"), TILE_BARRIERS)
+def test_kernel_without_its_tile_barrier_is_a_race(runner: Callable[..., None], tokens: int, dim: int, macro: str,
                                                    header: str) -> None:
     """The real kernel, built with the compile-time switch that drops the barrier ending each
     streamed tile, is reported as a write-after-read race on its double buffer (the warps run the
     same program in lockstep, so only the per-epoch read tracking sees it); with the barrier it
     runs clean on the same problem."""
-    runner((), tokens=65, dim=dim)
+    runner((), tokens=tokens, dim=dim)
     with pytest.raises(HostModelError, match=_war_message(header)):
-        runner((macro,), tokens=65, dim=dim)
+        runner((macro,), tokens=tokens, dim=dim)
