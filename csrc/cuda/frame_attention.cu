@@ -564,17 +564,19 @@ struct Tiles {
   static constexpr int dq_m = DP <= 64 ? 64 : 32, dq_n = 32;
 };
 
-// fp16/bf16 backward: the tensor-core kernels (ifa_mma_backward.cuh) on the tensors' raw 16-bit
-// values; grids and shared memory from its BwdTiles, the staging path from vec_staging_ok, as
-// the host model's entry (host_model/ifa_backward_model.cpp) launches them.
-ifa_mma_backward::Rows16 bwd_rows(const at::Tensor& t) {
+// The fp16/bf16 tensor-core kernels read the tensors' raw 16-bit values through their strides
+// (mma_tiles.cuh).
+mma_tiles::Rows16 mma_rows(const at::Tensor& t) {
   return {reinterpret_cast<const uint16_t*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
-ifa_mma_backward::Vecs16 bwd_vecs(const at::Tensor& t) {
+mma_tiles::Vecs16 mma_vecs(const at::Tensor& t) {
   return {reinterpret_cast<const uint16_t*>(t.const_data_ptr()), t.stride(0), t.stride(1)};
 }
 
-// Writes dq, dk, dv and returns the reduced (d msg_k, d msg_v) in q's dtype.
+// fp16/bf16 backward: the tensor-core kernels (ifa_mma_backward.cuh); grids and shared memory
+// from its BwdTiles, the staging path from vec_staging_ok, as the host model's entry
+// (host_model/ifa_backward_model.cpp) launches them. Writes dq, dk, dv and returns the reduced
+// (d msg_k, d msg_v) in q's dtype.
 template <typename Tag>
 std::tuple<at::Tensor, at::Tensor> launch_mma_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                        const at::Tensor& k, const at::Tensor& v,
@@ -591,12 +593,12 @@ std::tuple<at::Tensor, at::Tensor> launch_mma_backward(const at::Tensor& grad_ou
     using T = mb::BwdTiles<DP>;
     const int n = static_cast<int>(tokens), d = static_cast<int>(head_dim);
     mb::BwdParams p{};
-    p.q = bwd_rows(q);
-    p.k = bwd_rows(k);
-    p.v = bwd_rows(v);
-    p.dout = bwd_rows(grad_out);
-    p.msg_k = bwd_vecs(msg_k);
-    p.msg_v = bwd_vecs(msg_v);
+    p.q = mma_rows(q);
+    p.k = mma_rows(k);
+    p.v = mma_rows(v);
+    p.dout = mma_rows(grad_out);
+    p.msg_k = mma_vecs(msg_k);
+    p.msg_v = mma_vecs(msg_v);
     p.lse = lse.data_ptr<float>();
     p.delta = delta.data_ptr<float>();
     p.dq = reinterpret_cast<uint16_t*>(dq.mutable_data_ptr());
@@ -641,13 +643,6 @@ void check_sizes(int64_t frames, int64_t tokens, int64_t heads, int64_t head_dim
 
 // fp16/bf16 forward: the tensor-core kernel (ifa_mma_forward.cuh) on the tensors' raw 16-bit
 // values; grid, block and shared memory from its FwdTiles, the staging paths from make_fwd_args.
-ifa_mma::RowsArg mma_rows(const at::Tensor& t) {
-  return {reinterpret_cast<const uint16_t*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
-}
-ifa_mma::VecsArg mma_vecs(const at::Tensor& t) {
-  return {reinterpret_cast<const uint16_t*>(t.const_data_ptr()), t.stride(0), t.stride(1)};
-}
-
 template <typename Tag>
 void launch_mma_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& msg_k,
                         const at::Tensor& msg_v, at::Tensor& out, at::Tensor& lse, double scale, cudaStream_t stream) {

@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "mma_tiles.cuh"
 #include "warp_mma.cuh"
 
 namespace xclip_ext::ifa_mma_backward {
@@ -92,16 +93,8 @@ struct BwdTiles {
   static constexpr int dq_tiles(int n) { return ceil_div(n, dq_queries); }
 };
 
-// A (F, N, H, D) operand of 16-bit elements read through its strides (last dim contiguous).
-struct Rows16 {
-  const uint16_t* ptr;
-  int64_t sf, sn, sh;
-};
-// A (F, H, D) operand.
-struct Vecs16 {
-  const uint16_t* ptr;
-  int64_t sf, sh;
-};
+using mma_tiles::Rows16;
+using mma_tiles::Vecs16;
 
 struct BwdParams {
   Rows16 q, k, v, dout;
@@ -119,40 +112,10 @@ struct BwdParams {
   bool vec;  // 16-byte staging allowed (vec_staging_ok)
 };
 
-// Host side: whether every row a kernel stages starts 16-byte aligned and holds whole 16-byte
-// chunks: base pointers and the F, N, H strides (in elements) multiples of 8 elements, D too.
-inline bool vec_staging_ok(const Rows16& r, int d) {
-  return d % 8 == 0 && reinterpret_cast<uintptr_t>(r.ptr) % 16 == 0 && r.sf % 8 == 0 && r.sn % 8 == 0 &&
-         r.sh % 8 == 0;
-}
+// Host side: whether every operand's rows may be staged with 16-byte copies.
+inline bool vec_staging_ok(const Rows16& r, int d) { return mma_tiles::rows_vectorizable(r, d); }
 
 // ---- device helpers -------------------------------------------------------------------------
-
-// Rows [row0, row0 + ROWS) x [0, DP) of one frame-head's (N, D) slice (row stride `row_stride`
-// elements, `src` = row 0) into a shared tile of row stride DP + 8; rows >= n and columns >= d
-// zero. With `vec` one cp.async per 16 bytes (the caller commits and waits), else plain loads.
-template <int ROWS, int DP>
-__device__ __forceinline__ void stage_rows(uint16_t* dst, const uint16_t* src, int64_t row_stride, int row0, int n,
-                                           int d, bool vec) {
-  constexpr int kChunks = DP / 8, kS = DP + 8, kTotal = ROWS * kChunks;
-#pragma unroll
-  for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
-    const int idx = static_cast<int>(threadIdx.x) + i * kThreads;
-    if (kTotal % kThreads == 0 || idx < kTotal) {
-      const int r = idx / kChunks, c = (idx % kChunks) * 8;
-      const bool row_ok = row0 + r < n;
-      const uint16_t* s = src + static_cast<int64_t>(row_ok ? row0 + r : 0) * row_stride + c;
-      uint16_t* t = dst + r * kS + c;
-      if (vec) {
-        const bool full = row_ok && c < d;
-        warp_mma::cp_async_16(t, full ? s : src, full);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) t[e] = (row_ok && c + e < d) ? s[e] : uint16_t(0);
-      }
-    }
-  }
-}
 
 // A (F, H, D) vector as DP floats, zero past d.
 template <class Tag, int DP>
@@ -289,8 +252,8 @@ __global__ void __launch_bounds__(kThreads) ifa_mma_bwd_dkdv_kernel(BwdParams p)
   // latency hides behind that work instead of stalling the next barrier).
   const int tid = static_cast<int>(threadIdx.x);
   auto stage_queries = [&](int m0, int buf) -> float {
-    stage_rows<BM, DP>(Qs + buf * BM * kS, q_fh, p.q.sn, m0, n, p.d, p.vec);
-    stage_rows<BM, DP>(Gs + buf * BM * kS, g_fh, p.dout.sn, m0, n, p.d, p.vec);
+    mma_tiles::stage_rows<BM, DP, kThreads>(Qs + buf * BM * kS, q_fh, p.q.sn, m0, n, p.d, p.vec);
+    mma_tiles::stage_rows<BM, DP, kThreads>(Gs + buf * BM * kS, g_fh, p.dout.sn, m0, n, p.d, p.vec);
     const int r = tid < BM ? tid : tid - BM;
     if (tid >= 2 * BM || m0 + r >= n) return 0.f;
     return tid < BM ? lse_fh[m0 + r] * kLog2e : delta_fh[m0 + r];
@@ -300,8 +263,8 @@ __global__ void __launch_bounds__(kThreads) ifa_mma_bwd_dkdv_kernel(BwdParams p)
     else if (tid < 2 * BM) Ds[buf * BM + tid - BM] = value;
   };
 
-  stage_rows<BN, DP>(Ks, p.k.ptr + f * p.k.sf + h * p.k.sh, p.k.sn, n0, n, p.d, p.vec);
-  stage_rows<BN, DP>(Vs, p.v.ptr + f * p.v.sf + h * p.v.sh, p.v.sn, n0, n, p.d, p.vec);
+  mma_tiles::stage_rows<BN, DP, kThreads>(Ks, p.k.ptr + f * p.k.sf + h * p.k.sh, p.k.sn, n0, n, p.d, p.vec);
+  mma_tiles::stage_rows<BN, DP, kThreads>(Vs, p.v.ptr + f * p.v.sf + h * p.v.sh, p.v.sn, n0, n, p.d, p.vec);
   store_stats(stage_queries(0, 0), 0);
   warp_mma::cp_async_commit();
 
@@ -406,10 +369,10 @@ __global__ void __launch_bounds__(kThreads) ifa_mma_bwd_dq_kernel(BwdParams p) {
   const uint16_t* k_fh = p.k.ptr + f * p.k.sf + h * p.k.sh;
   const uint16_t* v_fh = p.v.ptr + f * p.v.sf + h * p.v.sh;
 
-  stage_rows<BM, DP>(Qs, p.q.ptr + f * p.q.sf + h * p.q.sh, p.q.sn, m0, n, p.d, p.vec);
-  stage_rows<BM, DP>(Gs, p.dout.ptr + f * p.dout.sf + h * p.dout.sh, p.dout.sn, m0, n, p.d, p.vec);
-  stage_rows<BN, DP>(Ks, k_fh, p.k.sn, 0, n, p.d, p.vec);
-  stage_rows<BN, DP>(Vs, v_fh, p.v.sn, 0, n, p.d, p.vec);
+  mma_tiles::stage_rows<BM, DP, kThreads>(Qs, p.q.ptr + f * p.q.sf + h * p.q.sh, p.q.sn, m0, n, p.d, p.vec);
+  mma_tiles::stage_rows<BM, DP, kThreads>(Gs, p.dout.ptr + f * p.dout.sf + h * p.dout.sh, p.dout.sn, m0, n, p.d, p.vec);
+  mma_tiles::stage_rows<BN, DP, kThreads>(Ks, k_fh, p.k.sn, 0, n, p.d, p.vec);
+  mma_tiles::stage_rows<BN, DP, kThreads>(Vs, v_fh, p.v.sn, 0, n, p.d, p.vec);
   warp_mma::cp_async_commit();
   stage_vec<Tag, DP>(tag, Mk, p.msg_k.ptr + f * p.msg_k.sf + h * p.msg_k.sh, p.d);
   stage_vec<Tag, DP>(tag, Mv, p.msg_v.ptr + f * p.msg_v.sf + h * p.msg_v.sh, p.d);
@@ -434,8 +397,8 @@ __global__ void __launch_bounds__(kThreads) ifa_mma_bwd_dq_kernel(BwdParams p) {
   for (int n0 = 0, it = 0; n0 < n; n0 += BN, ++it) {
     const int buf = it & 1;
     if (n0 + BN < n) {
-      stage_rows<BN, DP>(Ks + (buf ^ 1) * BN * kS, k_fh, p.k.sn, n0 + BN, n, p.d, p.vec);
-      stage_rows<BN, DP>(Vs + (buf ^ 1) * BN * kS, v_fh, p.v.sn, n0 + BN, n, p.d, p.vec);
+      mma_tiles::stage_rows<BN, DP, kThreads>(Ks + (buf ^ 1) * BN * kS, k_fh, p.k.sn, n0 + BN, n, p.d, p.vec);
+      mma_tiles::stage_rows<BN, DP, kThreads>(Vs + (buf ^ 1) * BN * kS, v_fh, p.v.sn, n0 + BN, n, p.d, p.vec);
       warp_mma::cp_async_commit();
       warp_mma::cp_async_wait<1>();
     } else {

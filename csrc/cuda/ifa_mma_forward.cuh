@@ -25,37 +25,30 @@
 //
 // Sizes (FwdTiles; docs/cuda.md): shared memory (64 + 4 x 32) (DP + 8) x 2 bytes = 15.0, 27.0,
 // 39.0, 51.0 KiB at DP = 32, 64, 96, 128; registers (nvcc 13.0 -O3, -Xptxas -v, fp16 = bf16)
-// 72, 95, 128, 168 on sm_80 and 67, 96, 127, 168 on sm_90a, no spills. Per thread: the O
+// 80, 95, 127, 165 on sm_80 and 80, 83, 127, 166 on sm_90a, no spills. Per thread: the O
 // accumulator (DP / 2 floats), S (16 floats), Q fragments (DP / 4 registers).
 #pragma once
 
 #include <cstdint>
 
+#include "mma_tiles.cuh"
 #include "warp_mma.cuh"
 
 namespace xclip_ext::ifa_mma {
 
-// A (F, N, H, D) operand of 16-bit elements, strides in elements, last dim contiguous.
-struct RowsArg {
-  const uint16_t* ptr;
-  int64_t sf, sn, sh;
-};
-// A (F, H, D) operand.
-struct VecsArg {
-  const uint16_t* ptr;
-  int64_t sf, sh;
-};
+using mma_tiles::Rows16;
+using mma_tiles::Vecs16;
 
 // Everything the forward kernel reads, as the launcher (frame_attention.cu) and the host-model
 // entry (host_model/ifa_forward_model.cpp) fill it.
 struct FwdArgs {
-  RowsArg q, k, v;
-  VecsArg msg_k, msg_v;
+  Rows16 q, k, v;
+  Vecs16 msg_k, msg_v;
   uint16_t* out;  // (F, N, H, D), contiguous
   float* lse;     // (F, H, N), natural log
   int n, heads, dim;
   float scale_log2e;  // softmax scale * log2(e): the softmax runs in base 2
-  bool vec_in;        // q, k, v rows may be staged with 16-byte copies (rows_vectorizable)
+  bool vec_in;        // q, k, v rows may be staged with 16-byte copies (mma_tiles::rows_vectorizable)
   bool vec_out;       // out rows may be written 16 bytes at a time
 };
 
@@ -78,21 +71,14 @@ struct FwdTiles {
   static constexpr int64_t query_tiles(int64_t n) { return (n + kBlockM - 1) / kBlockM; }
 };
 
-// Host side: can (F, N, H, D) rows at `ptr` with these element strides be moved 16 bytes (8
-// elements) at a time? Needs D % 8 == 0, a 16-byte aligned base and strides that keep every row
-// start 16-byte aligned.
-inline bool rows_vectorizable(const void* ptr, int64_t sf, int64_t sn, int64_t sh, int64_t dim) {
-  return dim % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sf % 8 == 0 && sn % 8 == 0 && sh % 8 == 0;
-}
-
 // Host side: the kernel's arguments from the operands as the launcher and the host-model entry
 // pass them (out contiguous (F, N, H, D)); decides the staging paths. scale: the softmax scale.
-inline FwdArgs make_fwd_args(RowsArg q, RowsArg k, RowsArg v, VecsArg msg_k, VecsArg msg_v, uint16_t* out, float* lse,
+inline FwdArgs make_fwd_args(Rows16 q, Rows16 k, Rows16 v, Vecs16 msg_k, Vecs16 msg_v, uint16_t* out, float* lse,
                              int n, int heads, int dim, double scale) {
-  const bool vec_in = rows_vectorizable(q.ptr, q.sf, q.sn, q.sh, dim) &&
-                      rows_vectorizable(k.ptr, k.sf, k.sn, k.sh, dim) && rows_vectorizable(v.ptr, v.sf, v.sn, v.sh, dim);
+  const bool vec_in = mma_tiles::rows_vectorizable(q, dim) && mma_tiles::rows_vectorizable(k, dim) &&
+                      mma_tiles::rows_vectorizable(v, dim);
   const int64_t row = int64_t{heads} * dim;
-  const bool vec_out = rows_vectorizable(out, row * n, row, dim, dim);
+  const bool vec_out = mma_tiles::rows_vectorizable(Rows16{out, row * n, row, dim}, dim);
   return FwdArgs{q, k, v, msg_k, msg_v, out, lse, n, heads, dim, static_cast<float>(scale * 1.4426950408889634),
                  vec_in, vec_out};
 }
@@ -103,37 +89,6 @@ namespace detail {
 struct alignas(16) Chunk16 {
   uint32_t w[4];
 };
-
-// Stage rows [row0, row0 + ROWS) x [0, DP) of one frame-head's operand into shared memory (row
-// pitch DP + 8); rows >= nrows and columns >= dim become zero, so the products over the padding
-// add exact zeros. With vec, 16-byte cp.async copies (the caller commits and waits); else plain
-// element-wise loads and stores (visible after the caller's block barrier).
-template <int DP, int ROWS>
-__device__ __forceinline__ void stage_tile(uint16_t* dst, const uint16_t* __restrict__ src, int64_t row_stride,
-                                           int row0, int nrows, int dim, bool vec) {
-  using L = FwdTiles<DP>;
-  constexpr int S = L::kStride, kChunks = DP / 8;
-  static_assert((ROWS * kChunks) % L::kThreads == 0 && (ROWS * DP) % L::kThreads == 0, "tile must split evenly");
-  if (vec) {
-#pragma unroll
-    for (int i = 0; i < ROWS * kChunks / L::kThreads; ++i) {
-      const int idx = static_cast<int>(threadIdx.x) + i * L::kThreads;
-      const int r = idx / kChunks, c = (idx - r * kChunks) * 8;
-      const int gr = row0 + r;
-      const bool full = gr < nrows && c < dim;  // dim % 8 == 0 here: a chunk is all in or all out
-      // A zero-filling copy reads nothing; it still gets an address inside the operand.
-      warp_mma::cp_async_16(dst + r * S + c, full ? src + static_cast<int64_t>(gr) * row_stride + c : src, full);
-    }
-  } else {
-#pragma unroll 1
-    for (int i = 0; i < ROWS * DP / L::kThreads; ++i) {
-      const int idx = static_cast<int>(threadIdx.x) + i * L::kThreads;
-      const int r = idx / DP, c = idx - r * DP;
-      const int gr = row0 + r;
-      dst[r * S + c] = (gr < nrows && c < dim) ? src[static_cast<int64_t>(gr) * row_stride + c] : uint16_t{0};
-    }
-  }
-}
 
 }  // namespace detail
 
@@ -173,10 +128,10 @@ __global__ void __launch_bounds__(FwdTiles<DP>::kThreads) ifa_mma_fwd_kernel(con
   const uint16_t* mv_g = a.msg_v.ptr + f * a.msg_v.sf + h * a.msg_v.sh;
 
   // Prologue: Q (group 0) and the first K/V tile (group 1) in flight; wait for Q only.
-  detail::stage_tile<DP, BM>(q_s, q_g, a.q.sn, m0, n, dim, a.vec_in);
+  mma_tiles::stage_rows<BM, DP, L::kThreads>(q_s, q_g, a.q.sn, m0, n, dim, a.vec_in);
   cp_async_commit();
-  detail::stage_tile<DP, BN>(smem + L::kK, k_g, a.k.sn, 0, n, dim, a.vec_in);
-  detail::stage_tile<DP, BN>(smem + L::kV, v_g, a.v.sn, 0, n, dim, a.vec_in);
+  mma_tiles::stage_rows<BN, DP, L::kThreads>(smem + L::kK, k_g, a.k.sn, 0, n, dim, a.vec_in);
+  mma_tiles::stage_rows<BN, DP, L::kThreads>(smem + L::kV, v_g, a.v.sn, 0, n, dim, a.vec_in);
   cp_async_commit();
   cp_async_wait<1>();
   sync_block();
@@ -228,8 +183,8 @@ __global__ void __launch_bounds__(FwdTiles<DP>::kThreads) ifa_mma_fwd_kernel(con
     // Issue the next K/V tile into the other buffer (free: the barrier at the end of the last
     // iteration), then wait for this one.
     if (n0 + BN < n) {
-      detail::stage_tile<DP, BN>(smem + L::kK + (buf ^ 1) * BN * S, k_g, a.k.sn, n0 + BN, n, dim, a.vec_in);
-      detail::stage_tile<DP, BN>(smem + L::kV + (buf ^ 1) * BN * S, v_g, a.v.sn, n0 + BN, n, dim, a.vec_in);
+      mma_tiles::stage_rows<BN, DP, L::kThreads>(smem + L::kK + (buf ^ 1) * BN * S, k_g, a.k.sn, n0 + BN, n, dim, a.vec_in);
+      mma_tiles::stage_rows<BN, DP, L::kThreads>(smem + L::kV + (buf ^ 1) * BN * S, v_g, a.v.sn, n0 + BN, n, dim, a.vec_in);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
