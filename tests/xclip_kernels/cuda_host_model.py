@@ -14,9 +14,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -142,3 +144,16 @@ def call(lib: ctypes.CDLL, name: str, *args: Any) -> None:
     status = function(*(ptr(a) if isinstance(a, torch.Tensor) else a for a in args))
     if status != 0:
         raise HostModelError(f"{name}: {lib.xk_last_error().decode(errors='replace')}")
+
+
+def load_gpu_static() -> Any:
+    """scripts/gpu_static.py as a module (not a package): the host-model tests check its mirror
+    of the kernels' tiles and shared memory against the headers."""
+    spec = importlib.util.spec_from_file_location("gpu_static_for_host_model", ROOT / "scripts" / "gpu_static.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it runs
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module

@@ -9,12 +9,10 @@ bitwise repeats.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import sys
 
 import pytest
 import torch
-from cuda_host_model import ROOT, HostModelError, call, host_model
+from cuda_host_model import HostModelError, call, host_model, load_gpu_static
 from xk_helpers import MESSAGE_NON_FINITE, assert_within_low_precision_rule, message_inputs
 
 from xclip_kernels.backends import reference
@@ -152,16 +150,6 @@ def test_nan_inputs_come_out_where_the_reference_has_them(case: str, change, dty
                                      f"{case}: finite mixed")
 
 
-def _gpu_static():
-    spec = importlib.util.spec_from_file_location("gpu_static_for_cfa", ROOT / "scripts" / "gpu_static.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it runs
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
-
 
 @pytest.mark.parametrize("head_dim", [20, 64, 80, 128])
 @pytest.mark.parametrize("frames", [1, 8, 13, 64])
@@ -172,7 +160,7 @@ def test_gpu_static_mirrors_the_kernels_shared_memory(head_dim: int, frames: int
     call(host_model(ENTRY), "xk_cfa_forward_tiles", ctypes.c_int(head_dim), ctypes.c_int(frames), tiles)
     dp, chunk, passes, shared = tiles
     assert (chunk, passes) == (32, 3 if dp > 64 else 1)
-    gs = _gpu_static()
+    gs = load_gpu_static()
     assert gs.cuda_tiles("cfa_mma_fwd_kernel", [dp]) == (1, 1)
     for dtype in ("float16", "bfloat16"):
         assert gs.cuda_shared_bytes("cfa_mma_fwd_kernel", dtype, [dp], frames=frames) == shared

@@ -20,13 +20,11 @@ summed over tiles as the launcher does. O enters delta two ways:
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import sys
 
 import pytest
 import torch
 
-from cuda_host_model import ROOT, HostModelError, call, host_model, ptr
+from cuda_host_model import HostModelError, call, host_model, load_gpu_static, ptr
 from xclip_kernels.backends import reference
 from xk_helpers import assert_within_low_precision_rule, frame_inputs, nan_padded, output_and_grads
 
@@ -283,16 +281,6 @@ def test_tiles_and_shared_memory(dp: int) -> None:
         call(lib, "xk_ifa_backward_layout", ctypes.c_int(48), out)
 
 
-def _gpu_static():
-    spec = importlib.util.spec_from_file_location("gpu_static_for_mma_backward", ROOT / "scripts" / "gpu_static.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it runs
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
-
 
 @pytest.mark.parametrize("dp", [32, 64, 96, 128])
 def test_gpu_static_mirrors_the_kernels_tiles(dp: int) -> None:
@@ -301,7 +289,7 @@ def test_gpu_static_mirrors_the_kernels_tiles(dp: int) -> None:
     out = torch.zeros(6, dtype=torch.int32)
     call(host_model(ENTRY), "xk_ifa_backward_layout", ctypes.c_int(dp), out)
     dkdv_queries, dkdv_keys, dkdv_bytes, dq_queries, dq_keys, dq_bytes = out.tolist()
-    gs = _gpu_static()
+    gs = load_gpu_static()
     assert gs.cuda_tiles("ifa_mma_bwd_dkdv_kernel", [dp]) == (dkdv_queries, dkdv_keys)
     assert gs.cuda_tiles("ifa_mma_bwd_dq_kernel", [dp]) == (dq_queries, dq_keys)
     for dtype in ("float16", "bfloat16"):

@@ -8,12 +8,10 @@ regions and bitwise repeats.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import sys
 
 import pytest
 import torch
-from cuda_host_model import ROOT, HostModelError, call, host_model
+from cuda_host_model import HostModelError, call, host_model, load_gpu_static
 from xk_helpers import FRAME_NON_FINITE, assert_within_low_precision_rule, frame_inputs
 
 from xclip_kernels.backends import reference
@@ -153,16 +151,6 @@ def test_nan_inputs_come_out_where_the_reference_has_them(case: str, change, dty
     assert_within_low_precision_rule(out[finite], plain[finite], truth[finite], "output", f"{case}: finite out")
 
 
-def _gpu_static():
-    spec = importlib.util.spec_from_file_location("gpu_static_for_mma", ROOT / "scripts" / "gpu_static.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it runs
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
-
 
 @pytest.mark.parametrize("dim", [20, 64, 80, 128])
 def test_gpu_static_mirrors_the_kernels_tiles(dim: int) -> None:
@@ -171,7 +159,7 @@ def test_gpu_static_mirrors_the_kernels_tiles(dim: int) -> None:
     tiles = (ctypes.c_long * 4)()
     call(host_model(ENTRY), "xk_ifa_forward_tiles", ctypes.c_int(dim), tiles)
     dp, block_m, block_n, shared = tiles
-    gs = _gpu_static()
+    gs = load_gpu_static()
     assert gs.cuda_tiles("ifa_mma_fwd_kernel", [dp]) == (block_m, block_n)
     for dtype in ("float16", "bfloat16"):
         assert gs.cuda_shared_bytes("ifa_mma_fwd_kernel", dtype, [dp]) == shared
