@@ -196,6 +196,18 @@ def test_decoding_in_process_uses_one_torch_thread_and_gives_the_threads_back(mo
         torch.set_num_threads(threads)
 
 
+def test_a_decode_worker_builds_its_views_in_shared_memory(monkeypatch, folder) -> None:
+    # Sent to the main process as a handle (no copy into a new segment); in process there is
+    # no one to send to, so ordinary memory.
+    dataset = collection.ViewsDataset([collection.Item(str(videos(folder)[0]))], TINY.num_frames, TINY.image_size)
+    in_process = dataset[0]["views"]
+    assert not in_process.is_shared()
+    monkeypatch.setattr(collection, "get_worker_info", lambda: object())
+    in_worker = dataset[0]["views"]
+    assert in_worker.is_shared()
+    torch.testing.assert_close(in_worker, in_process, rtol=0, atol=0)
+
+
 def test_manifest_formats_and_errors(tmp_path) -> None:
     (tmp_path / "list.txt").write_text("# a comment\na.mp4\n\n/abs/b.mp4\n")
     (tmp_path / "list.jsonl").write_text('{"path": "a.mp4", "label": "x"}\n\n{"path": "b.mp4"}\n')

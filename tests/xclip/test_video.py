@@ -249,6 +249,26 @@ def test_load_views_clips_times_crops(lossless_mp4, noise_frames) -> None:
         xv.load_views(lossless_mp4, 4, 32, threads=-1)
 
 
+def test_load_views_in_shared_memory_are_the_same_views(lossless_mp4) -> None:
+    # A decode worker builds its views in shared memory so the DataLoader sends a handle, not
+    # a copy: the same bits as the ordinary tensor, in a segment another process can map.
+    views = xv.load_views(lossless_mp4, 4, 32, num_clips=2, num_crops=3)
+    shared = xv.load_views(lossless_mp4, 4, 32, num_clips=2, num_crops=3, shared_memory=True)
+    assert shared.is_shared() and not views.is_shared()
+    assert shared.shape == views.shape and shared.is_contiguous()
+    torch.testing.assert_close(shared, views, rtol=0, atol=0)
+
+
+def test_normalize_leaves_a_float_input_unchanged() -> None:
+    frames = torch.rand(2, 3, 4, 4) * 255
+    before = frames.clone()
+    out = xv.normalize(frames)
+    torch.testing.assert_close(frames, before, rtol=0, atol=0)
+    mean = torch.tensor(xv.MEAN).view(3, 1, 1)
+    std = torch.tensor(xv.STD).view(3, 1, 1)
+    torch.testing.assert_close(out, (before - mean) / std, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("crops", [1, 3])
 def test_a_stream_whose_resolution_changes_gives_views_like_any_other(tmp_path: Path, crops: int) -> None:
     """Landscape 64x48 frames, then portrait 48x64 ones in the same stream: every sampled frame
