@@ -29,7 +29,8 @@ def test_every_cpu_provider_computes_the_same_product(dtype):
         # Every provider accumulates in float32 and rounds once: about one unit in the last
         # place of dtype apart (64-term sums of products of magnitude about 1).
         for product in products[1:]:
-            torch.testing.assert_close(product, products[0], rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 8)
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(product, products[0], rtol=eps, atol=8 * eps)
         return
     for product in products[1:]:
         torch.testing.assert_close(product, products[0], rtol=1e-5, atol=1e-4)

@@ -422,7 +422,8 @@ def test_widened_within_the_low_precision_rule_and_rounded_once(shape, dtype, fl
         plain_hidden = torch.nn.functional.linear(rounded[0], rounded[2], rounded[3])
         plain_mlp = reference.mlp_residual(*mlp_inputs)
     truth_mlp = reference.mlp_residual(*(t.double() for t in mlp_inputs))
-    plains = {"linear": (plain_hidden, truth_hidden), "linear + residual": (plain_hidden + rounded[1], truth_hidden + residual),
+    plains = {"linear": (plain_hidden, truth_hidden),
+              "linear + residual": (plain_hidden + rounded[1], truth_hidden + residual),
               "mlp_residual": (plain_mlp, truth_mlp), "block_mlp_residual": (plain_mlp, truth_mlp)}
     half_ulp = torch.finfo(dtype).eps / 2  # relative: half the spacing of dtype's numbers
     for what, got in ours.items():
