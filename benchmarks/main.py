@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if limits:
         rates = ", ".join(f"{name} {gemm_flops / timings.median(name) / 1e9:.1f}" for name in providers)
         print(f"{args.dtype} limit in the same rounds: {statistics.median(limits):.1f} GFLOP/s "
-              f"(the faster per round of 2048^3 GEMMs: {rates} GFLOP/s)")
+              f"(the fastest per round of 2048^3 GEMMs: {rates} GFLOP/s)")
     gemm.set_provider(None)
     if args.json:
         write_json(args.json, rows)
