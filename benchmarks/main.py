@@ -3,10 +3,11 @@
 Builds X-CLIP with random weights and prints, for each available backend: GMACs per clip
 (paper convention, analytic: one video and one label, text included), clips/s (median of
 interleaved rounds), achieved GFLOP/s (= 2 x GMACs x clips/s) as a fraction of the machine's
-GEMM limit in that dtype (the faster of torch's matmul and oneDNN's prepacked linear on 2048³,
-timed in the same rounds; per round, then the median), and max |logits - reference backend|.
-``--gemm both`` runs every backend on each CPU GEMM provider of ``xclip_kernels.gemm`` (torch's
-matmul and oneDNN prepacked) in the same rounds; the default takes the provider chosen here.
+GEMM limit in that dtype (the fastest of torch's matmul, oneDNN's prepacked linear and, for
+bf16/fp16, the product widened to float32, on 2048³, timed in the same rounds; per round, then
+the median), and max |logits - reference backend|. ``--gemm both`` runs every backend on each
+CPU GEMM provider of ``xclip_kernels.gemm`` (torch's matmul, oneDNN prepacked, widened to
+float32) in the same rounds; the default takes the provider chosen here.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if limits:
         rates = ", ".join(f"{name} {gemm_flops / timings.median(name) / 1e9:.1f}" for name in providers)
         print(f"{args.dtype} limit in the same rounds: {statistics.median(limits):.1f} GFLOP/s "
-              f"(the faster per round of 2048^3 GEMMs: {rates} GFLOP/s)")
+              f"(the fastest per round of 2048^3 GEMMs: {rates} GFLOP/s)")
     gemm.set_provider(None)
     if args.json:
         write_json(args.json, rows)

@@ -95,6 +95,9 @@ def matmul_candidate(
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 """Dtypes of oneDNN's CPU linear."""
 
+WIDENED_DTYPES = gemm.WIDENED_DTYPES
+"""Dtypes whose CPU limit includes the product widened to float32 (our "float32" provider)."""
+
 
 def limit_candidates(
     size: int = MATMUL_SIZE, dtype: torch.dtype = torch.float32, device: str = "cpu"
@@ -104,7 +107,11 @@ def limit_candidates(
 
     "matmul" is ``torch.mm`` (MKL on the CPU, cuBLAS on a GPU); on a CPU with oneDNN, "onednn"
     is oneDNN's linear with its weight prepacked once (what Inductor's freezing runs; on some
-    CPUs far above MKL's rate). The limit of a round is its fastest provider (:func:`limit_gflops`).
+    CPUs far above MKL's rate); for bf16/fp16 on the CPU, "float32" is the product widened to
+    float32, ``a.float() @ b32`` rounded back to ``dtype``, with ``b``'s float32 copy made once
+    like the packed weight (conversion of ``a`` and of the output included: on CPUs without AMX
+    it beats both native bf16 GEMMs, and our ``xclip_kernels.gemm`` may run the model that way).
+    The limit of a round is its fastest provider (:func:`limit_gflops`).
     """
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
@@ -124,6 +131,15 @@ def limit_candidates(
             return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
 
         candidates["onednn"] = onednn
+    if device == "cpu" and dtype in WIDENED_DTYPES:
+        b32 = b.float()
+        wide = torch.empty(size, size)
+
+        def widened() -> torch.Tensor:
+            torch.mm(a.float(), b32, out=wide)
+            return wide.to(dtype)
+
+        candidates["float32"] = widened
     return candidates, 2.0 * size**3
 
 

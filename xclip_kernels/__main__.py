@@ -1,5 +1,5 @@
 """``python -m xclip_kernels``: print every backend, whether it runs here, and why not; and which
-GEMM provider CPU inference takes here (measured when run)."""
+GEMM provider CPU inference takes here per dtype, with the measured rates (when run)."""
 
 from __future__ import annotations
 
@@ -26,18 +26,29 @@ def _settings_error() -> str | None:
 
 def _gemm_lines() -> list[str]:
     """Which provider CPU inference GEMMs take here, per dtype, and what decided it."""
-    if not gemm.onednn_available():
-        return ["CPU inference GEMMs: matmul (this torch has no oneDNN linear op)"]
     forced = _env.gemm_provider()
+    if forced == "float32":
+        return ["CPU inference GEMMs: bfloat16 and float16 widened to float32, float32 on its measured provider "
+                "(XCLIP_KERNELS_GEMM=float32)"]
     if forced is not None:
         return [f"CPU inference GEMMs: {forced} for every dtype (XCLIP_KERNELS_GEMM={forced})"]
     lines = []
-    for dtype in gemm.PACKED_DTYPES:
+    if not gemm.onednn_available():
+        lines.append("CPU inference GEMMs: no oneDNN provider (this torch has no oneDNN linear op)")
+    for dtype in gemm.MEASURED_DTYPES:
+        if len(gemm.candidates(dtype)) == 1:
+            continue
         found = gemm.measure(dtype)
+        rates = [f"matmul {found.matmul_gflops:.0f}"]
+        if found.onednn_gflops is not None:
+            rates.append(f"oneDNN prepacked {found.onednn_gflops:.0f}")
+        if found.float32_gflops is not None:
+            rates.append(f"widened to float32 (on {gemm.float32_engine()}, conversions included) "
+                         f"{found.float32_gflops:.0f}")
         lines.append(
             f"CPU inference GEMMs in {str(dtype).removeprefix('torch.')}: {found.chosen} (measured now on "
-            f"{'x'.join(map(str, gemm.CALIBRATION_SHAPE))}: matmul {found.matmul_gflops:.0f}, oneDNN prepacked "
-            f"{found.onednn_gflops:.0f} GFLOP/s; oneDNN needs {gemm.MARGIN:.2f}x; XCLIP_KERNELS_GEMM fixes it)"
+            f"{'x'.join(map(str, gemm.CALIBRATION_SHAPE))}: {', '.join(rates)} GFLOP/s; a provider other than "
+            f"matmul needs {gemm.MARGIN:.2f}x the best it replaces; XCLIP_KERNELS_GEMM fixes it)"
         )
     return lines
 

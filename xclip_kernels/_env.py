@@ -22,11 +22,12 @@ def forced_backend() -> str | None:
     return name or None
 
 
-GEMM_PROVIDERS = ("auto", "matmul", "onednn")
+GEMM_PROVIDERS = ("auto", "matmul", "onednn", "float32")
 
 
 def gemm_provider() -> str | None:
-    """CPU inference GEMM provider named by ``XCLIP_KERNELS_GEMM`` ("matmul" or "onednn"), or
+    """CPU inference GEMM provider named by ``XCLIP_KERNELS_GEMM`` ("matmul", "onednn" or
+    "float32": bf16/fp16 widened), or
     None for "auto"/unset (measured per dtype: :func:`xclip_kernels.gemm.provider`)."""
     raw = os.environ.get("XCLIP_KERNELS_GEMM", "")
     value = raw.strip().lower()

@@ -19,7 +19,10 @@ GEMM time on the CPU).
 
 Where :mod:`.gemm` chose oneDNN for this CPU (inference only), the same epilogues run as
 oneDNN post-ops on prepacked weights instead (out of place: that API has no in-place sum), and
-the blocks then take fresh tensors rather than the in-place accumulation below.
+the blocks then take fresh tensors rather than the in-place accumulation below. Where it chose
+the widened route for bf16/fp16 ("float32"), the GEMMs, bias, QuickGELU and residual add run in
+float32 on float32 weight copies and each output is rounded once (the MLP's hidden stays
+float32); those outputs are fresh tensors too.
 
 The model's blocks follow one policy (:func:`writes_in_place`, :func:`block_mlp_residual`,
 :func:`qkv_projection`): a block never writes its input (its caller and forward hooks may
@@ -116,11 +119,16 @@ def linear_residual(
     which is returned.
     """
     rows = x.reshape(-1, x.shape[-1])
-    if _inplace_allowed(inplace, x, residual, weight, bias):
+    accumulate = _inplace_allowed(inplace, x, residual, weight, bias)
+    route = gemm.route(x, weight, others=(residual, bias))
+    if route == "float32":
+        out = gemm.widened_linear(rows, weight, bias, residual=residual.reshape(-1, residual.shape[-1]))
+        return residual.copy_(out.view(residual.shape)) if accumulate else out.view(residual.shape)
+    if accumulate:
         out = residual.view(-1, residual.shape[-1])
         out.add_(bias).addmm_(rows, weight.t())
         return residual
-    if gemm.use_packed(x, weight, others=(residual, bias)):
+    if route == "onednn":
         return gemm.linear_add(rows, residual, weight, bias)
     return _fresh_sum(residual, bias, rows, weight.t())
 
@@ -145,7 +153,17 @@ def mlp_residual(
     """
     rows = x.reshape(-1, x.shape[-1])
     accumulate = _inplace_allowed(inplace, x, residual, fc_weight, fc_bias, proj_weight, proj_bias)
-    if not accumulate and gemm.use_packed(x, fc_weight, proj_weight, others=(residual, fc_bias, proj_bias)):
+    route = gemm.route(x, fc_weight, proj_weight, others=(residual, fc_bias, proj_bias))
+    if route == "float32":
+        # Both GEMMs and QuickGELU in float32: the hidden is never rounded to bf16/fp16, and
+        # only the sum with the residual is, once.
+        scaled = gemm.widened_linear_quick_gelu_scaled(rows, fc_weight, fc_bias, QUICK_GELU_SLOPE)
+        out = gemm.widened_linear(
+            scaled, proj_weight, proj_bias, residual=residual.reshape(-1, residual.shape[-1]),
+            scale=1.0 / QUICK_GELU_SLOPE,
+        ).view(residual.shape)
+        return residual.copy_(out) if accumulate else out
+    if not accumulate and route == "onednn":
         if rows.dtype == torch.float32:
             # silu of the 1.702-scaled first GEMM, then the second with its weight over 1.702
             # (the scaled float32 weights are off by one float32 rounding: far inside 1e-5).
@@ -201,7 +219,7 @@ def qkv_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     call: the attention reads q, k, v from it and returns a fresh tensor, so it never escapes.
     """
     workspace = _scratch(x)
-    if workspace is None or gemm.use_packed(x, weight, others=(bias,)):
+    if workspace is None or gemm.route(x, weight, others=(bias,)) != "matmul":
         return gemm.linear(x, weight, bias)
     qkv = workspace.buffer("qkv", (x.shape[0], weight.shape[0]), x.dtype, x.device)
     return torch.addmm(bias, x, weight.t(), out=qkv)
@@ -219,8 +237,8 @@ def block_mlp_residual(
     ``owned_residual`` (a tensor the block made, e.g. by :func:`linear_residual`) when
     :func:`writes_in_place` allows, with the hidden activations in a scratch buffer; else a
     fresh tensor. x, owned_residual ``(..., W)``."""
-    packed = gemm.use_packed(x, fc_weight, proj_weight, others=(owned_residual, fc_bias, proj_bias))
-    inplace = writes_in_place(owned_residual) and not packed
+    route = gemm.route(x, fc_weight, proj_weight, others=(owned_residual, fc_bias, proj_bias))
+    inplace = writes_in_place(owned_residual) and route == "matmul"
     return mlp_residual(
         x, owned_residual, fc_weight, fc_bias, proj_weight, proj_bias,
         inplace=inplace, workspace=_scratch(owned_residual) if inplace else None,

@@ -1,34 +1,49 @@
-"""The model's GEMMs on the CPU during inference: torch's matmul or oneDNN with prepacked weights.
+"""The model's GEMMs on the CPU during inference: torch's matmul, oneDNN with prepacked weights,
+or, for bf16/fp16, the same product computed in float32.
 
 Nearly all of X-CLIP's work is its linear layers. On the CPU torch's ``matmul`` calls oneMKL,
 which on some CPUs (AMD EPYC among them) runs at half the rate that oneDNN (shipped inside
 torch) reaches on the same shapes once the weight is reordered into oneDNN's blocked layout;
-on others the two are even. So there are two **providers**:
+on others the two are even. And on CPUs with ``avx512_bf16`` but no AMX, both run bf16 GEMMs
+*below* their float32 rate. So there are three **providers**:
 
 * ``"matmul"``: torch's ``addmm``/``linear`` (the differentiable path; always used in training,
   under grad, under autocast and while compiling);
 * ``"onednn"``: ``torch.ops.mkldnn._linear_pointwise`` on a weight reordered once per weight,
   dtype and scale (:func:`packed_weight`), with the epilogue as a oneDNN post-op: bias, swish
   (the MLP's QuickGELU, see below), or a residual add (a binary post-op, into a fresh tensor:
-  oneDNN's API here has no in-place sum).
+  oneDNN's API here has no in-place sum);
+* ``"float32"`` (bf16 and fp16 only): the product *widened* to float32. The activations are
+  converted per call, the weight is kept as a float32 copy (:func:`float32_weight`, or a
+  oneDNN-packed float32 copy where float32 GEMMs take oneDNN here), the GEMM runs at the
+  float32 rate, bias, QuickGELU and the residual add are applied in float32, and each layer's
+  output is rounded to the input dtype once. Products of bf16 (or fp16) numbers are exact in
+  float32 and half-precision GEMMs accumulate in float32 anyway, so this is at least as
+  accurate as the native route (the MLP's hidden activations are never rounded to bf16 at
+  all). **Memory:** the float32 copies take twice the memory of the bf16/fp16 weights they
+  copy (freed with the weights, or by :func:`clear`).
 
-:func:`provider` picks one per dtype the first time it is asked, by timing both on an
-X-CLIP-sized GEMM (``800 x 768 -> 3072``) in this process, and keeps ``"matmul"`` unless
-oneDNN is at least :data:`MARGIN` faster (both are fp32/bf16-exact; a near tie goes to
-matmul, the provider the differentiable path uses, so results do not flip with noise). ``XCLIP_KERNELS_GEMM=matmul|onednn`` or
-:func:`set_provider` fix it instead; ``python -m xclip_kernels`` says what this CPU gets.
+:func:`provider` picks one per dtype the first time it is asked, by timing the candidates on an
+X-CLIP-sized GEMM (``800 x 768 -> 3072``) in this process, interleaved. It keeps ``"matmul"``
+unless oneDNN is at least :data:`MARGIN` faster, and for bf16/fp16 takes ``"float32"`` (timed
+with its conversions: ``x.float()``, the float32 GEMM, the rounding of the output) only when it
+is at least :data:`MARGIN` faster than the faster native provider (a near tie goes to the
+provider the differentiable path uses, so results do not flip with noise).
+``XCLIP_KERNELS_GEMM=matmul|onednn|float32`` or :func:`set_provider` fix it instead ("float32"
+leaves float32 GEMMs on their measured provider); ``python -m xclip_kernels`` says what this
+CPU gets.
 
 QuickGELU ``h * sigmoid(1.702 h)`` is ``silu(1.702 h) / 1.702``. oneDNN's swish post-op here
 ignores its alpha, so the first MLP weight and bias are packed scaled by 1.702 (``silu`` of
 that GEMM is ``1.702 * QuickGELU(h)``) and the second weight by ``1 / 1.702``.
 
-**A packed weight is never stale.** Each entry remembers the weight's storage (it holds a
-``detach()``-ed alias, so that memory cannot be reused by another tensor while the entry
-lives) and its autograd version counter, which every in-place write through the tensor or
+**A packed or widened weight is never stale.** Each cached copy remembers the weight's storage
+(it holds a ``detach()``-ed alias, so that memory cannot be reused by another tensor while the
+entry lives) and its autograd version counter, which every in-place write through the tensor or
 any of its views bumps: an optimizer step, ``load_state_dict`` (``copy_``), an edit under
 ``no_grad``, ``nn.init``. ``module.to()``, ``param.data = ...`` and ``requires_grad_``
 followed by training replace or bypass the entry (new storage, or the differentiable path).
-An entry is reused only when both still match; otherwise the weight is packed again. Writes
+An entry is reused only when both still match; otherwise the copy is made again. Writes
 that autograd itself does not see cannot be detected this way: through ``param.data``
 (``param.data.mul_(2)`` bumps no version), through a NumPy view from ``.numpy()``, or through
 raw pointers. :func:`clear` drops every entry; do that after such a write (or make the write
@@ -41,6 +56,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,18 +64,28 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _env
 
-PROVIDERS = ("matmul", "onednn")
-"""The GEMM providers: torch's matmul (oneMKL on x86) and oneDNN's prepacked linear."""
+PROVIDERS = ("matmul", "onednn", "float32")
+"""The GEMM providers: torch's matmul (oneMKL on x86), oneDNN's prepacked linear, and the
+bf16/fp16 product widened to float32 (run on the provider float32 GEMMs take here)."""
 
 MARGIN = 1.25
-"""oneDNN is chosen only when its measured rate is at least this many times matmul's. Where
-the two GEMMs run at one rate, the two paths are level end to end as well (the matmul path
-keeps in-place residual adds and reused scratch buffers, which oneDNN's out-of-place post-ops
-lose; ``benchmarks.main --gemm both``, BENCHMARKS.md), so a small lead on one timed GEMM is as
-likely noise as gain; where oneDNN is far ahead (twice matmul's rate on some AMD EPYC CPUs)
-the margin is no obstacle."""
+"""A provider other than matmul is chosen only when its measured rate is at least this many
+times that of the one it replaces: oneDNN against matmul; the widened route against the faster
+of the two. Where two GEMMs run at one rate, the paths are level end to end as well (the matmul
+path keeps in-place residual adds and reused scratch buffers, which oneDNN's out-of-place
+post-ops and the widened route's conversions lose; ``benchmarks.main --gemm both``,
+BENCHMARKS.md), so a small lead on one timed GEMM is as likely noise as gain; where a provider
+is far ahead (oneDNN at twice matmul's rate on some AMD EPYC CPUs; float32 at 1.5 times the
+bf16 rate on AVX-512 CPUs without AMX) the margin is no obstacle."""
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+"""Dtypes oneDNN's linear takes natively."""
+
+WIDENED_DTYPES = (torch.bfloat16, torch.float16)
+"""Dtypes the "float32" provider widens (their products are exact in float32)."""
+
+MEASURED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes :func:`provider` chooses for by measurement (every other dtype takes matmul)."""
 
 CALIBRATION_SHAPE = (800, 768, 3072)
 """rows x in_features -> out_features timed by :func:`provider`: X-CLIP-B/32's MLP at 8 frames
@@ -68,23 +94,26 @@ and batch 2 (the model's most frequent GEMM shapes are of this size)."""
 
 @dataclass(frozen=True)
 class Measurement:
-    """What :func:`provider` measured for one dtype: GFLOP/s of each provider and the choice."""
+    """What :func:`provider` measured for one dtype: GFLOP/s of each provider timed (None where
+    a provider does not apply to the dtype) and the choice. ``float32_gflops`` is the widened
+    route's rate, conversions included."""
 
     dtype: torch.dtype
     matmul_gflops: float
-    onednn_gflops: float
+    onednn_gflops: float | None
     chosen: str
+    float32_gflops: float | None = None
 
 
 @dataclass
-class _Pack:
+class _Copy:
     source: torch.Tensor  # an alias of the weight's memory: keeps it from being reused
     version: int
-    packed: torch.Tensor
+    copy: torch.Tensor  # packed for oneDNN, or a plain float32 copy
 
 
 _lock = threading.Lock()
-_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight (or its view base) -> {key: _Pack}
+_copies: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight (or its view base) -> {key: _Copy}
 _choices: dict[torch.dtype, str] = {}
 _measurements: dict[torch.dtype, Measurement] = {}
 _override: str | None = None
@@ -99,8 +128,9 @@ def onednn_available() -> bool:
 
 
 def set_provider(name: str | None) -> None:
-    """Fix the CPU inference GEMM provider for every dtype: "matmul", "onednn", or None/"auto"
-    to measure (the default; ``XCLIP_KERNELS_GEMM`` sets it per process)."""
+    """Fix the CPU inference GEMM provider for every dtype: "matmul", "onednn", "float32" (bf16
+    and fp16 widened; float32 GEMMs keep their measured provider), or None/"auto" to measure
+    (the default; ``XCLIP_KERNELS_GEMM`` sets it per process)."""
     global _override
     if name is not None and name != "auto" and name not in PROVIDERS:
         raise ValueError(f"name: expected one of {', '.join(PROVIDERS)}, 'auto' or None, got {name!r}")
@@ -109,14 +139,32 @@ def set_provider(name: str | None) -> None:
     _override = None if name in (None, "auto") else name
 
 
+def candidates(dtype: torch.dtype) -> tuple[str, ...]:
+    """The providers that apply to GEMMs of ``dtype`` here (matmul always)."""
+    names = ["matmul"]
+    if dtype in PACKED_DTYPES and onednn_available():
+        names.append("onednn")
+    if dtype in WIDENED_DTYPES:
+        names.append("float32")
+    return tuple(names)
+
+
 def provider(dtype: torch.dtype) -> str:
     """The provider CPU inference GEMMs of ``dtype`` take in this process (see the module doc).
 
-    The first call per dtype may time both providers (about a tenth of a second)."""
+    The first call per dtype may time the candidates (a few tenths of a second)."""
     forced = _override or _env.gemm_provider()
+    if forced == "onednn" and not onednn_available():
+        return "matmul"
+    if forced == "float32" and dtype not in WIDENED_DTYPES:
+        return _measured(dtype)  # widening float32 (or float64) changes nothing: its own choice
     if forced is not None:
-        return forced if forced == "matmul" or onednn_available() else "matmul"
-    if dtype not in PACKED_DTYPES or not onednn_available():
+        return forced
+    return _measured(dtype)
+
+
+def _measured(dtype: torch.dtype) -> str:
+    if dtype not in MEASURED_DTYPES or len(candidates(dtype)) == 1:
         return "matmul"
     chosen = _choices.get(dtype)
     if chosen is None:
@@ -125,9 +173,34 @@ def provider(dtype: torch.dtype) -> str:
     return chosen
 
 
+def float32_engine() -> str:
+    """The provider the widened route's float32 GEMMs take: "onednn" or "matmul", as float32's
+    own GEMMs here."""
+    return "onednn" if provider(torch.float32) == "onednn" else "matmul"
+
+
+def choose(rates: dict[str, float]) -> str:
+    """The provider to take given measured GFLOP/s per provider (``"matmul"`` required; absent
+    providers do not apply): oneDNN if at least :data:`MARGIN` times matmul, then the widened
+    route if at least :data:`MARGIN` times the faster native one."""
+    if "matmul" not in rates:
+        raise ValueError(f"rates: expected a 'matmul' entry, got {sorted(rates)}")
+    onednn = rates.get("onednn", 0.0)
+    chosen = "onednn" if onednn >= MARGIN * rates["matmul"] else "matmul"
+    if rates.get("float32", 0.0) >= MARGIN * max(rates["matmul"], onednn):
+        chosen = "float32"
+    return chosen
+
+
 def measure(dtype: torch.dtype, rounds: int = 3) -> Measurement:
-    """Time both providers on an X-CLIP-sized GEMM of ``dtype`` in this process, interleaved,
-    and remember the choice for :func:`provider`."""
+    """Time every provider of ``dtype`` (:func:`candidates`) on an X-CLIP-sized GEMM in this
+    process, interleaved, and remember the choice (:func:`choose`) for :func:`provider`. The
+    widened route is timed end to end: ``x.float()``, the float32 GEMM on
+    :func:`float32_engine` with a float32 weight made beforehand, and the rounding back."""
+    if dtype not in MEASURED_DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(map(str, MEASURED_DTYPES))}, got {dtype}")
+    names = candidates(dtype)
+    engine = float32_engine() if "float32" in names else "matmul"  # may measure float32 first
     rows, inner, outer = CALIBRATION_SHAPE
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, inner, generator=generator).to(dtype)
@@ -135,11 +208,18 @@ def measure(dtype: torch.dtype, rounds: int = 3) -> Measurement:
     bias = torch.zeros(outer, dtype=dtype)
     flop = 2.0 * rows * inner * outer
     with torch.inference_mode(False), torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        runs = {
-            "matmul": lambda: torch.addmm(bias, x, weight.t()),
-            "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""),
-        }
+        runs = {"matmul": lambda: torch.addmm(bias, x, weight.t())}
+        if "onednn" in names:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            runs["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        if "float32" in names:
+            weight32, bias32 = weight.float(), bias.float()
+            if engine == "onednn":
+                packed32 = torch.ops.mkldnn._reorder_linear_weight(weight32, None)
+                runs["float32"] = lambda: torch.ops.mkldnn._linear_pointwise(
+                    x.float(), packed32, bias32, "none", [], "").to(dtype)
+            else:
+                runs["float32"] = lambda: torch.addmm(bias32, x.float(), weight32.t()).to(dtype)
         best = {name: math.inf for name in runs}
         for run in runs.values():  # warm-up: primitive creation, first touch of the outputs
             run()
@@ -149,8 +229,8 @@ def measure(dtype: torch.dtype, rounds: int = 3) -> Measurement:
                 run()
                 best[name] = min(best[name], time.perf_counter() - start)
     rates = {name: flop / seconds / 1e9 for name, seconds in best.items()}
-    chosen = "onednn" if rates["onednn"] >= MARGIN * rates["matmul"] else "matmul"
-    result = Measurement(dtype, rates["matmul"], rates["onednn"], chosen)
+    chosen = choose(rates)
+    result = Measurement(dtype, rates["matmul"], rates.get("onednn"), chosen, rates.get("float32"))
     with _lock:
         _measurements[dtype] = result
         _choices.setdefault(dtype, chosen)
@@ -162,79 +242,119 @@ def measurements() -> dict[torch.dtype, Measurement]:
     return dict(_measurements)
 
 
-# -- when the packed path applies -----------------------------------------------------------------
+# -- when a provider other than matmul applies ----------------------------------------------------
+
+
+def route(x: torch.Tensor, *weights: torch.Tensor, others: tuple[torch.Tensor | None, ...] = ()) -> str:
+    """Which provider a linear layer on ``x`` with ``weights`` (packed or widened copies are
+    cached) and ``others`` (biases, residuals: used as they are) takes: "onednn" or "float32"
+    for inference on the CPU (no gradient will be needed), not under autocast or
+    torch.compile, one dtype for all that the provider applies to, weights that are not
+    inference tensors (they keep no version counter), when :func:`provider` says so; else
+    "matmul", the differentiable ``F.linear``/``addmm`` path."""
+    if x.device.type != "cpu" or x.dtype not in MEASURED_DTYPES or x.dim() < 1:
+        return "matmul"
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return "matmul"
+    tensors = [t for t in (*weights, *others) if t is not None]
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
+        return "matmul"
+    if any(t.device.type != "cpu" or t.dtype != x.dtype for t in tensors):
+        return "matmul"
+    if any(w.is_inference() for w in weights):
+        return "matmul"
+    chosen = provider(x.dtype)
+    if chosen == "onednn" and x.dtype in PACKED_DTYPES:
+        return "onednn"
+    if chosen == "float32" and x.dtype in WIDENED_DTYPES:
+        return "float32"
+    return "matmul"
 
 
 def use_packed(x: torch.Tensor, *weights: torch.Tensor, others: tuple[torch.Tensor | None, ...] = ()) -> bool:
     """Whether a linear layer on ``x`` with ``weights`` (packed) and ``others`` (biases,
-    residuals: used as they are) takes the oneDNN path: inference on the CPU (no gradient will
-    be needed), not under autocast or torch.compile, one packable dtype for all, weights that
-    are not inference tensors (they keep no version counter), and :func:`provider` says
-    "onednn"."""
-    if x.device.type != "cpu" or x.dtype not in PACKED_DTYPES or x.dim() < 1:
-        return False
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-        return False
-    tensors = [t for t in (*weights, *others) if t is not None]
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
-        return False
-    if any(t.device.type != "cpu" or t.dtype != x.dtype for t in tensors):
-        return False
-    if any(w.is_inference() for w in weights):
-        return False
-    return provider(x.dtype) == "onednn"
+    residuals: used as they are) takes the oneDNN path (:func:`route` says "onednn")."""
+    return route(x, *weights, others=others) == "onednn"
 
 
-# -- packed weights -------------------------------------------------------------------------------
+# -- packed and widened weights -------------------------------------------------------------------
 
 
 def _owner(weight: torch.Tensor) -> torch.Tensor:
-    """The tensor a pack is filed under: the weight itself, or the parameter it is a view of
+    """The tensor a copy is filed under: the weight itself, or the parameter it is a view of
     (``in_proj_weight[W:]``, a reshaped conv kernel), which outlives the per-call view."""
     base = weight._base
     return weight if base is None else base
 
 
-def packed_weight(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``weight * scale`` (``(out, in)``) reordered for oneDNN's linear, made once and reused
-    until the weight's memory or version changes (see the module doc)."""
+def _cached(weight: torch.Tensor, kind: tuple, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The copy of ``weight`` described by ``kind``, made by ``make(weight.detach())`` once and
+    reused until the weight's memory or version changes (see the module doc)."""
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}")
     if weight.is_inference():
-        raise ValueError("weight: an inference tensor has no version counter, so a packed copy could go stale")
+        raise ValueError("weight: an inference tensor has no version counter, so a cached copy could go stale")
     owner = _owner(weight)
-    key = (weight.dtype, scale, weight.storage_offset(), tuple(weight.shape), weight.stride())
+    key = (*kind, weight.dtype, weight.storage_offset(), tuple(weight.shape), weight.stride())
     # Views share their base's version counter and storage: checking the owner covers all.
     version, memory = owner._version, owner.untyped_storage().data_ptr()
     with _lock:
-        entries = _packs.get(owner)
+        entries = _copies.get(owner)
         entry = None if entries is None else entries.get(key)
         if entry is not None and entry.version == version and entry.source.untyped_storage().data_ptr() == memory:
-            return entry.packed
-        if entries is not None:  # drop every pack of this owner made from older contents
+            return entry.copy
+        if entries is not None:  # drop every copy of this owner made from older contents
             for stale in [k for k, e in entries.items() if e.version != version
                           or e.source.untyped_storage().data_ptr() != memory]:
                 del entries[stale]
-    # Packing outside inference mode makes an ordinary tensor, usable under no_grad as well.
+    # Made outside inference mode: an ordinary tensor, usable under no_grad as well.
     with torch.inference_mode(False), torch.no_grad():
         source = weight.detach()
-        scaled = source if scale == 1.0 else (source.float() * scale).to(weight.dtype)
-        packed = torch.ops.mkldnn._reorder_linear_weight(scaled.contiguous(), None)
+        copy = make(source)
     with _lock:
-        _packs.setdefault(owner, {})[key] = _Pack(source, version, packed)
-    return packed
+        _copies.setdefault(owner, {})[key] = _Copy(source, version, copy)
+    return copy
+
+
+def packed_weight(weight: torch.Tensor, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``weight * scale`` (``(out, in)``) in ``dtype`` (default: the weight's) reordered for
+    oneDNN's linear, made once and reused until the weight's memory or version changes (see the
+    module doc). The scaling is done in float32, then rounded to ``dtype``."""
+    target = weight.dtype if dtype is None else dtype
+
+    def make(source: torch.Tensor) -> torch.Tensor:
+        scaled = source.to(target) if scale == 1.0 else (source.float() * scale).to(target)
+        return torch.ops.mkldnn._reorder_linear_weight(scaled.contiguous(), None)
+
+    return _cached(weight, ("onednn", target, scale), make)
+
+
+def float32_weight(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``weight * scale`` as a contiguous float32 ``(out, in)`` copy for the widened route, made
+    once and reused until the weight's memory or version changes (see the module doc). Twice
+    the memory of a bf16/fp16 weight."""
+    if not weight.is_floating_point():
+        raise ValueError(f"weight: expected a floating-point tensor, got dtype {weight.dtype}")
+    return _cached(weight, ("float32", scale), lambda source: (source.float() * scale).contiguous())
 
 
 def clear() -> None:
-    """Drop every packed weight (they are packed again on next use)."""
+    """Drop every packed and widened weight copy (they are made again on next use)."""
     with _lock:
-        _packs.clear()
+        _copies.clear()
 
 
 def packed_count() -> int:
-    """How many packed weights are held now (for tests and memory accounting)."""
+    """How many packed or widened weight copies are held now (for tests and memory accounting)."""
     with _lock:
-        return sum(len(entries) for entries in _packs.values())
+        return sum(len(entries) for entries in _copies.values())
+
+
+def cached_bytes() -> int:
+    """Bytes held by the packed and widened weight copies (a packed weight's own size as torch
+    reports it; oneDNN's blocked layout may pad a little more)."""
+    with _lock:
+        return sum(e.copy.numel() * e.copy.element_size() for entries in _copies.values() for e in entries.values())
 
 
 # -- the linear layers ----------------------------------------------------------------------------
@@ -246,10 +366,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``, ``F.linear``'s contract: x ``(..., K)``, weight ``(M, K)``, bias
-    ``(M,)`` or None -> ``(..., M)``; on the packed path during CPU inference, else F.linear."""
-    if not use_packed(x, weight, others=(bias,)):
+    ``(M,)`` or None -> ``(..., M)``; on the provider :func:`route` gives during CPU inference,
+    else F.linear."""
+    chosen = route(x, weight, others=(bias,))
+    if chosen == "matmul":
         return F.linear(x, weight, bias)
-    out = torch.ops.mkldnn._linear_pointwise(_rows(x), packed_weight(weight), bias, "none", [], "")
+    if chosen == "onednn":
+        out = torch.ops.mkldnn._linear_pointwise(_rows(x), packed_weight(weight), bias, "none", [], "")
+    else:
+        out = widened_linear(_rows(x), weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -271,3 +396,59 @@ def linear_add(
         _rows(x), _rows(residual).contiguous(), packed_weight(weight, scale), bias, "add"
     )
     return out.view(residual.shape)
+
+
+# -- the widened route ----------------------------------------------------------------------------
+
+
+def widened_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """``residual + x @ (scale * weight).T + bias`` computed in float32 and rounded once (callers
+    check :func:`route`): x ``(R, K)`` (bf16/fp16, or float32 hidden activations), weight
+    ``(M, K)``, bias ``(M,)`` or None, residual ``(R, M)`` or None -> ``(R, M)`` fresh, in
+    residual's dtype if given, else x's. The weight's float32 copy is cached; x, bias and
+    residual are widened per call."""
+    out_dtype = x.dtype if residual is None else residual.dtype
+    x32 = x.float()
+    bias32 = None if bias is None else bias.float()
+    if float32_engine() == "onednn":
+        packed = packed_weight(weight, scale, torch.float32)
+        if residual is None:
+            out = torch.ops.mkldnn._linear_pointwise(x32, packed, bias32, "none", [], "")
+        else:
+            out = torch.ops.mkldnn._linear_pointwise.binary(x32, residual.float().contiguous(), packed, bias32, "add")
+        return out.to(out_dtype)
+    weight32 = float32_weight(weight)
+    if residual is None:
+        if bias32 is None:
+            out = torch.mm(x32, weight32.t())
+            if scale != 1.0:
+                out.mul_(scale)
+        else:
+            out = torch.addmm(bias32, x32, weight32.t(), alpha=scale)
+    else:
+        # One fresh float32 sum that the GEMM accumulates into (residual itself is not written).
+        out = torch.add(residual, bias32) if bias32 is not None else residual.to(torch.float32, copy=True)
+        out.addmm_(x32, weight32.t(), alpha=scale)
+    return out.to(out_dtype)
+
+
+def widened_linear_quick_gelu_scaled(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slope: float
+) -> torch.Tensor:
+    """``slope * QuickGELU(x @ weight.T + bias)`` = ``silu(slope * (x @ weight.T + bias))`` in
+    float32 (callers check :func:`route`): x ``(R, K)`` bf16/fp16 -> ``(R, M)`` **float32**,
+    never rounded to x's dtype (the MLP's hidden goes on to :func:`widened_linear`)."""
+    x32 = x.float()
+    bias32 = bias.float()
+    if float32_engine() == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(
+            x32, packed_weight(weight, slope, torch.float32), bias32 * slope, "swish", [], ""
+        )
+    scaled = torch.addmm(bias32, x32, float32_weight(weight).t(), beta=slope, alpha=slope)
+    return F.silu(scaled, inplace=True)

@@ -1,4 +1,4 @@
-"""``xclip_kernels.gemm``: the CPU inference GEMM providers, packed weights and their invalidation."""
+"""``xclip_kernels.gemm``: the CPU inference GEMM providers, packed and widened weights and their invalidation."""
 
 from __future__ import annotations
 
@@ -152,10 +152,12 @@ def test_autocast_and_inference_tensor_weights_are_not_packed():
 
 
 def test_provider_settings_are_validated(monkeypatch):
-    with pytest.raises(ValueError, match="name: expected one of matmul, onednn"):
+    with pytest.raises(ValueError, match="name: expected one of matmul, onednn, float32, 'auto' or None, got 'mkl'"):
         gemm.set_provider("mkl")
+    with pytest.raises(ValueError, match="name: .* got 'fp32'"):
+        gemm.set_provider("fp32")
     monkeypatch.setenv("XCLIP_KERNELS_GEMM", "fast")
-    with pytest.raises(ValueError, match="XCLIP_KERNELS_GEMM: expected one of auto, matmul, onednn"):
+    with pytest.raises(ValueError, match="XCLIP_KERNELS_GEMM: expected one of auto, matmul, onednn, float32"):
         _env.gemm_provider()
     monkeypatch.setenv("XCLIP_KERNELS_GEMM", "matmul")
     assert gemm.provider(torch.float32) == "matmul"
@@ -168,9 +170,65 @@ def test_provider_settings_are_validated(monkeypatch):
 def test_measure_times_both_providers_and_decides_by_the_margin():
     result = gemm.measure(torch.float32, rounds=1)
     assert result.matmul_gflops > 0 and result.onednn_gflops > 0
+    assert result.float32_gflops is None  # widening float32 is no provider of its own
     expected = "onednn" if result.onednn_gflops >= gemm.MARGIN * result.matmul_gflops else "matmul"
     assert result.chosen == expected
     assert gemm.measurements()[torch.float32] == result
+
+
+def test_measure_times_the_widened_route_for_bf16_and_fp16():
+    bf16 = gemm.measure(torch.bfloat16, rounds=1)
+    assert bf16.matmul_gflops > 0 and bf16.onednn_gflops > 0 and bf16.float32_gflops > 0
+    assert bf16.chosen == gemm.choose({"matmul": bf16.matmul_gflops, "onednn": bf16.onednn_gflops,
+                                       "float32": bf16.float32_gflops})
+    fp16 = gemm.measure(torch.float16, rounds=1)
+    assert fp16.onednn_gflops is None and fp16.float32_gflops > 0  # oneDNN's linear is not used for fp16
+    assert fp16.chosen in ("matmul", "float32")
+    with pytest.raises(ValueError, match="dtype: expected one of .* got torch.float64"):
+        gemm.measure(torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("rates", "chosen"),
+    [
+        ({"matmul": 100.0, "onednn": 110.0, "float32": 120.0}, "matmul"),  # all within the margin
+        ({"matmul": 100.0, "onednn": 130.0, "float32": 150.0}, "onednn"),  # float32 < 1.25 x oneDNN
+        ({"matmul": 142.0, "onednn": 156.0, "float32": 231.0}, "float32"),  # avx512_bf16 without AMX
+        ({"matmul": 100.0, "onednn": 200.0, "float32": 240.0}, "onednn"),  # EPYC-like: oneDNN far ahead
+        ({"matmul": 100.0, "float32": 125.0}, "float32"),  # fp16: no oneDNN; exactly the margin
+        ({"matmul": 100.0, "float32": 124.0}, "matmul"),
+        ({"matmul": 100.0, "onednn": 125.0}, "onednn"),  # float32 dtype: no widened route
+    ],
+)
+def test_choose_takes_a_provider_only_by_the_margin(rates, chosen):
+    assert gemm.choose(rates) == chosen
+
+
+def test_choose_needs_matmul_and_provider_follows_the_measured_choice(monkeypatch):
+    with pytest.raises(ValueError, match="rates: expected a 'matmul' entry"):
+        gemm.choose({"onednn": 1.0})
+    fake = {torch.bfloat16: {"matmul": 142.0, "onednn": 156.0, "float32": 231.0},
+            torch.float32: {"matmul": 245.0, "onednn": 247.0}}
+    measured: list[torch.dtype] = []
+
+    def fake_measure(dtype: torch.dtype, rounds: int = 3) -> gemm.Measurement:
+        measured.append(dtype)
+        gemm._choices.setdefault(dtype, gemm.choose(fake[dtype]))
+        return gemm.Measurement(dtype, fake[dtype]["matmul"], fake[dtype]["onednn"], gemm._choices[dtype],
+                                fake[dtype].get("float32"))
+
+    monkeypatch.setattr(gemm, "_choices", {})
+    monkeypatch.setattr(gemm, "measure", fake_measure)
+    assert gemm.provider(torch.bfloat16) == "float32"
+    assert gemm.provider(torch.bfloat16) == "float32" and measured == [torch.bfloat16]  # measured once
+    assert gemm.provider(torch.float32) == "matmul" and gemm.float32_engine() == "matmul"
+    assert gemm.provider(torch.float64) == "matmul" and measured == [torch.bfloat16, torch.float32]
+    monkeypatch.setenv("XCLIP_KERNELS_GEMM", "float32")
+    assert gemm.provider(torch.bfloat16) == "float32" and gemm.provider(torch.float16) == "float32"
+    # Widening float32 changes nothing: float32 GEMMs keep their own (measured) provider.
+    assert gemm.provider(torch.float32) == "matmul" and gemm.provider(torch.float64) == "matmul"
+    monkeypatch.setenv("XCLIP_KERNELS_GEMM", "matmul")
+    assert gemm.provider(torch.bfloat16) == "matmul"
 
 
 # --------------------------------------------------------------------------- never stale
@@ -200,7 +258,8 @@ def _packed_and_plain(model: nn.Module, x: torch.Tensor, mode=torch.inference_mo
 
 def _change_by_optimizer_step(model: nn.Module) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(torch.randn(3, 32, requires_grad=True)).square().sum().backward()
+    x = torch.randn(3, 32, dtype=model.first.weight.dtype, requires_grad=True)
+    model(x).float().square().sum().backward()
     optimizer.step()
 
 
@@ -223,11 +282,12 @@ def _change_by_data_assignment(model: nn.Module) -> None:
 
 
 def _change_by_to_and_back(model: nn.Module) -> None:
+    dtype = model.first.weight.dtype
     model.to(torch.float64)
     with torch.no_grad():
         model.first.bias.add_(1.0)
         model.first.weight.add_(0.25)
-    model.to(torch.float32)
+    model.to(dtype)
 
 
 def _change_by_training_after_requires_grad(model: nn.Module) -> None:
@@ -320,3 +380,162 @@ def test_threads_share_packs_and_match_serial_bit_for_bit():
     for outs in results.values():
         for got, want in zip(outs, serial):
             assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- widened to float32
+
+
+@pytest.fixture(params=["matmul", "onednn"])
+def float32_engine(request, monkeypatch) -> str:
+    """Run the widened route's float32 GEMMs on each engine float32 GEMMs may take (the choice
+    of this machine is measured; both must be right)."""
+    monkeypatch.setattr(gemm, "float32_engine", lambda: request.param)
+    return request.param
+
+
+def _widened_cases(shape, dtype):
+    rounded = [t.to(dtype) for t in _linear_case(*shape)]
+    mlp_inputs = (rounded[0][:, :64], rounded[1], *_mlp_weights(rounded[1].shape[-1], dtype))
+    return rounded, mlp_inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_widened_within_the_low_precision_rule_and_rounded_once(shape, dtype, float32_engine):
+    """Truth: float64 on the same rounded inputs; plain: the reference math in ``dtype``. The
+    widened route computes everything in float32 and rounds each output once, so beyond the
+    2x rule every element is within half a unit in the last place of ``dtype`` (plus float32's
+    own error) of the truth: the MLP's hidden is never rounded."""
+    rounded, mlp_inputs = _widened_cases(shape, dtype)
+    x, residual, weight, bias = (t.double() for t in rounded)
+    truth_hidden = x @ weight.T + bias
+    gemm.set_provider("float32")
+    with torch.inference_mode():
+        assert gemm.route(rounded[0], rounded[2], others=(rounded[3],)) == "float32"
+        ours = {
+            "linear": gemm.linear(rounded[0], rounded[2], rounded[3]),
+            "linear + residual": fused.linear_residual(rounded[0], rounded[1], rounded[2], rounded[3]),
+            "mlp_residual": fused.mlp_residual(*mlp_inputs),
+            "block_mlp_residual": fused.block_mlp_residual(mlp_inputs[0], mlp_inputs[1].clone(), *mlp_inputs[2:]),
+        }
+    with torch.no_grad():
+        plain_hidden = torch.nn.functional.linear(rounded[0], rounded[2], rounded[3])
+        plain_mlp = reference.mlp_residual(*mlp_inputs)
+    truth_mlp = reference.mlp_residual(*(t.double() for t in mlp_inputs))
+    plains = {"linear": (plain_hidden, truth_hidden),
+              "linear + residual": (plain_hidden + rounded[1], truth_hidden + residual),
+              "mlp_residual": (plain_mlp, truth_mlp), "block_mlp_residual": (plain_mlp, truth_mlp)}
+    half_ulp = torch.finfo(dtype).eps / 2  # relative: half the spacing of dtype's numbers
+    for what, got in ours.items():
+        plain, truth = plains[what]
+        assert got.dtype == dtype and got.shape == truth.shape, what
+        _assert_low_precision(got, plain, truth, 2, what)
+        # plus float32's own error on these sums: far below 1e-5 of the largest value
+        bound = half_ulp * truth.abs() + 1e-5 * truth.abs().max()
+        excess = (got.double() - truth).abs() - bound
+        assert excess.max() <= 0, f"{what}: not rounded once from float32 (excess {excess.max():.3g})"
+    assert gemm.packed_count() == 3  # the linear weight (shared by both), c_fc, c_proj
+
+
+def test_rounded_once_is_a_real_check():
+    """The native bf16 MLP (hidden rounded to bf16) does not pass the widened route's bound."""
+    _, mlp_inputs = _widened_cases((800, 768, 768), torch.bfloat16)
+    gemm.set_provider("matmul")
+    with torch.inference_mode():
+        native = fused.mlp_residual(*mlp_inputs)
+    truth = reference.mlp_residual(*(t.double() for t in mlp_inputs))
+    bound = torch.finfo(torch.bfloat16).eps / 2 * truth.abs() + 1e-5 * truth.abs().max()
+    assert ((native.double() - truth).abs() > bound).any()
+
+
+def test_widened_inplace_mlp_and_residual_write_the_residual(float32_engine):
+    rounded, mlp_inputs = _widened_cases((37, 96, 64), torch.bfloat16)
+    gemm.set_provider("float32")
+    with torch.inference_mode():
+        fresh = fused.mlp_residual(*mlp_inputs)
+        target = mlp_inputs[1].clone()
+        returned = fused.mlp_residual(mlp_inputs[0], target, *mlp_inputs[2:], inplace=True)
+        added = rounded[1].clone()
+        fused.linear_residual(rounded[0], added, rounded[2], rounded[3], inplace=True)
+        added_fresh = fused.linear_residual(rounded[0], rounded[1], rounded[2], rounded[3])
+    assert returned is target and torch.equal(target, fresh)
+    assert torch.equal(added, added_fresh)
+
+
+def test_widened_non_finite_inputs_propagate_as_in_the_reference(float32_engine):
+    gemm.set_provider("float32")
+    x, residual, weight, bias = (t.bfloat16() for t in _linear_case(6, 32, 16))
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    x[4, 1] = float("-inf")
+    weight[5, 7] = float("nan")
+    mlp = _mlp_weights(16, torch.bfloat16, hidden=24)
+    mlp[0] = torch.randn(24, 32).bfloat16()
+    mlp[0][3, 2] = float("inf")
+    with torch.inference_mode():
+        ours = (gemm.linear(x, weight, bias), fused.linear_residual(x, residual, weight, bias),
+                fused.mlp_residual(x, residual, *mlp))
+    with torch.no_grad():
+        hidden = torch.nn.functional.linear(x, weight, bias)
+        expected = (hidden, hidden + residual, reference.mlp_residual(x.double(), residual.double(),
+                                                                       *(w.double() for w in mlp)))
+    for got, want in zip(ours, expected):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.isposinf(), want.isposinf()) and torch.equal(got.isneginf(), want.isneginf())
+
+
+def test_widened_route_only_in_inference_on_the_cpu(float32_engine):
+    gemm.set_provider("float32")
+    layer = nn.Linear(16, 8).bfloat16()
+    x = torch.randn(4, 16).bfloat16()
+    out = gemm.linear(x, layer.weight, layer.bias)  # grad mode, parameters that require grad
+    out.float().sum().backward()
+    assert layer.weight.grad is not None and gemm.packed_count() == 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        gemm.linear(x, layer.weight, layer.bias)
+    with torch.inference_mode():
+        assert gemm.route(x, torch.randn(8, 16).bfloat16()) == "matmul"  # an inference tensor weight
+        assert gemm.route(x, layer.weight.float()) == "matmul"  # mixed dtypes
+        assert gemm.route(x.double(), layer.weight.double()) == "matmul"
+    assert gemm.packed_count() == 0
+    with torch.no_grad():
+        gemm.linear(x, layer.weight, layer.bias)
+    assert gemm.packed_count() == 1
+
+
+def test_widened_copies_cost_twice_the_weights_and_clear_drops_them():
+    gemm.set_provider("float32")
+    layer = nn.Linear(64, 32).bfloat16()
+    with torch.no_grad():
+        copy = gemm.float32_weight(layer.weight)
+        assert copy.dtype == torch.float32 and torch.equal(copy, layer.weight.float())
+        assert gemm.float32_weight(layer.weight) is copy
+        assert gemm.cached_bytes() == 2 * layer.weight.numel() * layer.weight.element_size()
+    gemm.clear()
+    assert gemm.packed_count() == 0 and gemm.cached_bytes() == 0
+    with pytest.raises(ValueError, match="weight: expected a floating-point tensor"):
+        gemm.float32_weight(torch.ones(3, 4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad], ids=["inference_mode", "no_grad"])
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_widened_weight_never_outlives_a_weight_change(change, mode, float32_engine):
+    """After each change the widened route gives, bit for bit, what it gives with no cached
+    copy at all (and the change did change the output)."""
+    torch.manual_seed(0)
+    model = _TwoLayers().bfloat16()
+    x = torch.randn(5, 32).bfloat16()
+    gemm.set_provider("float32")
+    with mode():
+        before = model(x)
+    assert gemm.packed_count() == 2
+    change(model)
+    assert model.first.weight.dtype == torch.bfloat16
+    gemm.set_provider("float32")
+    with mode():
+        after = model(x)
+    gemm.clear()
+    with mode():
+        uncached = model(x)
+    assert (uncached.double() - before.double()).abs().max() > 1e-2, "the change did not change the model"
+    assert torch.equal(after, uncached)

@@ -384,7 +384,7 @@ def test_reading_every_declaration_imports_no_extension_triton_or_xformers():
     [
         ("XCLIP_KERNELS_BACKEND", "fastest", "XCLIP_KERNELS_BACKEND: expected one of reference, sdpa"),
         ("XCLIP_KERNELS_CPU_ISA", "bogus", "XCLIP_KERNELS_CPU_ISA: expected one of auto, avx512_bf16, avx2 (or unset), got 'bogus'"),
-        ("XCLIP_KERNELS_GEMM", "mkl", "XCLIP_KERNELS_GEMM: expected one of auto, matmul, onednn (or unset), got 'mkl'"),
+        ("XCLIP_KERNELS_GEMM", "mkl", "XCLIP_KERNELS_GEMM: expected one of auto, matmul, onednn, float32 (or unset), got 'mkl'"),
     ],
 )
 def test_module_names_a_bad_setting_in_one_line(variable, value, message):
@@ -404,7 +404,7 @@ def test_module_says_which_gemm_provider_this_cpu_gets():
     result = _run_python("-m", "xclip_kernels")
     assert result.returncode == 0, result.stderr
     if not gemm.onednn_available():
-        assert "CPU inference GEMMs: matmul (this torch has no oneDNN linear op)" in result.stdout
+        assert "CPU inference GEMMs: no oneDNN provider (this torch has no oneDNN linear op)" in result.stdout
         return
     for dtype in ("float32", "bfloat16"):
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"CPU inference GEMMs in {dtype}: "))
