@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace xclip_ext {
@@ -128,9 +129,10 @@ void fused_forward(const FusedForward& problem) {
 #ifdef XCLIP_HAVE_AVX512_TILES
   // A head dim that is a multiple of 16 but not of 32 (e.g. 80) takes the AVX2 tiles.
   if (use_avx512() && problem.dim % tiles_avx512::kPanel == 0)
-    return run_parallel(problem, tiles_avx512::forward_tasks, tiles_avx512::forward_scratch_floats);
+    return run_parallel(problem, tiles_avx512::forward_tasks<FusedForward>,
+                        tiles_avx512::forward_scratch_floats<FusedForward>);
 #endif
-  run_parallel(problem, tiles_avx2::forward_tasks, tiles_avx2::forward_scratch_floats);
+  run_parallel(problem, tiles_avx2::forward_tasks<FusedForward>, tiles_avx2::forward_scratch_floats<FusedForward>);
 }
 
 void fused_backward(const FusedBackward& problem) {
