@@ -138,9 +138,10 @@ void fused_forward(const FusedForward& problem) {
 void fused_backward(const FusedBackward& problem) {
 #ifdef XCLIP_HAVE_AVX512_TILES
   if (use_avx512() && problem.dim % tiles_avx512::kPanel == 0)
-    return run_parallel(problem, tiles_avx512::backward_tasks, tiles_avx512::backward_scratch_floats);
+    return run_parallel(problem, tiles_avx512::backward_tasks<FusedBackward>,
+                        tiles_avx512::backward_scratch_floats<FusedBackward>);
 #endif
-  run_parallel(problem, tiles_avx2::backward_tasks, tiles_avx2::backward_scratch_floats);
+  run_parallel(problem, tiles_avx2::backward_tasks<FusedBackward>, tiles_avx2::backward_scratch_floats<FusedBackward>);
 }
 
 bool bf16_tiles_support(int64_t dim) { return fused_forward_supports(dim); }
