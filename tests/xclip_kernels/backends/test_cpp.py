@@ -335,7 +335,7 @@ NO_NATIVE_BF16 = "this CPU (or build) lacks avx512_bf16: only the convert path r
 @pytest.fixture
 def bf16_path(request):  # noqa: ANN001, ANN201
     """bf16 on the path of the test's parameter for its duration: "native" (vdpbf16ps, skipped
-    where the CPU lacks it), "convert" (float32 tiles on widened copies, the default: AVX-512
+    where the CPU lacks it), "convert" (float32 tiles on bf16 widened as packed, the default: AVX-512
     where the CPU has it) or "convert-avx2"; "auto" again afterwards."""
     extension = _extension.extension()
     if request.param == "native" and not extension.cpu_has_native_bf16():
