@@ -1,9 +1,9 @@
 // bfloat16 IFA on the register tiles: bf16 in memory, float32 accumulation and softmax.
 //
 // Two paths, chosen at run time in simd_kernels.cpp beside the AVX-512/AVX2 choice:
-//  * convert (the default, on AVX-512 or AVX2): each frame-head's bf16 rows are widened into
-//    float32 task buffers and run through the float32 tiles of ifa_tiles.inc, the results
-//    rounded to bf16 (bf16_tiles.inc);
+//  * convert (the default, on AVX-512 or AVX2): the float32 tiles of ifa_tiles.inc, which
+//    widen the bf16 rows as they pack them into their float32 panels and round each result
+//    to bf16 as they store it (bf16_tiles.inc);
 //  * native (forward only, CPUs with avx512_bf16, opt-in: set_cpu_isa("avx512_bf16")): the
 //    score and P V products run on vdpbf16ps, pairs of bf16 along the reduction dim multiplied
 //    into float32 accumulators (ifa_tiles_bf16.inc). Not the default because on the Xeon it was

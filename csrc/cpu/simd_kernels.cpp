@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace xclip_ext {
@@ -128,17 +129,19 @@ void fused_forward(const FusedForward& problem) {
 #ifdef XCLIP_HAVE_AVX512_TILES
   // A head dim that is a multiple of 16 but not of 32 (e.g. 80) takes the AVX2 tiles.
   if (use_avx512() && problem.dim % tiles_avx512::kPanel == 0)
-    return run_parallel(problem, tiles_avx512::forward_tasks, tiles_avx512::forward_scratch_floats);
+    return run_parallel(problem, tiles_avx512::forward_tasks<FusedForward>,
+                        tiles_avx512::forward_scratch_floats<FusedForward>);
 #endif
-  run_parallel(problem, tiles_avx2::forward_tasks, tiles_avx2::forward_scratch_floats);
+  run_parallel(problem, tiles_avx2::forward_tasks<FusedForward>, tiles_avx2::forward_scratch_floats<FusedForward>);
 }
 
 void fused_backward(const FusedBackward& problem) {
 #ifdef XCLIP_HAVE_AVX512_TILES
   if (use_avx512() && problem.dim % tiles_avx512::kPanel == 0)
-    return run_parallel(problem, tiles_avx512::backward_tasks, tiles_avx512::backward_scratch_floats);
+    return run_parallel(problem, tiles_avx512::backward_tasks<FusedBackward>,
+                        tiles_avx512::backward_scratch_floats<FusedBackward>);
 #endif
-  run_parallel(problem, tiles_avx2::backward_tasks, tiles_avx2::backward_scratch_floats);
+  run_parallel(problem, tiles_avx2::backward_tasks<FusedBackward>, tiles_avx2::backward_scratch_floats<FusedBackward>);
 }
 
 bool bf16_tiles_support(int64_t dim) { return fused_forward_supports(dim); }

@@ -102,6 +102,26 @@ def test_tiles_match_reference_on_each_instruction_set(isa, shape):
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2"], indirect=True)
+@pytest.mark.parametrize("dim", [32, 64])
+def test_tiles_every_key_count_on_each_instruction_set(isa, dim):
+    # N = 1..40 (N + 1 keys with the message key): the keys are transposed into the score panels
+    # a vector's worth of rows at a time, the message key and the zero padding inside the last
+    # block, and the forward's score strip ends at a vector, so its last panel is whole or only
+    # its left vector is computed. These N put the message key in every lane of a block and end
+    # the strip on both kinds of panel for both vector widths; D = 32 is one transpose block of
+    # AVX-512 lanes per panel row, D = 64 two.
+    for tokens in range(1, 41):
+        shape = (2, tokens, 2, dim)
+        inputs = frame_inputs(*shape, torch.float32, seed=tokens)
+        upstream = torch.randn(shape, generator=torch.Generator().manual_seed(100 + tokens))
+        out, grads = output_and_grads(lambda *t: xk.frame_attention(*t, backend="cpp"), leaves(inputs), upstream)
+        truth, truth_grads = output_and_grads(reference.frame_attention, leaves(inputs, torch.float64), upstream)
+        assert_matches_truth(out, truth, torch.float32, f"output {shape} on {isa}")
+        for name, grad, expected in zip(("q", "k", "v", "msg_k", "msg_v"), grads, truth_grads):
+            assert_matches_truth(grad, expected, torch.float32, f"d{name} {shape} on {isa}")
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"], indirect=True)
 @pytest.mark.parametrize("videos, num_frames, width, heads",
                          [(1, 1, 64, 2), (1, 7, 96, 3), (2, 8, 768, 12), (4, 8, 768, 12), (2, 8, 1024, 16),
                           (3, 8, 768, 12), (3, 5, 40, 5), (9, 8, 64, 4)])
@@ -315,7 +335,7 @@ NO_NATIVE_BF16 = "this CPU (or build) lacks avx512_bf16: only the convert path r
 @pytest.fixture
 def bf16_path(request):  # noqa: ANN001, ANN201
     """bf16 on the path of the test's parameter for its duration: "native" (vdpbf16ps, skipped
-    where the CPU lacks it), "convert" (float32 tiles on widened copies, the default: AVX-512
+    where the CPU lacks it), "convert" (float32 tiles on bf16 widened as packed, the default: AVX-512
     where the CPU has it) or "convert-avx2"; "auto" again afterwards."""
     extension = _extension.extension()
     if request.param == "native" and not extension.cpu_has_native_bf16():
