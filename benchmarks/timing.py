@@ -133,11 +133,15 @@ def limit_candidates(
         candidates["onednn"] = onednn
     if device == "cpu" and dtype in WIDENED_DTYPES:
         b32 = b.float()
-        wide = torch.empty(size, size)
+        # Buffers made once, as for the other providers' outputs: a fresh 16 MB float32 copy of
+        # ``a`` per call ran this GEMM at half its rate with THP_MEM_ALLOC_ENABLE=1 (huge-page
+        # faults on every call), which would understate the limit.
+        a32, wide = torch.empty(size, size), torch.empty(size, size)
 
         def widened() -> torch.Tensor:
-            torch.mm(a.float(), b32, out=wide)
-            return wide.to(dtype)
+            a32.copy_(a)
+            torch.mm(a32, b32, out=wide)
+            return out.copy_(wide)
 
         candidates["float32"] = widened
     return candidates, 2.0 * size**3

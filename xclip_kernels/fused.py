@@ -34,46 +34,15 @@ nor ``out=`` operations); scratch buffers hold only what never leaves the block.
 
 from __future__ import annotations
 
-import math
-import threading
-
 import torch
 import torch.nn.functional as F
 
 from . import flop_formulas, gemm
 from .backends.reference import QUICK_GELU_SLOPE, quick_gelu
+from .workspace import Workspace
 
 # So that FlopCounterMode sees the in-place accumulating GEMMs below (a dict entry, no work).
 flop_formulas.register_inplace_gemm()
-
-
-class Workspace:
-    """Scratch buffers reused across calls during inference, one set per thread.
-
-    ``buffer(name, shape, ...)`` returns a view of a cached tensor that grows as needed. The
-    contents are scratch: a buffer is valid until the next request of the same name, so a
-    caller must never let a workspace view escape (outputs are always fresh tensors). Buffers
-    made under ``torch.inference_mode`` are inference tensors, which only inference mode may
-    write: each mode has buffers of its own.
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A tensor of ``shape`` whose memory is reused by the next request for ``name``."""
-        buffers: dict[tuple[str, bool], torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
-        key = (name, torch.is_inference_mode_enabled())
-        numel = math.prod(shape)
-        cached = buffers.get(key)
-        if cached is None or cached.numel() < numel or cached.dtype != dtype or cached.device != device:
-            cached = torch.empty(numel, dtype=dtype, device=device)
-            buffers[key] = cached
-        return cached[:numel].view(shape)
-
-    def clear(self) -> None:
-        """Free this thread's buffers."""
-        self._local.__dict__.pop("buffers", None)
 
 
 def _inplace_allowed(inplace: bool, x: torch.Tensor, residual: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -157,7 +126,7 @@ def mlp_residual(
     if route == "float32":
         # Both GEMMs and QuickGELU in float32: the hidden is never rounded to bf16/fp16, and
         # only the sum with the residual is, once.
-        scaled = gemm.widened_linear_quick_gelu_scaled(rows, fc_weight, fc_bias, QUICK_GELU_SLOPE)
+        scaled = gemm.widened_linear_quick_gelu_scaled(rows, fc_weight, fc_bias, QUICK_GELU_SLOPE, scratch=True)
         out = gemm.widened_linear(
             scaled, proj_weight, proj_bias, residual=residual.reshape(-1, residual.shape[-1]),
             scale=1.0 / QUICK_GELU_SLOPE,

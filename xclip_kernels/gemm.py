@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _env
+from .workspace import Workspace
 
 PROVIDERS = ("matmul", "onednn", "float32")
 """The GEMM providers: torch's matmul (oneMKL on x86), oneDNN's prepacked linear, and the
@@ -192,15 +193,17 @@ def choose(rates: dict[str, float]) -> str:
     return chosen
 
 
-def measure(dtype: torch.dtype, rounds: int = 3) -> Measurement:
+def measure(dtype: torch.dtype, rounds: int = 5) -> Measurement:
     """Time every provider of ``dtype`` (:func:`candidates`) on an X-CLIP-sized GEMM in this
     process, interleaved, and remember the choice (:func:`choose`) for :func:`provider`. The
-    widened route is timed end to end: ``x.float()``, the float32 GEMM on
-    :func:`float32_engine` with a float32 weight made beforehand, and the rounding back."""
+    widened route is timed as the model runs it (:func:`widened_linear`): the widening of x,
+    the float32 GEMM on :func:`float32_engine` with the float32 weight made in the warm-up,
+    and the rounding back."""
     if dtype not in MEASURED_DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(map(str, MEASURED_DTYPES))}, got {dtype}")
     names = candidates(dtype)
-    engine = float32_engine() if "float32" in names else "matmul"  # may measure float32 first
+    if "float32" in names:
+        float32_engine()  # float32's own choice first: the widened route runs on it
     rows, inner, outer = CALIBRATION_SHAPE
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, inner, generator=generator).to(dtype)
@@ -213,13 +216,8 @@ def measure(dtype: torch.dtype, rounds: int = 3) -> Measurement:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             runs["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         if "float32" in names:
-            weight32, bias32 = weight.float(), bias.float()
-            if engine == "onednn":
-                packed32 = torch.ops.mkldnn._reorder_linear_weight(weight32, None)
-                runs["float32"] = lambda: torch.ops.mkldnn._linear_pointwise(
-                    x.float(), packed32, bias32, "none", [], "").to(dtype)
-            else:
-                runs["float32"] = lambda: torch.addmm(bias32, x.float(), weight32.t()).to(dtype)
+            # The route itself, scratch buffers and the cached float32 weight included.
+            runs["float32"] = lambda: widened_linear(x, weight, bias)
         best = {name: math.inf for name in runs}
         for run in runs.values():  # warm-up: primitive creation, first touch of the outputs
             run()
@@ -401,6 +399,21 @@ def linear_add(
 # -- the widened route ----------------------------------------------------------------------------
 
 
+_WIDENED = Workspace()
+"""The widened route's float32 scratch (per thread): the widened input and the float32 result
+before its rounding, and the MLP's hidden when the caller asks for it. Fresh float32 copies of
+that size on every call ran the calibration GEMM at half its rate under
+``THP_MEM_ALLOC_ENABLE=1`` in most processes (huge-page faults on each call), and made the
+measured choice flip between processes."""
+
+
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    """x as float32: x itself if it already is (the MLP's hidden), else copied into scratch."""
+    if x.dtype == torch.float32:
+        return x
+    return _WIDENED.buffer("x", tuple(x.shape), torch.float32, x.device).copy_(x)
+
+
 def widened_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -412,9 +425,9 @@ def widened_linear(
     check :func:`route`): x ``(R, K)`` (bf16/fp16, or float32 hidden activations), weight
     ``(M, K)``, bias ``(M,)`` or None, residual ``(R, M)`` or None -> ``(R, M)`` fresh, in
     residual's dtype if given, else x's. The weight's float32 copy is cached; x, bias and
-    residual are widened per call."""
+    residual are widened per call (x and the float32 sum into this thread's scratch)."""
     out_dtype = x.dtype if residual is None else residual.dtype
-    x32 = x.float()
+    x32 = _widened(x)
     bias32 = None if bias is None else bias.float()
     if float32_engine() == "onednn":
         packed = packed_weight(weight, scale, torch.float32)
@@ -424,31 +437,39 @@ def widened_linear(
             out = torch.ops.mkldnn._linear_pointwise.binary(x32, residual.float().contiguous(), packed, bias32, "add")
         return out.to(out_dtype)
     weight32 = float32_weight(weight)
+    out = _WIDENED.buffer("out", (x.shape[0], weight.shape[0]), torch.float32, x.device)
     if residual is None:
         if bias32 is None:
-            out = torch.mm(x32, weight32.t())
+            torch.mm(x32, weight32.t(), out=out)
             if scale != 1.0:
                 out.mul_(scale)
         else:
-            out = torch.addmm(bias32, x32, weight32.t(), alpha=scale)
+            torch.addmm(bias32, x32, weight32.t(), alpha=scale, out=out)
     else:
-        # One fresh float32 sum that the GEMM accumulates into (residual itself is not written).
-        out = torch.add(residual, bias32) if bias32 is not None else residual.to(torch.float32, copy=True)
+        # The float32 sum the GEMM accumulates into (residual itself is not written).
+        if bias32 is not None:
+            torch.add(residual, bias32, out=out)
+        else:
+            out.copy_(residual)
         out.addmm_(x32, weight32.t(), alpha=scale)
-    return out.to(out_dtype)
+    return out.to(out_dtype)  # fresh: the scratch never escapes
 
 
 def widened_linear_quick_gelu_scaled(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slope: float
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slope: float, *, scratch: bool = False
 ) -> torch.Tensor:
     """``slope * QuickGELU(x @ weight.T + bias)`` = ``silu(slope * (x @ weight.T + bias))`` in
     float32 (callers check :func:`route`): x ``(R, K)`` bf16/fp16 -> ``(R, M)`` **float32**,
-    never rounded to x's dtype (the MLP's hidden goes on to :func:`widened_linear`)."""
-    x32 = x.float()
+    never rounded to x's dtype (the MLP's hidden goes on to :func:`widened_linear`). With
+    ``scratch=True`` the result lives in this thread's scratch buffer, valid until the next
+    such call (the MLP consumes it at once); otherwise it is a fresh tensor."""
+    x32 = _widened(x)
     bias32 = bias.float()
     if float32_engine() == "onednn":
         return torch.ops.mkldnn._linear_pointwise(
             x32, packed_weight(weight, slope, torch.float32), bias32 * slope, "swish", [], ""
         )
-    scaled = torch.addmm(bias32, x32, float32_weight(weight).t(), beta=slope, alpha=slope)
-    return F.silu(scaled, inplace=True)
+    shape = (x.shape[0], weight.shape[0])
+    hidden = _WIDENED.buffer("hidden", shape, torch.float32, x.device) if scratch else torch.empty(shape, device=x.device)
+    torch.addmm(bias32, x32, float32_weight(weight).t(), beta=slope, alpha=slope, out=hidden)
+    return F.silu(hidden, inplace=True)

@@ -462,6 +462,28 @@ def test_widened_inplace_mlp_and_residual_write_the_residual(float32_engine):
     assert torch.equal(added, added_fresh)
 
 
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad], ids=["inference_mode", "no_grad"])
+def test_widened_results_never_alias_the_scratch_buffers(mode, float32_engine):
+    # The widened input and the float32 sum live in per-thread scratch reused by the next call:
+    # what a call returns must not change when the next one runs (nor may the MLP's result).
+    rounded, mlp_inputs = _widened_cases((37, 96, 64), torch.bfloat16)
+    other = [t * 2 for t in rounded]  # made outside the mode: weights must keep a version counter
+    other_mlp = [t * 2 for t in mlp_inputs]
+    gemm.set_provider("float32")
+    with mode():
+        first = gemm.linear(rounded[0], rounded[2], rounded[3])
+        first_sum = fused.linear_residual(rounded[0], rounded[1], rounded[2], rounded[3])
+        first_mlp = fused.mlp_residual(*mlp_inputs)
+        first_hidden = gemm.widened_linear_quick_gelu_scaled(mlp_inputs[0], *mlp_inputs[2:4], 1.702)
+        kept = [t.clone() for t in (first, first_sum, first_mlp, first_hidden)]
+        gemm.linear(other[0], other[2], other[3])
+        fused.linear_residual(other[0], other[1], other[2], other[3])
+        fused.mlp_residual(*other_mlp)
+        gemm.widened_linear_quick_gelu_scaled(other_mlp[0], *other_mlp[2:4], 1.702)
+    for got, want in zip((first, first_sum, first_mlp, first_hidden), kept):
+        assert torch.equal(got, want)
+
+
 def test_widened_non_finite_inputs_propagate_as_in_the_reference(float32_engine):
     gemm.set_provider("float32")
     x, residual, weight, bias = (t.bfloat16() for t in _linear_case(6, 32, 16))
