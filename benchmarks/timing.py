@@ -108,7 +108,7 @@ def limit_candidates(
     "matmul" is ``torch.mm`` (MKL on the CPU, cuBLAS on a GPU); on a CPU with oneDNN, "onednn"
     is oneDNN's linear with its weight prepacked once (what Inductor's freezing runs; on some
     CPUs far above MKL's rate); for bf16/fp16 on the CPU, "float32" is the product widened to
-    float32, ``a.float() @ b32`` rounded back to ``dtype``, with ``b``'s float32 copy made once
+    float32, ``a`` widened into a float32 buffer, ``@ b32``, rounded back to ``dtype``, with ``b``'s float32 copy made once
     like the packed weight (conversion of ``a`` and of the output included: on CPUs without AMX
     it beats both native bf16 GEMMs, and our ``xclip_kernels.gemm`` may run the model that way).
     The limit of a round is its fastest provider (:func:`limit_gflops`).
