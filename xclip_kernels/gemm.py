@@ -327,13 +327,13 @@ def packed_weight(weight: torch.Tensor, scale: float = 1.0, dtype: torch.dtype |
     return _cached(weight, ("onednn", target, scale), make)
 
 
-def float32_weight(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``weight * scale`` as a contiguous float32 ``(out, in)`` copy for the widened route, made
-    once and reused until the weight's memory or version changes (see the module doc). Twice
-    the memory of a bf16/fp16 weight."""
+def float32_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as a contiguous float32 ``(out, in)`` copy for the widened route (its scale
+    rides on the GEMM's ``alpha``), made once and reused until the weight's memory or version
+    changes (see the module doc). Twice the memory of a bf16/fp16 weight."""
     if not weight.is_floating_point():
         raise ValueError(f"weight: expected a floating-point tensor, got dtype {weight.dtype}")
-    return _cached(weight, ("float32", scale), lambda source: (source.float() * scale).contiguous())
+    return _cached(weight, ("float32",), lambda source: source.float().contiguous())
 
 
 def clear() -> None:
@@ -400,18 +400,19 @@ def linear_add(
 
 
 _WIDENED = Workspace()
-"""The widened route's float32 scratch (per thread): the widened input and the float32 result
-before its rounding, and the MLP's hidden when the caller asks for it. Fresh float32 copies of
+"""The widened route's float32 scratch (per thread): the widened input (and residual, on
+oneDNN) and the float32 result before its rounding, and the MLP's hidden when the caller asks for it. Fresh float32 copies of
 that size on every call ran the calibration GEMM at half its rate under
 ``THP_MEM_ALLOC_ENABLE=1`` in most processes (huge-page faults on each call), and made the
 measured choice flip between processes."""
 
 
-def _widened(x: torch.Tensor) -> torch.Tensor:
-    """x as float32: x itself if it already is (the MLP's hidden), else copied into scratch."""
+def _widened(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """x as float32: x itself if it already is (the MLP's hidden), else copied into the
+    scratch buffer ``name`` (contiguous)."""
     if x.dtype == torch.float32:
         return x
-    return _WIDENED.buffer("x", tuple(x.shape), torch.float32, x.device).copy_(x)
+    return _WIDENED.buffer(name, tuple(x.shape), torch.float32, x.device).copy_(x)
 
 
 def widened_linear(
@@ -434,7 +435,7 @@ def widened_linear(
         if residual is None:
             out = torch.ops.mkldnn._linear_pointwise(x32, packed, bias32, "none", [], "")
         else:
-            out = torch.ops.mkldnn._linear_pointwise.binary(x32, residual.float().contiguous(), packed, bias32, "add")
+            out = torch.ops.mkldnn._linear_pointwise.binary(x32, _widened(residual, "residual").contiguous(), packed, bias32, "add")
         return out.to(out_dtype)
     weight32 = float32_weight(weight)
     out = _WIDENED.buffer("out", (x.shape[0], weight.shape[0]), torch.float32, x.device)
