@@ -65,14 +65,36 @@ def register_message_attention(forward_op: object, backward_op: object | None = 
             return message_attention_backward_flops(messages_shape, num_frames, num_heads)
 
 
-def register_inplace_gemm() -> None:
-    """Count ``addmm_`` like ``addmm``: the fused epilogues accumulate residuals with the
-    in-place GEMM, which the counter otherwise does not see."""
-    packet = torch.ops.aten.addmm_
-    if packet in flop_registry:
+def _linear_flops(x_shape: Sequence[int], weight_shape: Sequence[int]) -> int:
+    """FLOPs of ``x @ weight.T`` for x of shape ``(..., K)`` and weight ``(N, K)``."""
+    rows = 1
+    for size in x_shape[:-1]:
+        rows *= size
+    return 2 * rows * x_shape[-1] * weight_shape[0]
+
+
+def register_gemm_formulas() -> None:
+    """Count the GEMMs the fused epilogues take that the counter has no formula for:
+    ``addmm_`` (the in-place residual accumulation) like ``addmm``, and oneDNN's prepacked
+    ``mkldnn::_linear_pointwise`` (both overloads; the CPU inference provider "onednn") like
+    the linear it replaces. Registering is a dict entry, no work."""
+    inplace = torch.ops.aten.addmm_
+    if inplace not in flop_registry:
+
+        @register_flop_formula(inplace)
+        def _(self_shape, a_shape, b_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+            rows, inner = a_shape
+            return 2 * rows * inner * b_shape[1]
+
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    if pointwise in flop_registry:
         return
 
-    @register_flop_formula(packet)
-    def _(self_shape, a_shape, b_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
-        rows, inner = a_shape
-        return 2 * rows * inner * b_shape[1]
+    # One formula serves the packet's two overloads: ``default(X, W, B, attr, scalars, algorithm)``
+    # and ``binary(X, other, W, B, attr)``; the fourth argument tells them apart (attr is a str).
+    @register_flop_formula(pointwise)
+    def _(x_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+        weight_shape = args[0] if isinstance(args[2], str) else args[1]
+        return _linear_flops(x_shape, weight_shape)

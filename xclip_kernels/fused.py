@@ -41,8 +41,8 @@ from . import flop_formulas, gemm
 from .backends.reference import QUICK_GELU_SLOPE, quick_gelu
 from .workspace import Workspace
 
-# So that FlopCounterMode sees the in-place accumulating GEMMs below (a dict entry, no work).
-flop_formulas.register_inplace_gemm()
+# So that FlopCounterMode sees the in-place accumulating and prepacked GEMMs below (dict entries, no work).
+flop_formulas.register_gemm_formulas()
 
 
 def _inplace_allowed(inplace: bool, x: torch.Tensor, residual: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import xclip
 import xclip_kernels as xk
+from xclip_kernels import gemm
 from benchmarks.flops import PAPER_ROWS, paper_table, xclip_macs
 from xclip_kernels.flop_formulas import frame_attention_flops, message_attention_backward_flops, message_attention_flops
 
@@ -43,19 +44,29 @@ def _uncounted_cpu_sdpa_macs(config: xclip.XCLIPConfig, text_tokens: int) -> int
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
-@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
-def test_flop_counter_on_the_real_model_matches_the_executed_count(backend, grad):
+@pytest.mark.parametrize(("grad", "gemm_provider"), [(False, "matmul"), (False, "onednn"), (True, None)],
+                         ids=["inference-matmul", "inference-onednn", "training"])
+def test_flop_counter_on_the_real_model_matches_the_executed_count(backend, grad, gemm_provider):
+    """Every GEMM route is counted: which provider inference takes is measured per machine, so
+    each is forced in turn (training GEMMs always take matmul)."""
     if xk.get_backend(backend).unavailable_reasons():
         pytest.skip(f"{backend}: {xk.get_backend(backend).unavailable_reasons()}")
+    if gemm_provider == "onednn" and not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
     torch.manual_seed(0)
     model = xclip.build_model("xclip-b32", backend=backend).eval()
     text = xclip.tokenize(["playing basketball"])
     video = torch.randn(1, 8, 3, 224, 224)
-    with torch.no_grad():
-        model(video, text)  # loads the backend (and registers its formulas) before counting
-    tokens = int(text.argmax()) + 1
-    with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
-        model(video, text)
+    gemm.set_provider(gemm_provider)
+    try:
+        with torch.no_grad():
+            model(video, text)  # loads the backend (and registers its formulas) before counting
+        tokens = int(text.argmax()) + 1
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+            model(video, text)
+    finally:
+        gemm.set_provider(None)
+        gemm.clear()
     counted = counter.get_total_flops() // 2
     expected = xclip_macs(model.config, executed=True, text_tokens=tokens)["total"]
     assert counted + _uncounted_cpu_sdpa_macs(model.config, tokens) == expected
@@ -96,3 +107,18 @@ def test_custom_op_formulas_are_what_the_counter_reports():
     forward = message_attention_flops((16, 128), 8, 2)
     assert counts["xclip_ext.message_attention_backward"] == message_attention_backward_flops((16, 128), 8, 2)
     assert message_attention_backward_flops((16, 128), 8, 2) == 2 * forward + 2 * 16 * 128 * 384 + 4 * 16 * 8 * 128
+
+
+def test_prepacked_onednn_linear_is_counted_like_linear():
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    import xclip_kernels.fused  # noqa: F401  (registers the GEMM formulas)
+
+    x, residual = torch.randn(2, 5, 48), torch.randn(2, 5, 32)
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(32, 48), None)
+    bias = torch.randn(32)
+    with FlopCounterMode(display=False) as plain:
+        torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    with FlopCounterMode(display=False) as with_residual:
+        torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+    assert plain.get_total_flops() == with_residual.get_total_flops() == 2 * 10 * 48 * 32
