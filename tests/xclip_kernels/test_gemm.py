@@ -217,6 +217,7 @@ def test_choose_needs_matmul_and_provider_follows_the_measured_choice(monkeypatc
         return gemm.Measurement(dtype, fake[dtype]["matmul"], fake[dtype]["onednn"], gemm._choices[dtype],
                                 fake[dtype].get("float32"))
 
+    monkeypatch.delenv("XCLIP_KERNELS_GEMM", raising=False)  # the automatic choice, whatever the caller forced
     monkeypatch.setattr(gemm, "_choices", {})
     monkeypatch.setattr(gemm, "measure", fake_measure)
     assert gemm.provider(torch.bfloat16) == "float32"
