@@ -60,6 +60,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _env
@@ -205,12 +206,17 @@ def measure(dtype: torch.dtype, rounds: int = 5) -> Measurement:
     if "float32" in names:
         float32_engine()  # float32's own choice first: the widened route runs on it
     rows, inner, outer = CALIBRATION_SHAPE
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, inner, generator=generator).to(dtype)
-    weight = (torch.randn(outer, inner, generator=generator) / math.sqrt(inner)).to(dtype)
-    bias = torch.zeros(outer, dtype=dtype)
     flop = 2.0 * rows * inner * outer
-    with torch.inference_mode(False), torch.no_grad():
+    # The first GEMM of a process (and so this measurement) may run inside anything the caller
+    # set up. Normal tensors even under torch.inference_mode: the widened route caches a float32
+    # copy of its weight, which an inference tensor (no version counter) may not have. The
+    # caller's dispatch modes set aside: a FlopCounterMode would count these GEMMs as the
+    # caller's (billions of FLOPs for a small layer), any mode would be timed with them.
+    with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, inner, generator=generator, device="cpu").to(dtype)
+        weight = (torch.randn(outer, inner, generator=generator, device="cpu") / math.sqrt(inner)).to(dtype)
+        bias = torch.zeros(outer, dtype=dtype, device="cpu")
         runs = {"matmul": lambda: torch.addmm(bias, x, weight.t())}
         if "onednn" in names:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)

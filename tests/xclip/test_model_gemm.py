@@ -291,3 +291,20 @@ def test_model_changes_reach_the_widened_route(float32_engine):
         assert not torch.equal(got, previous), f"{what} did not change the logits"
         assert torch.equal(got, uncached()), f"{what}: a stale float32 copy was used"
         previous = got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_first_forward_of_a_process_under_inference_mode(monkeypatch, dtype):
+    """A process whose first forward runs under ``torch.inference_mode`` measures the GEMM
+    providers there (nothing measured yet), and that forward gives what ``no_grad`` gives on
+    the provider it chose."""
+    model = _model().to(dtype)
+    video, text = _inputs()
+    monkeypatch.setattr(gemm, "_choices", {})
+    monkeypatch.setattr(gemm, "_measurements", {})
+    with torch.inference_mode():
+        logits = model(video.to(dtype), text)
+    assert dtype in gemm.measurements()
+    with torch.no_grad():
+        expected = model(video.to(dtype), text)
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)

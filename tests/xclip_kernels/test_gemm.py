@@ -188,6 +188,31 @@ def test_measure_times_the_widened_route_for_bf16_and_fp16():
         gemm.measure(torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_measure_works_under_inference_mode(dtype):
+    """The first GEMM of a process may come under ``torch.inference_mode``; its measurement
+    (the widened route caches a float32 weight copy, which inference tensors may not have)
+    must still time every candidate."""
+    with torch.inference_mode():
+        result = gemm.measure(dtype, rounds=1)
+    assert result.matmul_gflops > 0
+    assert (result.float32_gflops is not None) == (dtype != torch.float32)
+
+
+def test_measure_is_invisible_to_the_callers_flop_counter(monkeypatch):
+    """A FlopCounterMode around the first GEMM of a process counts that GEMM, not the
+    providers' calibration runs it triggers."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(gemm, "_choices", {})
+    monkeypatch.setattr(gemm, "_measurements", {})
+    x, weight = torch.randn(8, 64), torch.randn(32, 64)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        gemm.linear(x, weight)
+    assert torch.float32 in gemm.measurements()  # it did measure, inside the counter
+    assert counter.get_total_flops() == 2 * 8 * 64 * 32
+
+
 @pytest.mark.parametrize(
     ("rates", "chosen"),
     [
