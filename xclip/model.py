@@ -24,7 +24,8 @@ from torch import nn
 import xclip_kernels as xk
 from xclip_kernels import fused, gemm
 from xclip_kernels.backends.reference import quick_gelu
-from xclip_kernels.registry import get_backend, preload
+from xclip_kernels.registry import get_backend, preload, preload_automatic
+from xclip_kernels.tracing import is_tracing
 
 from . import saved
 from .config import XCLIPConfig, resolve_config
@@ -411,6 +412,10 @@ class XCLIP(nn.Module):
         if name is not None:
             get_backend(name)  # unknown names fail here, not at the first forward
             preload(name)  # imports happen now, not inside a torch.compile trace
+        else:
+            # What the automatic choice will take, loaded now: not inside a torch.compile trace,
+            # and its FLOP formulas registered before a FlopCounterMode around the first forward.
+            preload_automatic()
         for block in self.visual.transformer.resblocks:
             block.attention_backend = name
 
@@ -465,7 +470,7 @@ class XCLIP(nn.Module):
             raise TypeError(f"text: expected int64 token ids (from xclip.tokenize), got dtype {text.dtype}")
         if text.dim() != 2 or text.shape[1] != c.context_length or text.shape[0] < 1:
             raise ValueError(f"text: expected shape (K, {c.context_length}) with K >= 1, got {tuple(text.shape)}")
-        if not torch.compiler.is_compiling():  # a value check needs the data: not while tracing
+        if not is_tracing(text):  # a value check needs the data: not while tracing
             low, high = int(text.min()), int(text.max())
             if low < 0 or high >= c.vocab_size:
                 raise ValueError(f"text: expected token ids in [0, {c.vocab_size}), got values in [{low}, {high}]")
@@ -494,7 +499,7 @@ class XCLIP(nn.Module):
         """text ``(K, context_length)`` token ids -> label features ``(K, E)`` (before prompts)."""
         text = self._check_text(text)
         end = text.argmax(dim=-1)  # the end token has the largest id
-        if not torch.compiler.is_compiling():
+        if not is_tracing(text):
             # Attention is causal and the rest is per token, so the tokens after the last end
             # token cannot change any end token's output: skip them (exact, often 10x less work).
             text = text[:, : int(end.max()) + 1]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from . import flop_formulas, gemm
 from .backends.reference import QUICK_GELU_SLOPE, quick_gelu
+from .tracing import is_tracing
 from .workspace import Workspace
 
 # So that FlopCounterMode sees the in-place accumulating and prepacked GEMMs below (dict entries, no work).
@@ -52,8 +53,9 @@ def _inplace_allowed(inplace: bool, x: torch.Tensor, residual: torch.Tensor, *we
         raise RuntimeError("inplace=True: in-place accumulation cannot be used on tensors that require grad")
     if not residual.is_contiguous():
         raise ValueError(f"residual: inplace=True needs a contiguous tensor, got strides {residual.stride()}")
-    # (Storage identity is not traceable; under torch.compile functionalisation makes it moot.)
-    if not torch.compiler.is_compiling() and x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
+    # (Storage identity is not traceable, and fake tensors have no memory; under torch.compile
+    # functionalisation makes it moot.)
+    if not is_tracing(x, residual) and x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
         raise ValueError("x: inplace=True needs x and residual in separate memory (x would be overwritten)")
     return True
 
@@ -175,8 +177,9 @@ def writes_in_place(x: torch.Tensor) -> bool:
 
 
 def _scratch(x: torch.Tensor) -> Workspace | None:
-    """The shared workspace when :func:`writes_in_place` holds for ``x`` and nothing is traced."""
-    if not writes_in_place(x) or torch.compiler.is_compiling():
+    """The shared workspace when :func:`writes_in_place` holds for ``x`` and nothing is traced
+    (a buffer made for fake tensors would be handed to the next real call)."""
+    if not writes_in_place(x) or is_tracing(x):
         return None
     return _WORKSPACE
 

@@ -64,6 +64,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _env
+from .tracing import is_tracing
 from .workspace import Workspace
 
 PROVIDERS = ("matmul", "onednn", "float32")
@@ -258,9 +259,9 @@ def route(x: torch.Tensor, *weights: torch.Tensor, others: tuple[torch.Tensor | 
     "matmul", the differentiable ``F.linear``/``addmm`` path."""
     if x.device.type != "cpu" or x.dtype not in MEASURED_DTYPES or x.dim() < 1:
         return "matmul"
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-        return "matmul"
     tensors = [t for t in (*weights, *others) if t is not None]
+    if torch.is_autocast_enabled("cpu") or is_tracing(x, *tensors):
+        return "matmul"
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
         return "matmul"
     if any(t.device.type != "cpu" or t.dtype != x.dtype for t in tensors):

@@ -74,6 +74,29 @@ def preload(name: str) -> None:
             backend.implementation(op)
 
 
+def preload_automatic() -> list[str]:
+    """Preload what ``backend=None`` will take here: the ``XCLIP_KERNELS_BACKEND`` backend if
+    set, else per device (the CPU, and CUDA where available) the first backend of
+    :data:`PRIORITY` that can run at all. Returns their names.
+
+    Loading is what registers a compiled backend's fake implementations and FLOP formulas, so
+    doing it before a ``torch.compile`` trace or a ``FlopCounterMode`` (which reads the formulas
+    when it is entered) keeps the first call from being traced or counted without them."""
+    forced = _env.forced_backend()
+    if forced is not None:
+        preload(forced)
+        return [forced]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    loaded = []
+    for device in devices:
+        for name in PRIORITY[device]:
+            if not get_backend(name).unavailable_reasons() and device in get_backend(name).devices:
+                preload(name)
+                loaded.append(name)
+                break
+    return loaded
+
+
 def _report(inputs: OpInputs, reasons: dict[str, list[str]]) -> str:
     head = (
         f"no backend can run {inputs.op} on {inputs.device_type} "

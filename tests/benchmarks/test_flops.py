@@ -1,6 +1,7 @@
 """The analytic MAC count: the paper's column, the JSON interface, and FlopCounterMode."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,44 @@ def test_prepacked_onednn_linear_is_counted_like_linear():
     with FlopCounterMode(display=False) as with_residual:
         torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
     assert plain.get_total_flops() == with_residual.get_total_flops() == 2 * 10 * 48 * 32
+
+
+def test_flop_counter_under_fake_tensors_matches_the_executed_count():
+    """FLOPs counted without running (FakeTensorMode, as torch's counter documents): all 77
+    text positions (the end token cannot be read from fake data, so none are skipped)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    model = xclip.build_model("xclip-b32").eval()
+    text = xclip.tokenize(["playing basketball"])
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+        video = fake_mode.from_tensor(torch.empty(1, 8, 3, 224, 224))
+        with FlopCounterMode(display=False) as counter:
+            model(video, text)
+    counted = counter.get_total_flops() // 2
+    tokens = model.config.context_length
+    expected = xclip_macs(model.config, executed=True, text_tokens=tokens)["total"]
+    assert counted + _uncounted_cpu_sdpa_macs(model.config, tokens) == expected
+
+
+def test_first_forward_of_a_fresh_process_counts_the_attention_ops():
+    """FlopCounterMode reads the FLOP formulas when it is entered; building the model loads the
+    automatic backend (and so registers its formulas), so a counter around the very first
+    forward of a process counts our attention ops too."""
+    if xk.get_backend("cpp").unavailable_reasons():
+        pytest.skip(f"cpp: {xk.get_backend('cpp').unavailable_reasons()}")
+    code = (
+        "import torch, xclip\n"
+        "from torch.utils.flop_counter import FlopCounterMode\n"
+        "tiny = xclip.XCLIPConfig(image_size=32, patch_size=8, vision_width=128, vision_layers=2, vision_heads=2,"
+        " embed_dim=64, text_width=64, text_layers=1, text_heads=1, num_frames=3, mit_heads=1, prompt_heads=1)\n"
+        "model = xclip.build_model(tiny).eval()\n"
+        "with torch.no_grad(), FlopCounterMode(display=False) as counter:\n"
+        "    model(torch.randn(1, 3, 3, 32, 32), xclip.tokenize(['a']))\n"
+        "print(sorted(str(op) for op in counter.get_flop_counts()['Global']))\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "XCLIP_KERNELS_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "xclip_ext.frame_attention" in result.stdout and "xclip_ext.message_attention" in result.stdout, result.stdout

@@ -23,7 +23,9 @@ config = xclip.XCLIPConfig(
     text_width=64, text_layers=2, text_heads=1, num_frames=3, mit_heads=1, prompt_heads=1,
 )
 torch.manual_seed(0)
-model = xclip.build_model(config).eval()
+# The class itself, not build_model: build_model preloads the automatic backend (for tracing and
+# FLOP counting), and here the threads must be the extension's first users.
+model = xclip.XCLIP(config).eval()
 loaded_early = sorted(m for m in sys.modules if m.startswith("xclip_kernels._C"))
 assert not loaded_early, loaded_early  # the threads below are the extension's first users
 generator = torch.Generator().manual_seed(1)

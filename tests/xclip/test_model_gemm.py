@@ -308,3 +308,23 @@ def test_first_forward_of_a_process_under_inference_mode(monkeypatch, dtype):
     with torch.no_grad():
         expected = model(video.to(dtype), text)
     torch.testing.assert_close(logits, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_fake_tensors_run_the_model_and_leave_nothing_behind(provider, dtype):
+    """Under FakeTensorMode (shape, memory and FLOP estimates without running) every provider
+    takes its plain path: the model gives fake logits of the real shape and dtype, and fills no
+    cache or scratch buffer that the next real call would then read."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    model = _model().to(dtype)
+    video, text = _inputs()
+    gemm.set_provider(provider)
+    with torch.no_grad():
+        before = model(video.to(dtype), text)
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+            fake = model(fake_mode.from_tensor(video.to(dtype)), text)
+        after = model(video.to(dtype), text)
+    assert isinstance(fake, FakeTensor) and fake.shape == before.shape and fake.dtype == before.dtype
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
