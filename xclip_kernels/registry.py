@@ -74,6 +74,14 @@ def preload(name: str) -> None:
             backend.implementation(op)
 
 
+def _forced_backend() -> str | None:
+    """The backend ``XCLIP_KERNELS_BACKEND`` names (checked), or None when unset."""
+    name = _env.forced_backend()
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"XCLIP_KERNELS_BACKEND: expected one of {', '.join(BACKENDS)} or unset, got {name!r}")
+    return name
+
+
 def preload_automatic() -> list[str]:
     """Preload what ``backend=None`` will take here: the ``XCLIP_KERNELS_BACKEND`` backend if
     set, else per device (the CPU, and CUDA where available) the first backend of
@@ -82,7 +90,7 @@ def preload_automatic() -> list[str]:
     Loading is what registers a compiled backend's fake implementations and FLOP formulas, so
     doing it before a ``torch.compile`` trace or a ``FlopCounterMode`` (which reads the formulas
     when it is entered) keeps the first call from being traced or counted without them."""
-    forced = _env.forced_backend()
+    forced = _forced_backend()
     if forced is not None:
         preload(forced)
         return [forced]
@@ -123,11 +131,7 @@ def select_backend(inputs: OpInputs, backend: str | None = None) -> Backend:
 
 def _select(inputs: OpInputs, backend: str | None) -> Backend:
     if backend is None:
-        backend = _env.forced_backend()
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(
-                f"XCLIP_KERNELS_BACKEND: expected one of {', '.join(BACKENDS)} or unset, got {backend!r}"
-            )
+        backend = _forced_backend()
     if backend is not None:
         chosen = get_backend(backend)
         reasons = chosen.not_supported_reasons(inputs)

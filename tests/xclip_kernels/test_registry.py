@@ -313,6 +313,19 @@ def test_unknown_backend_in_environment_names_the_variable(monkeypatch):
         select_backend(_probe())
 
 
+def test_preload_automatic_takes_the_environment_or_the_first_available(monkeypatch):
+    from xclip_kernels.registry import preload_automatic
+
+    monkeypatch.setenv("XCLIP_KERNELS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match=r"^XCLIP_KERNELS_BACKEND: expected one of .*'fastest'"):
+        preload_automatic()
+    monkeypatch.setenv("XCLIP_KERNELS_BACKEND", "sdpa")
+    assert preload_automatic() == ["sdpa"]
+    monkeypatch.delenv("XCLIP_KERNELS_BACKEND")
+    first_on_cpu = next(name for name in xk.PRIORITY["cpu"] if not get_backend(name).unavailable_reasons())
+    assert preload_automatic()[0] == first_on_cpu
+
+
 def test_triton_cpu_needs_the_interpreter_flag(monkeypatch):
     triton = get_backend("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
