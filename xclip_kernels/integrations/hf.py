@@ -41,7 +41,7 @@ from torch import nn
 
 from .. import checks
 from ..ops import frame_attention, message_attention
-from ..registry import get_backend, preload
+from ..registry import get_backend, preload, preload_automatic
 
 __all__ = ["HFFallbackWarning", "patch_hf_xclip", "unpatch", "unpatch_hf_xclip"]
 
@@ -102,6 +102,10 @@ def patch_hf_xclip(model: ModuleT, backend: str | None = None) -> ModuleT:
     if backend is not None:
         get_backend(backend)  # unknown names fail here, not at the first forward
         preload(backend)  # imports happen now, not inside a torch.compile trace
+    else:
+        # What the automatic choice will take: loaded now, not inside a torch.compile trace, and
+        # its FLOP formulas registered before a FlopCounterMode around the first forward.
+        preload_automatic()
     for layer in layers:
         previous = layer.__dict__.get(_PATCH_ATTRIBUTE)
         if previous is not None:  # already patched: keep the saved original, never wrap twice

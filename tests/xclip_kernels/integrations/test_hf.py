@@ -488,3 +488,34 @@ def test_the_package_imports_no_transformers_at_import_time():
                 names = [node.module]
             offenders += [f"{path}: {n}" for n in names if n.split(".")[0] == "transformers"]
     assert offenders == []
+
+
+def test_flop_counter_around_the_first_patched_forward_counts_our_ops():
+    """Patching with the automatic backend preloads it (as xclip.build_model does), so a
+    FlopCounterMode entered before the first forward of a fresh process has its formulas."""
+    import os
+    import subprocess
+    import sys
+
+    skip_unless_runs("cpu", "cpp", grad=False)
+    code = (
+        "import torch, transformers\n"
+        "from torch.utils.flop_counter import FlopCounterMode\n"
+        "from xclip_kernels.integrations import patch_hf_xclip\n"
+        f"vision = dict(hidden_size={WIDTH}, intermediate_size=192, num_hidden_layers=1, num_attention_heads={HEADS},"
+        f" image_size={SIZE}, patch_size=8, num_frames={FRAMES}, mit_hidden_size=64, mit_intermediate_size=80,"
+        " mit_num_hidden_layers=1, mit_num_attention_heads=1)\n"
+        "config = transformers.XCLIPConfig(text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1,"
+        " num_attention_heads=1), vision_config=vision, projection_dim=64, prompt_layers=1,"
+        " prompt_num_attention_heads=1)\n"
+        "model = patch_hf_xclip(transformers.XCLIPModel(config).eval())\n"
+        f"pixels = torch.randn(1, {FRAMES}, 3, {SIZE}, {SIZE})\n"
+        "with torch.no_grad(), FlopCounterMode(display=False) as counter:\n"
+        "    model(input_ids=torch.tensor([[49406, 320, 49407]]), pixel_values=pixels)\n"
+        "print(sorted(str(op) for op in counter.get_flop_counts()['Global']))\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "XCLIP_KERNELS_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[3])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "xclip_ext.frame_attention" in result.stdout and "xclip_ext.message_attention" in result.stdout, result.stdout
